@@ -1,0 +1,16 @@
+"""Deep declarative layers with structured implicit backward passes.
+
+Public API (fixed; see DESIGN.md)::
+
+    import ddn_layers as ddn
+    P = ddn.sinkhorn(M, r=None, c=None, gamma=10.0, backward_mode="implicit")
+    ot = ddn.OptimalTransport(gamma=10.0, backward_mode="implicit")
+    y = ddn.robust_pool(x, penalty="pseudo-huber", alpha=1.0, backward_mode="implicit")
+    pool = ddn.RobustPool2d(penalty="welsch", alpha=1.0, backward_mode="implicit")
+    ddn.BackwardMode, ddn.PENALTIES
+"""
+
+from ddn_layers.checks import ConvergenceWarning, IllConditionedWarning
+from ddn_layers.modes import BackwardMode
+
+__all__ = ["BackwardMode", "ConvergenceWarning", "IllConditionedWarning"]

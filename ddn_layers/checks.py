@@ -1,0 +1,76 @@
+"""Input checks shared by the layers: every failure is a ValueError that names the argument."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class ConvergenceWarning(UserWarning):
+    """A forward solver stopped at its iteration limit before meeting its tolerance."""
+
+
+class IllConditionedWarning(UserWarning):
+    """A backward linear system was singular or indefinite for some samples."""
+
+
+def check_tensor(
+    x: object, name: str, ndims: Sequence[int] | None = None, min_ndim: int | None = None
+) -> torch.Tensor:
+    """A floating-point, finite tensor of an accepted rank."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if ndims is not None and x.dim() not in ndims:
+        raise ValueError(
+            f"{name} must have {' or '.join(str(d) for d in ndims)} dimensions, "
+            f"got shape {tuple(x.shape)}"
+        )
+    if min_ndim is not None and x.dim() < min_ndim:
+        raise ValueError(
+            f"{name} must have at least {min_ndim} dimensions, got shape {tuple(x.shape)}"
+        )
+    if x.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return x
+
+
+def check_positive(value: object, name: str) -> float:
+    """A finite real number > 0 (a Python number, or a one-element tensor)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
+        v = float(value.detach())
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = float(value)
+    else:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {v}")
+    return v
+
+
+def check_int(value: object, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision inputs are solved in float32 and cast back."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

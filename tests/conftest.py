@@ -1,0 +1,35 @@
+"""Shared fixtures: seeded, CPU-only, loggers offline."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+# Offline W&B and no telemetry for every test, before anything imports wandb.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def cpu() -> torch.device:
+    return torch.device("cpu")
+
+
+@pytest.fixture
+def tmp_run_dir(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    return d
