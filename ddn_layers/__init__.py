@@ -10,7 +10,14 @@ Public API (fixed; see DESIGN.md)::
     ddn.BackwardMode, ddn.PENALTIES
 """
 
+from ddn_layers.base import DeclarativeLayer, SolverInfo
 from ddn_layers.checks import ConvergenceWarning, IllConditionedWarning
 from ddn_layers.modes import BackwardMode
 
-__all__ = ["BackwardMode", "ConvergenceWarning", "IllConditionedWarning"]
+__all__ = [
+    "BackwardMode",
+    "ConvergenceWarning",
+    "DeclarativeLayer",
+    "IllConditionedWarning",
+    "SolverInfo",
+]
