@@ -1,0 +1,189 @@
+"""Helpers shared by the benchmark scripts: timing, peak memory, CSV output, machine info.
+
+Import it as ``from benchutil import ...`` from a script run as ``python scripts/<name>.py``
+(the script's folder is then on ``sys.path``), or as ``scripts.benchutil`` from the repository
+root (tests do that).
+
+Peak memory follows DESIGN.md. On CPU, PyTorch keeps no allocator high-water mark, so the
+callable runs under ``torch.autograd.profiler.profile(profile_memory=True)`` and the signed
+``[memory]`` records (allocations positive, frees negative) are summed in time order; the
+maximum of that running sum is the peak of memory allocated *during* the call, relative to
+what was live when it started. On CUDA the allocator's own high-water mark is used, also
+relative to the memory allocated at the start.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock seconds of the timed repeats (warm-up runs excluded)."""
+
+    times: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def min(self) -> float:
+        return min(self.times)
+
+
+def synchronize(device: torch.device | str | None) -> None:
+    """Wait for queued kernels, so that a timer brackets the work and not just its launch."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_callable(
+    fn: Callable[[], Any],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: torch.device | str | None = None,
+    setup: Callable[[], Any] | None = None,
+) -> Timing:
+    """Time ``fn()``: ``warmup`` untimed calls, then the wall time of ``repeats`` calls.
+
+    ``setup`` (untimed) runs before every call, e.g. to rebuild the autograd graph that a timed
+    backward consumes; when given, ``fn`` is called with its return value.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    times = []
+    for i in range(warmup + repeats):
+        args = (setup(),) if setup is not None else ()
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn(*args)
+        synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return Timing(tuple(times))
+
+
+def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak bytes allocated on the CPU while ``fn()`` runs, above what was live before it.
+
+    What ``fn`` returns is dropped inside the profiled region only after the peak is reached,
+    so a result that the caller keeps alive still counts.
+    """
+    from torch.autograd.profiler import profile
+
+    with profile(profile_memory=True) as prof:
+        out = fn()
+        del out
+    records = [
+        e
+        for e in prof.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    records.sort(key=lambda e: e.start_ns())
+    running = peak = 0
+    for e in records:
+        running += e.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
+def cuda_peak_bytes(fn: Callable[[], Any], device: torch.device | str) -> int:
+    """Peak bytes allocated on a CUDA device while ``fn()`` runs, above what was live before."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del out
+    return max(int(peak), 0)
+
+
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device | str | None = None) -> int:
+    """Peak bytes allocated while ``fn()`` runs, on ``device`` (CPU when None)."""
+    if device is not None and torch.device(device).type == "cuda":
+        return cuda_peak_bytes(fn, device)
+    return cpu_peak_bytes(fn)
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (from /proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
+    """What a reader needs to compare two benchmark runs."""
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "command": command_line(),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if device is not None and torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def command_line() -> str:
+    """The command that ran this process, as it could be typed again from the repo root."""
+    return shlex.join(["python", *sys.argv])
+
+
+def write_csv(
+    path: str | Path, rows: Iterable[Mapping[str, Any]], meta: Mapping[str, Any] | None = None
+) -> Path:
+    """Write ``rows`` (dicts; the header is the union of their keys in first-seen order).
+
+    ``meta`` (machine info, command line) goes to a JSON file beside it, ``<name>.meta.json``,
+    so that the CSV stays a plain table that any tool reads.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = list(rows)
+    header: list[str] = []
+    for row in rows:
+        header.extend(k for k in row if k not in header)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    if meta is not None:
+        with open(path.with_suffix(".meta.json"), "w", encoding="utf-8") as f:
+            json.dump(dict(meta), f, indent=2)
+            f.write("\n")
+    return path
+
+
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a CSV written by :func:`write_csv` (values as strings)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))

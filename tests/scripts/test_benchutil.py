@@ -1,0 +1,67 @@
+"""The benchmark helpers measure what they claim, checked on allocations of known size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from scripts import benchutil
+
+
+def _allocate(nbytes: int) -> torch.Tensor:
+    t = torch.empty(nbytes // 4, dtype=torch.float32)
+    t.fill_(1.0)  # touch it, so that nothing lazy hides the allocation
+    return t
+
+
+@pytest.mark.parametrize("mib", [1, 4, 16])
+def test_cpu_peak_reports_a_known_allocation(mib):
+    peak = benchutil.cpu_peak_bytes(lambda: _allocate(mib * benchutil.MIB))
+    # small bookkeeping allocations of the profiler itself are allowed, nothing more
+    assert mib * benchutil.MIB <= peak < mib * benchutil.MIB + 64 * 1024
+
+
+def test_cpu_peak_is_the_maximum_not_the_sum():
+    def two_in_turn():
+        a = _allocate(4 * benchutil.MIB)
+        del a
+        b = _allocate(4 * benchutil.MIB)
+        return b
+
+    def two_at_once():
+        a = _allocate(4 * benchutil.MIB)
+        b = _allocate(4 * benchutil.MIB)
+        return a, b
+
+    assert benchutil.cpu_peak_bytes(two_in_turn) < 5 * benchutil.MIB
+    assert benchutil.cpu_peak_bytes(two_at_once) >= 8 * benchutil.MIB
+
+
+def test_cpu_peak_ignores_memory_live_before_the_call():
+    kept = _allocate(8 * benchutil.MIB)
+    peak = benchutil.cpu_peak_bytes(lambda: kept.sum())
+    assert peak < 64 * 1024
+
+
+def test_time_callable_counts_repeats_and_passes_setup():
+    calls = []
+    t = benchutil.time_callable(calls.append, repeats=3, warmup=2, setup=lambda: "graph")
+    assert len(t.times) == 3 and calls == ["graph"] * 5
+    assert t.min <= t.median and all(s >= 0 for s in t.times)
+    with pytest.raises(ValueError, match="repeats"):
+        benchutil.time_callable(lambda: None, repeats=0)
+
+
+def test_write_csv_writes_header_union_and_meta(tmp_path):
+    path = benchutil.write_csv(
+        tmp_path / "out" / "r.csv",
+        [{"a": 1, "b": 2}, {"a": 3, "c": 4}],
+        meta=benchutil.machine_info(),
+    )
+    rows = benchutil.read_csv(path)
+    assert rows == [{"a": "1", "b": "2", "c": ""}, {"a": "3", "b": "", "c": "4"}]
+    meta = json.loads(path.with_suffix(".meta.json").read_text())
+    assert meta["torch"] == torch.__version__ and meta["command"].startswith("python")
+    assert meta["torch_threads"] >= 1 and meta["cpu"]
