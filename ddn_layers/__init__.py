@@ -13,11 +13,14 @@ Public API (fixed; see DESIGN.md)::
 from ddn_layers.base import DeclarativeLayer, SolverInfo
 from ddn_layers.checks import ConvergenceWarning, IllConditionedWarning
 from ddn_layers.modes import BackwardMode
+from ddn_layers.ot import OptimalTransport, sinkhorn
 
 __all__ = [
     "BackwardMode",
     "ConvergenceWarning",
     "DeclarativeLayer",
     "IllConditionedWarning",
+    "OptimalTransport",
     "SolverInfo",
+    "sinkhorn",
 ]

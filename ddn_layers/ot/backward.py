@@ -1,0 +1,231 @@
+"""Backward passes of entropic optimal transport: the algebra of each backward mode.
+
+Notation (per sample): P (m, n) the plan, r, c its marginals (zeros = padding), V = dJ/dP.
+The KKT conditions give P = exp(gamma (alpha (+) beta - M)); differentiating them and the
+constraints (Eq. 3 with H^-1 = diag(gamma P), B = I, Eqs. 16-27) reduces every exact mode to
+the symmetric system
+
+    K [a; b] = [s_r; s_c],   K = [[diag(r), P], [P^T, diag(c)]],
+    s_r = (P o V) 1,  s_c = (P o V)^T 1,
+
+after which  dJ/dM = gamma P o (a (+) b - V),  dJ/dr = a,  dJ/dc = b.  K is A H^-1 A^T / gamma
+(Eq. 18) with the redundant constraint kept: it is PSD with the null vector (1, -1), the
+"gauge" (a + t, b - t) that the normalisation of r and c (done by the caller) projects out.
+
+* ``implicit`` eliminates the larger side and solves the Schur complement of the smaller one
+  (footnote 3): on the column side  S = diag(c) - P^T diag(1/r) P  (n x n), PSD with null vector
+  1, made SPD by adding  delta q q^T  (q = the non-padded columns); any solution of the
+  consistent singular system gives the same gradient. S is solved by a Cholesky factorisation
+  of its lower triangle (built from lower-triangle blocks only) or matrix-free by
+  Jacobi-preconditioned conjugate gradients (two matrix-vector products an iteration). Only
+  vectors are solved for: never the (m x n) right-hand sides of the paper's Fig. 4.
+* ``full`` forms K (m + n square) densely, drops the first non-padded row constraint as the
+  paper does (Eq. 16) and solves it by Cholesky: the unstructured baseline.
+* ``approx`` ignores the constraints: P = r c^T o exp(-gamma M) up to scaling, so
+  dJ/dM = -gamma P o V, dJ/dr = s_r / r, dJ/dc = s_c / c (Fig. 4, line 6).
+
+Every linear system is symmetric positive (semi)definite, so only Cholesky routines are used
+(batched LU solves are unreliable on some MKL builds). A failed factorisation is detected per
+sample from ``cholesky_ex``'s info and re-solved by CG (which returns a least-squares solution
+of a consistent PSD system) with an IllConditionedWarning; it is never ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from ddn_layers.checks import IllConditionedWarning
+
+IMPLICIT_SOLVERS = ("auto", "cholesky", "cg")
+
+
+def _rowvec_mat(x: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """x^T P for x (B, m), P (B, m, n) -> (B, n)."""
+    return torch.bmm(x.unsqueeze(-2), P).squeeze(-2)
+
+
+def _mat_vec(P: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """P y for P (B, m, n), y (B, n) -> (B, m), as y^T P^T (the fast layout for bmm)."""
+    return torch.bmm(y.unsqueeze(-2), P.mT).squeeze(-2)
+
+
+def _inv_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > 0, 1.0 / torch.where(x > 0, x, 1.0), 0.0)
+
+
+def _schur_lower(Q: torch.Tensor, block: int = 192) -> torch.Tensor:
+    """-Q^T Q (n x n), with only its lower-triangular blocks computed (the rest is zero).
+
+    Cholesky reads the lower triangle only, so this saves ~40% of the product when n is large.
+    """
+    B, _, n = Q.shape
+    if n <= 2 * block:
+        return torch.bmm(Q.mT, Q).neg_()
+    S = Q.new_zeros(B, n, n)
+    edges = list(range(0, n, block)) + [n]
+    for bi in range(len(edges) - 1):
+        i0, i1 = edges[bi], edges[bi + 1]
+        Qi = Q[:, :, i0:i1]
+        # one product for the whole block row left of (and including) the diagonal block
+        S[:, i0:i1, :i1] = torch.bmm(Qi.mT, Q[:, :, :i1]).neg_()
+    return S
+
+
+def _schur_rhs_and_ops(P, r, c, s_r, s_c):
+    """Pieces of the column-side Schur system S b = rhs (see module docstring)."""
+    rinv = _inv_or_zero(r)
+    rhs = s_c - _rowvec_mat(rinv * s_r, P)
+    q = (c > 0).to(P.dtype)
+    # delta * n_valid = mean(c): the gauge direction gets an eigenvalue like the others.
+    n_valid = q.sum(-1, keepdim=True).clamp_min(1)
+    delta = (c.sum(-1, keepdim=True) / n_valid) / n_valid
+    return rinv, rhs, q, delta
+
+
+def _solve_cholesky(P, r, c, rhs, rinv, q, delta, scratch):
+    torch.mul(P, rinv.sqrt().unsqueeze(-1), out=scratch)  # Q = diag(r)^-1/2 P
+    S = _schur_lower(scratch)
+    S.diagonal(dim1=-2, dim2=-1).add_(c + (1 - q))  # padded columns: identity rows
+    S.baddbmm_((delta.sqrt() * q).unsqueeze(-1), (delta.sqrt() * q).unsqueeze(-2))
+    L, info = torch.linalg.cholesky_ex(S)
+    ok = info == 0
+    b = torch.cholesky_solve(rhs.unsqueeze(-1), torch.where(ok.view(-1, 1, 1), L, 1.0))
+    return b.squeeze(-1), ok
+
+
+def _schur_matvec(P, c, rinv, q, delta, x):
+    return c * x + delta * q * (q * x).sum(-1, keepdim=True) - _rowvec_mat(rinv * _mat_vec(P, x), P)
+
+
+def _solve_cg(P, r, c, rhs, rinv, q, delta, scratch, rtol, max_iter, check_every=5):
+    """Jacobi-preconditioned CG on the Schur complement, batched, matrix-free."""
+    torch.mul(P, P, out=scratch)
+    diag = c + delta * q - _rowvec_mat(rinv, scratch)
+    diag = torch.where(q > 0, diag.clamp_min(1e-3 * c.clamp_min(1e-30)), 1.0)
+    minv = 1.0 / diag
+    x = torch.zeros_like(rhs)
+    res = rhs.clone()
+    z = minv * res
+    p = z.clone()
+    rz = (res * z).sum(-1, keepdim=True)
+    bnorm = rhs.norm(dim=-1).clamp_min(torch.finfo(rhs.dtype).tiny)
+    converged = bnorm <= torch.finfo(rhs.dtype).tiny
+    it = 0
+    for it in range(1, max_iter + 1):
+        Ap = _schur_matvec(P, c, rinv, q, delta, p)
+        pAp = (p * Ap).sum(-1, keepdim=True)
+        alpha = torch.where(pAp > 0, rz / torch.where(pAp > 0, pAp, 1.0), 0.0)
+        x = x + alpha * p
+        res = res - alpha * Ap
+        z = minv * res
+        rz_new = (res * z).sum(-1, keepdim=True)
+        beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, 1.0), 0.0)
+        p = z + beta * p
+        rz = rz_new
+        if it % check_every == 0:
+            converged = res.norm(dim=-1) <= rtol * bnorm
+            if bool(converged.all()):
+                break
+    converged = res.norm(dim=-1) <= rtol * bnorm
+    return x, converged, it
+
+
+def _cg_tol(dtype: torch.dtype) -> float:
+    return 1e-10 if dtype == torch.float64 else 1e-6
+
+
+def choose_solver(n_small: int, m_large: int, forward_iters: float) -> str:
+    """Cost model for ``implicit_solver="auto"``.
+
+    Direct: one (n x m)(m x n) product (~0.6 of it with triangle blocks) plus an n^3/3
+    Cholesky. CG: ~4 m n flops an iteration (two matrix-vector products), and the number of
+    iterations grows like the square root of the condition number of S, which also governs
+    the plain Sinkhorn rate: about 2 sqrt(forward iterations) with a floor; CG runs far from
+    peak flop rate (memory bound, one sync every few iterations), hence the factor 8.
+    """
+    direct = 0.6 * 2 * m_large * n_small * n_small + n_small**3 / 3
+    cg_iters = 10 + 2.0 * math.sqrt(max(forward_iters, 1.0))
+    cg = 8 * cg_iters * 4 * m_large * n_small
+    return "cg" if cg < direct else "cholesky"
+
+
+def implicit_backward(P, r, c, V, gamma, solver="auto", forward_iters=10.0):
+    """(dJ/dM, dJ/dr, dJ/dc) by the Schur complement on the smaller side of P."""
+    m, n = P.shape[-2:]
+    transpose = m < n  # solve on the smaller side: the rows
+    if transpose:
+        P, r, c, V = P.mT, c, r, V.mT
+        m, n = n, m
+    X = torch.mul(P, V)  # P o V, reused below as scratch and as the output buffer
+    s_r, s_c = X.sum(-1), X.sum(-2)
+    rinv, rhs, q, delta = _schur_rhs_and_ops(P, r, c, s_r, s_c)
+    if solver == "auto":
+        solver = choose_solver(n, m, float(forward_iters))
+    if solver == "cg":
+        b, ok, _ = _solve_cg(P, r, c, rhs, rinv, q, delta, X, _cg_tol(P.dtype), 4 * n + 50)
+        if not bool(ok.all()):
+            b2, ok2 = _solve_cholesky(P, r, c, rhs, rinv, q, delta, X)
+            b = torch.where(ok.unsqueeze(-1), b, b2)
+            ok = ok | ok2
+    else:
+        b, ok = _solve_cholesky(P, r, c, rhs, rinv, q, delta, X)
+        if not bool(ok.all()):
+            b2, ok2, _ = _solve_cg(P, r, c, rhs, rinv, q, delta, X, _cg_tol(P.dtype), 10 * n)
+            b = torch.where(ok.unsqueeze(-1), b, b2)
+            _warn_ill_conditioned(int((~ok).sum()), int((~ok2).sum()))
+    a = (s_r - _mat_vec(P, b)) * rinv
+    # dJ/dM = gamma P o (a (+) b - V), written into X
+    torch.sub(a.unsqueeze(-1), V, out=X)
+    X.add_(b.unsqueeze(-2)).mul_(P).mul_(gamma)
+    if transpose:
+        return X.mT, b, a
+    return X, a, b
+
+
+def _warn_ill_conditioned(n_bad: int, n_unresolved: int) -> None:
+    msg = (
+        f"sinkhorn backward: the Schur complement was not positive definite for {n_bad} "
+        "sample(s) (P is numerically block-diagonal, e.g. gamma * M so large that P is a "
+        "near-permutation); re-solved by conjugate gradients, so the gradients with respect to "
+        "r and c are ill-conditioned there."
+    )
+    if n_unresolved:
+        msg += f" CG did not converge for {n_unresolved} of them."
+    warnings.warn(msg, IllConditionedWarning, stacklevel=4)
+
+
+def full_backward(P, r, c, V, gamma):
+    """(dJ/dM, dJ/dr, dJ/dc) by a dense Cholesky solve of the (m + n)-square system K."""
+    B, m, n = P.shape
+    G = P * V
+    s = torch.cat([G.sum(-1), G.sum(-2)], dim=-1)
+    K = P.new_zeros(B, m + n, m + n)
+    K[:, :m, m:] = P
+    K[:, m:, :m] = P.mT
+    mask = torch.cat([r > 0, c > 0], dim=-1)
+    # Drop the first non-padded row constraint (Eq. 16): it is implied by the others.
+    first_row = (r > 0).to(torch.int8).argmax(-1)
+    mask[torch.arange(B, device=P.device), first_row] = False
+    fm = mask.to(P.dtype)
+    K.mul_(fm.unsqueeze(-1)).mul_(fm.unsqueeze(-2))
+    K.diagonal(dim1=-2, dim2=-1).copy_(torch.where(mask, torch.cat([r, c], -1), 1.0))
+    s = s * fm
+    L, info = torch.linalg.cholesky_ex(K)
+    if bool((info != 0).any()):
+        raise torch.linalg.LinAlgError(
+            f"sinkhorn backward (full): the KKT system is singular for "
+            f"{int((info != 0).sum())} sample(s); use backward_mode='implicit', which handles it"
+        )
+    ab = torch.cholesky_solve(s.unsqueeze(-1), L).squeeze(-1)
+    a, b = ab[:, :m], ab[:, m:]
+    dM = gamma * P * (a.unsqueeze(-1) + b.unsqueeze(-2) - V)
+    return dM, a, b
+
+
+def approx_backward(P, r, c, V, gamma):
+    """Constraints ignored (see module docstring)."""
+    G = P * V
+    return -gamma * G, G.sum(-1) * _inv_or_zero(r), G.sum(-2) * _inv_or_zero(c)
