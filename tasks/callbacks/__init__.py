@@ -1,0 +1,5 @@
+"""Lightning callbacks shared by every task."""
+
+from tasks.callbacks.ddn_profiler import DDNProfiler
+
+__all__ = ["DDNProfiler"]

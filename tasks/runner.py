@@ -1,0 +1,160 @@
+"""One run from a validated config: build, fit, test, log, summarise."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import (
+    LearningRateMonitor,
+    ModelCheckpoint,
+    RichModelSummary,
+    RichProgressBar,
+)
+
+from tasks import rundir
+from tasks.callbacks import DDNProfiler
+from tasks.layers import set_backward_mode
+from tasks.loggers import build_loggers, finish_wandb, hyperparameters, write_run_files
+from tasks.registry import get_task
+from tasks.summary import print_summary
+
+RESULTS_FILE = "results.json"
+
+
+@contextmanager
+def _run_name_for_other_ranks(name: str) -> Iterator[None]:
+    # Lightning's "ddp" launcher starts ranks 1.. inside fit() by re-running train.py; they
+    # inherit this variable and so pick the same run directory (see tasks/cli.py).
+    previous = os.environ.get(rundir.RUN_NAME_ENV)
+    os.environ[rundir.RUN_NAME_ENV] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(rundir.RUN_NAME_ENV, None)
+        else:
+            os.environ[rundir.RUN_NAME_ENV] = previous
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[pl.Callback]:
+    spec = get_task(cfg.task)
+    validating = cfg.trainer.limit_val_batches != 0
+    callbacks: list[pl.Callback] = [
+        ModelCheckpoint(
+            dirpath=str(run_dir / rundir.CHECKPOINT_DIR),
+            filename="epoch{epoch:03d}",
+            auto_insert_metric_name=False,
+            monitor=(cfg.checkpoint.monitor or spec.monitor) if validating else None,
+            mode=cfg.checkpoint.mode or spec.monitor_mode,
+            save_top_k=cfg.checkpoint.save_top_k if validating else 1,
+            save_last=True,
+            every_n_epochs=cfg.checkpoint.every_n_epochs,
+        ),
+        DDNProfiler(cfg.ddn.profile_every_n_steps, cfg.ddn.profile_memory),
+    ]
+    if has_logger:
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(RichProgressBar())
+    if cfg.trainer.enable_model_summary:
+        callbacks.append(RichModelSummary(max_depth=2))
+    return callbacks
+
+
+def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
+    """Fit (resuming from ``cfg.ckpt`` if set), test the best checkpoint, print a summary.
+
+    Returns the run's results (also written to ``<run_dir>/results.json``). ``callbacks`` are
+    added to the task's own (tests use this to interrupt runs).
+    """
+    spec = get_task(cfg.task)
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    # Lightning ignores loggers and checkpoints under fast_dev_run; skip making them.
+    smoke = bool(cfg.trainer.fast_dev_run)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    # In-memory datasets: worker processes would cost more than they save.
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+    if not smoke:
+        write_run_files(cfg, run_dir)
+    datamodule = spec.build_datamodule(cfg)
+    module = spec.build_module(cfg, datamodule)
+    n_layers = set_backward_mode(module, cfg.ddn.backward_mode)
+    loggers = [] if smoke else build_loggers(cfg, run_dir)
+    all_callbacks = build_callbacks(cfg, run_dir, bool(loggers)) + list(callbacks)
+    checkpoint = next(c for c in all_callbacks if isinstance(c, ModelCheckpoint))
+    profiler = next(c for c in all_callbacks if isinstance(c, DDNProfiler))
+    trainer = pl.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        default_root_dir=str(run_dir),
+        logger=loggers or False,
+        callbacks=all_callbacks,
+    )
+    try:
+        for logger in loggers:
+            logger.log_hyperparams(hyperparameters(cfg))
+        start = time.perf_counter()
+        with _run_name_for_other_ranks(cfg.name):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt)
+        fit_seconds = time.perf_counter() - start
+        results: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if checkpoint.best_model_score is not None:
+            results[f"best/{checkpoint.monitor}"] = float(checkpoint.best_model_score)
+        if cfg.test:
+            best = "best" if checkpoint.best_model_path else None
+            start = time.perf_counter()
+            for metrics in trainer.test(
+                module, datamodule=datamodule, ckpt_path=best, verbose=False
+            ):
+                results.update({k: float(v) for k, v in metrics.items()})
+            results["test_seconds"] = time.perf_counter() - start
+        results["fit_seconds"] = fit_seconds
+        results.update(profiler.summary())
+    finally:
+        sync_command = finish_wandb() if loggers else None
+
+    if trainer.is_global_zero:
+        if not smoke:
+            (run_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+        _print(cfg, spec.summary, results, trainer, checkpoint, run_dir, n_layers, sync_command)
+    return results
+
+
+def _print(
+    cfg: DictConfig,
+    metrics: Sequence[str],
+    results: dict[str, Any],
+    trainer: pl.Trainer,
+    checkpoint: ModelCheckpoint,
+    run_dir: Path,
+    n_layers: int,
+    sync_command: str | None,
+) -> None:
+    rows: dict[str, Any] = {
+        "run": cfg.name,
+        "task": cfg.task,
+        "backward mode": f"{cfg.ddn.backward_mode} ({n_layers} declarative layers)",
+        "epochs / steps": f"{trainer.current_epoch} / {trainer.global_step}",
+        "fit time (s)": results.get("fit_seconds"),
+    }
+    if checkpoint.monitor and f"best/{checkpoint.monitor}" in results:
+        rows[f"best {checkpoint.monitor}"] = results[f"best/{checkpoint.monitor}"]
+    rows.update({m: results[m] for m in metrics if m in results})
+    rows["best checkpoint"] = checkpoint.best_model_path or None
+    rows["run directory"] = str(run_dir) if not cfg.trainer.fast_dev_run else None
+    rows["upload to W&B"] = sync_command
+    layers: dict[str, dict[str, float]] = {}
+    for key, value in results.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "ddn":
+            layers.setdefault(parts[1], {})[parts[2]] = value
+    print_summary(f"Run summary: {cfg.name}", rows, layers)

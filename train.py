@@ -1,0 +1,77 @@
+"""Train a task with deep declarative layers: ``python train.py [-c FILE ...] [key=value ...]``.
+
+CPU, the default (classification of scikit-learn's digits with robust pooling; offline):
+    python train.py
+
+One GPU:
+    python train.py -c configs/gpu.yaml
+
+DDP on N GPUs of one machine (here 4):
+    python train.py -c configs/gpu.yaml -c configs/ddp.yaml trainer.devices=4
+
+DDP on the CPU with 2 processes (gloo):
+    python train.py -c configs/ddp.yaml trainer.devices=2
+
+Several nodes with torchrun (the same command on every node; here 2 nodes of 4 GPUs):
+    torchrun --nnodes=2 --nproc-per-node=4 --node-rank=$NODE_RANK --rdzv-backend=c10d \
+        --rdzv-endpoint=$HEAD_NODE:29500 train.py -c configs/gpu.yaml -c configs/ddp.yaml \
+        trainer.devices=4 trainer.num_nodes=2 name=digits-2x4
+
+Several nodes with SLURM (one task per GPU; the run is named after the job id):
+    srun --nodes=2 --ntasks-per-node=4 --gpus-per-node=4 python train.py \
+        -c configs/gpu.yaml -c configs/ddp.yaml trainer.devices=4 trainer.num_nodes=2
+
+Swap the backward mode of every declarative layer (implicit, full, approx, unroll):
+    python train.py ddn.backward_mode=unroll
+
+Resume the newest run from its last checkpoint, with its saved config:
+    python train.py ckpt=last
+
+Resume a given run, training it for longer:
+    python train.py ckpt=last name=classification-implicit-20250101-120000 trainer.max_epochs=20
+
+Robust against average pooling with 30% of each test image corrupted:
+    python train.py -c configs/corrupted.yaml model.pool=avg
+
+W&B online instead of offline (offline runs upload later with the printed `wandb sync`):
+    python train.py logger.online=true logger.project=my-project
+
+Show the resolved config without training:
+    python train.py --print-config ddn.backward_mode=full
+
+Keys: task, seed, name, runs_dir, ckpt, test, ddn.*, trainer.* (Lightning Trainer arguments),
+data.*, model.*, optim.*, logger.*, checkpoint.*; see tasks/config.py and each task's
+config.py. A bad key or value stops the run before it starts, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from omegaconf import OmegaConf
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Imported here so that `--help` answers without loading torch.
+    from tasks.cli import build_parser, load_config
+    from tasks.config import ConfigError
+
+    args = build_parser(__doc__).parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"train.py: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(OmegaConf.to_yaml(cfg), end="")
+        return 0
+
+    from tasks.runner import run
+
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
