@@ -14,6 +14,7 @@ from ddn_layers.base import DeclarativeLayer, SolverInfo
 from ddn_layers.checks import ConvergenceWarning, IllConditionedWarning
 from ddn_layers.modes import BackwardMode
 from ddn_layers.ot import OptimalTransport, sinkhorn
+from ddn_layers.pooling import PENALTIES, RobustPool2d, robust_pool
 
 __all__ = [
     "BackwardMode",
@@ -21,6 +22,9 @@ __all__ = [
     "DeclarativeLayer",
     "IllConditionedWarning",
     "OptimalTransport",
+    "PENALTIES",
+    "RobustPool2d",
     "SolverInfo",
+    "robust_pool",
     "sinkhorn",
 ]

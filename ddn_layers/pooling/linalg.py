@@ -1,0 +1,92 @@
+"""Solves with the pooling Hessian H = s I + D diag(k2) D^T, s = sum_i k1_i (Eq. 8 summed).
+
+D (C x n) holds the offsets y - x_i as columns. H is never inverted and, on the structured
+paths, never formed densely when a smaller system will do:
+
+- ``diagonal``: k2 = 0 (quadratic, truncated quadratic), so H = s I;
+- ``cholesky``: H formed in channel space (C x C, one GEMM) and factored, O(n C^2 + C^3);
+- ``woodbury``: since k2 <= 0 (see penalties.py), H = s I - U U^T with U = D diag(q),
+  q = sqrt(-k2), and H^-1 r = (r + U (s I_n - U^T U)^-1 U^T r) / s needs only an n x n
+  Cholesky factor, O(n^2 C + n^3): 49 x 49 instead of 512 x 512 for a 7x7x512 feature map.
+
+Only Cholesky routines are used: batched LU solves are unreliable on some CPU builds (see
+DESIGN.md), and every well-posed system here is symmetric positive definite. A sample whose
+factorisation fails, or whose smallest pivot is negligible against s, is reported as not
+``ok``; its solution is set to zero and the caller decides what that means.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SOLVERS = ("auto", "cholesky", "woodbury")
+
+
+def choose_solver(requested: str, n: int, c: int, kappa2_zero: bool) -> str:
+    """The cheapest exact solver: diagonal if k2 = 0, else the smaller of the two factors."""
+    if kappa2_zero:
+        return "diagonal"
+    if requested == "auto":
+        return "woodbury" if n < c else "cholesky"
+    return requested
+
+
+def _pivot_floor(s: Tensor, dim: int) -> Tensor:
+    # The diagonal of H is at most s (k2 <= 0), so a squared pivot below s * dim * eps marks
+    # a direction that is singular at working precision: its "solution" would be rounding
+    # noise amplified by 1/eps, not a gradient
+    return s * (dim * torch.finfo(s.dtype).eps)
+
+
+def cholesky_factor(a: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """Cholesky factors of the batch ``a`` and a per-sample flag of success and conditioning.
+
+    Failed factors are replaced by the identity so that later solves (and, under unroll,
+    their autograd) stay finite; the caller masks those samples.
+    """
+    L, info = torch.linalg.cholesky_ex(a)
+    pivots = torch.diagonal(L, dim1=-2, dim2=-1)
+    ok = (info == 0) & (s > 0) & (pivots.square().amin(-1) > _pivot_floor(s, a.shape[-1]))
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    L = torch.where(ok[:, None, None], L, eye)
+    return L, ok
+
+
+def hessian_solve(
+    d: Tensor, k1: Tensor, k2: Tensor, rhs: Tensor, solver: str
+) -> tuple[Tensor, Tensor]:
+    """w = H^-1 rhs for each sample, and whether H was (numerically) positive definite.
+
+    Args:
+        d: offsets y - x_i, shape (N, C, n).
+        k1, k2: curvature terms, shape (N, n) (any common positive per-sample scale).
+        rhs: shape (N, C).
+        solver: ``diagonal``, ``cholesky`` or ``woodbury`` (see :func:`choose_solver`).
+
+    Returns:
+        ``w`` of shape (N, C) (zero where not ok) and ``ok`` of shape (N,).
+    """
+    s = k1.sum(-1)
+    if solver == "diagonal":
+        ok = s > 0
+        w = rhs / torch.where(ok, s, torch.ones_like(s))[:, None]
+    elif solver == "cholesky":
+        c = d.shape[1]
+        H = torch.baddbmm(
+            torch.diag_embed(s[:, None].expand(-1, c)), d * k2[:, None, :], d.transpose(1, 2)
+        )
+        L, ok = cholesky_factor(H, s)
+        w = torch.cholesky_solve(rhs[:, :, None], L)[:, :, 0]
+    elif solver == "woodbury":
+        # U^T U = diag(q) D^T D diag(q) with q = sqrt(-k2): only the n x n Gram matrix of
+        # the offsets is formed, never U itself
+        n = d.shape[2]
+        q = torch.sqrt(-k2.clamp(max=0.0))
+        S = torch.diag_embed(s[:, None].expand(-1, n)) - q[:, :, None] * (d.mT @ d) * q[:, None, :]
+        L, ok = cholesky_factor(S, s)
+        t = torch.cholesky_solve((q * (rhs[:, None, :] @ d)[:, 0, :])[:, :, None], L)
+        w = (rhs + (d @ (q[:, :, None] * t))[:, :, 0]) / torch.where(ok, s, 1)[:, None]
+    else:
+        raise ValueError(f"implicit_solver must be one of {list(SOLVERS)}, got {solver!r}")
+    return torch.where(ok[:, None], w, torch.zeros_like(w)), ok

@@ -1,0 +1,206 @@
+"""The penalty functions of Table 1 and the curvature terms kappa1, kappa2 of Eq. 8.
+
+For a penalty phi(z; alpha) of the distance z = ||y - x_i|| >= 0,
+
+    kappa1(z) = phi'(z) / z,        kappa2(z) = (phi''(z) - kappa1(z)) / z^2,
+
+so that the Hessian of phi(||y - x_i||) in y is kappa1 I + kappa2 (y - x_i)(y - x_i)^T. Both
+definitions divide by z, but every penalty below is written in a closed form that is finite at
+z = 0 (a point exactly at the solution): there kappa1 is phi''(0) and the kappa2 term vanishes
+because it multiplies (y - x_i) = 0.
+
+Two facts every penalty here satisfies, and the solvers rely on (a user-defined penalty must
+too):
+
+- rho(s) = phi(sqrt(s)) is concave in s = z^2. Then the quadratic with weight kappa1 at the
+  current point majorises phi, so the half-quadratic (IRLS) step y <- sum k1 x / sum k1 never
+  increases the objective, and kappa1 >= 0.
+- kappa2 <= 0. This is the same concavity (kappa2 = 4 rho''(s)), and it is what lets the
+  Woodbury solve write H = s I - U^T U with a real U = sqrt(-kappa2) D and factor the small
+  symmetric positive definite matrix s I - U U^T by Cholesky.
+
+All methods take ``z`` of shape (..., n) with the points on the last axis, and ``alpha`` as a
+tensor broadcastable to it.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+import torch
+from torch import Tensor
+
+
+class Penalty:
+    """A robust penalty phi(z; alpha) and its curvature terms (see the module docstring).
+
+    Attributes:
+        name: the key in :data:`PENALTIES`.
+        is_convex: phi(||.||) convex, so that any stationary point is a global minimum and a
+            single start suffices.
+        kappa2_zero: kappa2 vanishes wherever phi is twice differentiable, so the Hessian is
+            exactly (sum kappa1) I and no linear solve is needed.
+        closed_form: the minimiser is the mean (kappa1 constant): no iterations at all.
+    """
+
+    name: str = ""
+    is_convex: bool = True
+    kappa2_zero: bool = False
+    closed_form: bool = False
+
+    def phi(self, z: Tensor, alpha: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def kappa1(self, z: Tensor, alpha: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def kappa2(self, z: Tensor, alpha: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def kappa1_dalpha(self, z: Tensor, alpha: Tensor) -> Tensor:
+        """d kappa1 / d alpha at fixed z: the mixed derivative d^2 f / (d alpha dy) is
+        sum_i kappa1_dalpha(z_i) (y - x_i), the right-hand side for the gradient in alpha."""
+        raise NotImplementedError
+
+    def scaled_kappas(self, z: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """kappa1, kappa2 and kappa1_dalpha, all times one positive factor per sample.
+
+        Every use of them (the IRLS weights, a Newton step, the implicit gradient at a
+        stationary point) is invariant to such a factor, and a penalty whose kappas can all
+        underflow together (Welsch, far from every point) uses it to stay representable.
+        The factor is constant along the last axis (the points of one sample).
+        """
+        return self.kappa1(z, alpha), self.kappa2(z, alpha), self.kappa1_dalpha(z, alpha)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Quadratic(Penalty):
+    """phi = z^2 / 2: the mean (average pooling); alpha is unused."""
+
+    name = "quadratic"
+    kappa2_zero = True
+    closed_form = True
+
+    def phi(self, z, alpha):
+        return 0.5 * z * z
+
+    def kappa1(self, z, alpha):
+        return torch.ones_like(z)
+
+    def kappa2(self, z, alpha):
+        return torch.zeros_like(z)
+
+    def kappa1_dalpha(self, z, alpha):
+        return torch.zeros_like(z)
+
+
+class PseudoHuber(Penalty):
+    """phi = alpha^2 (sqrt(1 + (z/alpha)^2) - 1): smooth, quadratic near 0, linear far out."""
+
+    name = "pseudo-huber"
+
+    def phi(self, z, alpha):
+        sq = z * z
+        # alpha^2 (sqrt(1+u) - 1) rewritten without the cancellation at small z
+        return sq / (torch.sqrt(1.0 + sq / (alpha * alpha)) + 1.0)
+
+    def kappa1(self, z, alpha):
+        return torch.rsqrt(1.0 + (z / alpha) ** 2)
+
+    def kappa2(self, z, alpha):
+        return -(torch.rsqrt(1.0 + (z / alpha) ** 2) ** 3) / (alpha * alpha)
+
+    def kappa1_dalpha(self, z, alpha):
+        return (z * z) / alpha**3 * torch.rsqrt(1.0 + (z / alpha) ** 2) ** 3
+
+
+class Huber(Penalty):
+    """phi = z^2/2 for z <= alpha, alpha (z - alpha/2) beyond."""
+
+    name = "huber"
+
+    def phi(self, z, alpha):
+        return torch.where(z <= alpha, 0.5 * z * z, alpha * (z - 0.5 * alpha))
+
+    def kappa1(self, z, alpha):
+        # alpha / max(z, alpha) is 1 inside the radius and alpha/z beyond, never 1/0
+        return alpha / torch.maximum(z, alpha)
+
+    def kappa2(self, z, alpha):
+        zc = torch.maximum(z, alpha)
+        return torch.where(z > alpha, -alpha / zc**3, torch.zeros_like(zc))
+
+    def kappa1_dalpha(self, z, alpha):
+        zc = torch.maximum(z, alpha)
+        return torch.where(z > alpha, 1.0 / zc, torch.zeros_like(zc))
+
+
+class Welsch(Penalty):
+    """phi = 1 - exp(-z^2 / (2 alpha^2)): redescending, non-convex, bounded."""
+
+    name = "welsch"
+    is_convex = False
+
+    def phi(self, z, alpha):
+        return -torch.expm1(-(z * z) / (2.0 * alpha * alpha))
+
+    def _kappas(self, z, alpha, shift):
+        a2 = alpha * alpha
+        sq = z * z
+        e = torch.exp(-(sq - shift) / (2.0 * a2))
+        return e / a2, -e / (a2 * a2), e / alpha**3 * (sq / a2 - 2.0)
+
+    def kappa1(self, z, alpha):
+        return self._kappas(z, alpha, 0.0)[0]
+
+    def kappa2(self, z, alpha):
+        return self._kappas(z, alpha, 0.0)[1]
+
+    def kappa1_dalpha(self, z, alpha):
+        return self._kappas(z, alpha, 0.0)[2]
+
+    def scaled_kappas(self, z, alpha):
+        # exp(-z^2 / 2 alpha^2) underflows for every point once all lie a few alpha away (at
+        # C=512 in float32 for standard normal inputs), which would make the weights 0/0.
+        # Measuring z^2 from the nearest point's keeps the largest weight at exp(0).
+        shift = (z * z).amin(dim=-1, keepdim=True).detach()
+        return self._kappas(z, alpha, shift)
+
+
+class TruncatedQuadratic(Penalty):
+    """phi = z^2/2 for z <= alpha, alpha^2/2 beyond: the mean of the points within alpha."""
+
+    name = "truncated-quadratic"
+    is_convex = False
+    kappa2_zero = True
+
+    def phi(self, z, alpha):
+        return 0.5 * torch.minimum(z * z, alpha * alpha)
+
+    def kappa1(self, z, alpha):
+        return (z <= alpha).to(z.dtype)
+
+    def kappa2(self, z, alpha):
+        return torch.zeros_like(z)
+
+    def kappa1_dalpha(self, z, alpha):
+        # kappa1 is a step in alpha: zero almost everywhere (the solution is piecewise
+        # constant in alpha, jumping when a point crosses the radius)
+        return torch.zeros_like(z)
+
+
+PENALTIES: MappingProxyType[str, Penalty] = MappingProxyType(
+    {p.name: p for p in (Quadratic(), PseudoHuber(), Huber(), Welsch(), TruncatedQuadratic())}
+)
+"""Name -> penalty object (read-only). ``robust_pool`` also takes a :class:`Penalty` instance."""
+
+
+def get_penalty(penalty: str | Penalty) -> Penalty:
+    """The penalty named ``penalty`` (or the instance itself); ValueError listing the names."""
+    if isinstance(penalty, Penalty):
+        return penalty
+    if isinstance(penalty, str) and penalty.lower() in PENALTIES:
+        return PENALTIES[penalty.lower()]
+    raise ValueError(f"penalty must be one of {list(PENALTIES)}, got {penalty!r}")
