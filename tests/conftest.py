@@ -24,6 +24,16 @@ def _seed_everything():
 
 
 @pytest.fixture
+def single_thread():
+    """One intra-op thread for tests of many tiny solves: there threads only add a barrier per
+    op, and on a loaded 2-core machine each barrier can wait a scheduler slice (~10 ms)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def cpu() -> torch.device:
     return torch.device("cpu")
 

@@ -1,0 +1,170 @@
+"""Gradients of robust pooling: every mode against finite differences, and against each other."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+import ddn_layers as ddn
+from tests.ddn_layers.pool_helpers import F64, NON_CONVEX, PENALTY_NAMES, clustered
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TIGHT = {"tol": 1e-13, "max_iter": 200}  # finite differences need y to ~1e-13
+EXACT_MODES = ("implicit", "full", "unroll")
+# (B, C, n): points fewer than channels (the Woodbury path) and more (channel space)
+SHAPES = [(1, 5, 3), (3, 5, 3), (1, 3, 6), (3, 3, 6)]
+
+
+def _pool(mode, penalty, **kw):
+    return lambda x, a: ddn.robust_pool(x, penalty, a, backward_mode=mode, **TIGHT, **kw)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}C{}n{}".format(*s))
+@pytest.mark.parametrize("mode", EXACT_MODES)
+@pytest.mark.parametrize("penalty", PENALTY_NAMES)
+def test_gradcheck_x_and_alpha(penalty, mode, shape):
+    x = clustered(*shape, alpha=1.0, seed=sum(shape)).requires_grad_()
+    alpha = torch.tensor(1.0, dtype=F64, requires_grad=penalty != "quadratic")
+    assert gradcheck(_pool(mode, penalty), (x, alpha), fast_mode=False, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "woodbury"])
+@pytest.mark.parametrize("shape", [(2, 5, 3), (2, 3, 6)])
+def test_gradcheck_each_implicit_solver_on_both_sides_of_n_eq_c(solver, shape):
+    x = clustered(*shape, seed=1).requires_grad_()
+    alpha = torch.tensor(0.8, dtype=F64, requires_grad=True)
+    f = _pool("implicit", "pseudo-huber", implicit_solver=solver)
+    assert gradcheck(f, (x, alpha), fast_mode=False, atol=1e-7, rtol=1e-5)
+
+
+def _grads(x, penalty, mode, alpha=1.0, **kw):
+    x = x.detach().clone().requires_grad_()
+    a = torch.tensor(alpha, dtype=x.dtype, requires_grad=penalty != "quadratic")
+    y = ddn.robust_pool(x, penalty, a, backward_mode=mode, **kw)
+    v = torch.linspace(-1, 1, y.numel(), dtype=x.dtype).reshape(y.shape)
+    inputs = (x, a) if a.requires_grad else (x,)
+    # materialize: under unroll, truncated quadratic's y has no autograd path to alpha
+    return y, torch.autograd.grad((y * v).sum(), inputs, materialize_grads=True)
+
+
+@pytest.mark.parametrize("penalty", PENALTY_NAMES)
+def test_modes_and_solvers_agree(penalty):
+    x = clustered(4, 12, 20, seed=3)
+    y_ref, g_ref = _grads(x, penalty, "implicit", **TIGHT)
+    for mode, kw in [
+        ("implicit", {"implicit_solver": "cholesky"}),
+        ("implicit", {"implicit_solver": "woodbury"}),
+        ("full", {}),
+        ("unroll", {}),
+    ]:
+        y, g = _grads(x, penalty, mode, **TIGHT, **kw)
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+        for a, b in zip(g, g_ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("penalty", ["quadratic", "truncated-quadratic"])
+def test_approx_is_exact_where_kappa2_vanishes(penalty):
+    x = clustered(3, 6, 9, seed=4)
+    _, g_ref = _grads(x, penalty, "implicit", **TIGHT)
+    _, g = _grads(x, penalty, "approx", **TIGHT)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_approx_keeps_translation_equivariance_and_differs_elsewhere():
+    """sum_j dy/dx_j = I for the exact Jacobian and, by construction, for approx too."""
+    x = clustered(2, 6, 9, seed=5)
+    _, (g_exact, _) = _grads(x, "pseudo-huber", "implicit")
+    _, (g_approx, _) = _grads(x, "pseudo-huber", "approx")
+    v = torch.linspace(-1, 1, 12, dtype=F64).reshape(2, 6)
+    torch.testing.assert_close(g_approx.sum(-1), v)
+    torch.testing.assert_close(g_exact.sum(-1), v)
+    assert (g_approx - g_exact).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("penalty", NON_CONVEX)
+def test_flat_objective_gives_zero_gradient_and_warns(penalty):
+    """The paper's benchmark input: randn, C=128, alpha=1 puts every point ~16 alpha from
+    the mean. Truncated quadratic is exactly flat there; the solver must not return NaN."""
+    x = torch.randn(3, 128, 16, dtype=F64, requires_grad=True)
+    alpha = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    for mode in ("implicit", "full"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = ddn.robust_pool(x, penalty, alpha, backward_mode=mode)
+            gx, ga = torch.autograd.grad(y.sum(), (x, alpha))
+        assert torch.isfinite(y).all() and torch.isfinite(gx).all() and torch.isfinite(ga)
+        ill = [w for w in caught if issubclass(w.category, ddn.IllConditionedWarning)]
+        if penalty == "truncated-quadratic":
+            assert len(ill) == 1 and "3 of 3 samples" in str(ill[0].message)
+            assert (gx == 0).all() and ga == 0
+        else:
+            # Welsch is never exactly flat: IRLS leaves the saddle at the mean for a point
+            assert not ill and (gx != 0).any()
+
+
+def test_saddle_is_detected_per_sample():
+    """Welsch at a point where H is indefinite (two clusters, y between them): only that
+    sample's gradient is zeroed."""
+    x = clustered(2, 4, 7, seed=6)
+    x0 = torch.zeros(4, 7, dtype=F64)
+    # clusters at -1.5 and +1.5 and one point between: the mean and the median are both 0,
+    # where d^2 f / dy_0^2 < 0, and IRLS stays there by symmetry
+    x0[0, :3], x0[0, 3:6] = -1.5, 1.5
+    x = torch.stack([x0, x[1]]).requires_grad_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = ddn.robust_pool(x, "welsch", 1.0)
+        (gx,) = torch.autograd.grad(y.sum(), x)
+    assert y[0].abs().max() < 1e-12  # still at the saddle
+    assert (gx[0] == 0).all() and (gx[1] != 0).any()
+    assert any("1 of 2 samples" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "woodbury"])
+def test_batched_systems_of_lu_breaking_size(solver):
+    """Batched LU solves fail on these CPUs from ~150 rows at batch >= 2 (DESIGN.md); the
+    Cholesky-only path must handle C = 200 (channel space) and n = 180 (Woodbury)."""
+    shape = (3, 200, 256) if solver == "cholesky" else (3, 200, 180)
+    x = clustered(*shape, seed=7, dtype=torch.float32)
+    _, (g, ga) = _grads(x, "pseudo-huber", "implicit", implicit_solver=solver)
+    assert torch.isfinite(g).all() and torch.isfinite(ga)
+    x64 = x.double()
+    _, (g64, _) = _grads(x64, "pseudo-huber", "implicit", implicit_solver=solver)
+    torch.testing.assert_close(g.double(), g64, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("penalty", PENALTY_NAMES)
+def test_degenerate_inputs_have_finite_exact_gradients(penalty):
+    """n = 1 (y = x), all points equal (every z = 0), C = 1: dy/dx is known exactly."""
+    v = torch.tensor([[0.5, -2.0, 1.0]], dtype=F64)
+    for x, expected in [
+        (torch.randn(1, 3, 1, dtype=F64), v[:, :, None]),  # y = x_1
+        (torch.ones(1, 3, 4, dtype=F64), v[:, :, None].expand(1, 3, 4) / 4),  # symmetric
+    ]:
+        for mode in ("implicit", "full", "approx", "unroll"):
+            x = x.clone().requires_grad_()
+            y = ddn.robust_pool(x, penalty, 1.0, backward_mode=mode)
+            (g,) = torch.autograd.grad((y * v).sum(), x)
+            torch.testing.assert_close(g, expected)
+    x = clustered(2, 1, 7, seed=8).requires_grad_()
+    assert gradcheck(_pool("implicit", penalty), (x, torch.tensor(1.0, dtype=F64)))
+
+
+def test_learnable_alpha_gets_the_implicit_gradient_in_the_module():
+    x = clustered(2, 4, 9, seed=9).reshape(2, 4, 3, 3)
+    pool = ddn.RobustPool2d("welsch", 1.3, learn_alpha=True, **TIGHT).double()
+    y = pool(x)
+    y.sum().backward()
+    eps = 1e-6
+    with torch.no_grad():
+        plus = ddn.robust_pool(x, "welsch", 1.3 * (1 + eps), **TIGHT).sum()
+        minus = ddn.robust_pool(x, "welsch", 1.3 * (1 - eps), **TIGHT).sum()
+    # d/d log(alpha) = alpha d/d alpha
+    fd = (plus - minus) / (2 * eps)
+    torch.testing.assert_close(pool.log_alpha.grad, fd, rtol=1e-5, atol=1e-8)
