@@ -42,14 +42,20 @@ def _pivot_floor(s: Tensor, dim: int) -> Tensor:
 def cholesky_factor(a: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     """Cholesky factors of the batch ``a`` and a per-sample flag of success and conditioning.
 
-    Failed factors are replaced by the identity so that later solves (and, under unroll,
-    their autograd) stay finite; the caller masks those samples.
+    Failed factors are replaced by the identity so that later solves stay finite; the caller
+    masks those samples. Under autograd (unroll) the matrix itself is replaced before the
+    factorisation that is differentiated: the backward of a failed or near-singular
+    factorisation is NaN or inf, and a zero incoming gradient does not cancel that.
     """
-    L, info = torch.linalg.cholesky_ex(a)
-    pivots = torch.diagonal(L, dim1=-2, dim2=-1)
-    ok = (info == 0) & (s > 0) & (pivots.square().amin(-1) > _pivot_floor(s, a.shape[-1]))
+    with torch.no_grad():
+        L, info = torch.linalg.cholesky_ex(a)
+        pivots = torch.diagonal(L, dim1=-2, dim2=-1)
+        ok = (info == 0) & (s > 0) & (pivots.square().amin(-1) > _pivot_floor(s, a.shape[-1]))
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    L = torch.where(ok[:, None, None], L, eye)
+    if a.requires_grad:
+        L = torch.linalg.cholesky_ex(torch.where(ok[:, None, None], a, eye))[0]
+    else:
+        L = torch.where(ok[:, None, None], L, eye)
     return L, ok
 
 

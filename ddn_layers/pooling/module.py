@@ -62,6 +62,15 @@ class RobustPool2d(DeclarativeLayer):
         self.options = dict(options)
 
     @property
+    def backward_mode(self) -> BackwardMode:
+        return self._backward_mode
+
+    @backward_mode.setter
+    def backward_mode(self, mode: BackwardMode | str) -> None:
+        # a run-wide switch may assign a plain string: parse (and reject) it here, at once
+        self._backward_mode = BackwardMode.parse(mode)
+
+    @property
     def alpha(self) -> Tensor:
         if hasattr(self, "alpha_param"):
             return self.alpha_param
@@ -77,7 +86,7 @@ class RobustPool2d(DeclarativeLayer):
             x,
             self.penalty,
             self.alpha,
-            backward_mode=BackwardMode.parse(self.backward_mode),
+            backward_mode=self.backward_mode,
             return_info=True,
             **self.options,
         )

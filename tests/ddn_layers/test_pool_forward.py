@@ -1,0 +1,158 @@
+"""The forward solve: an independent SciPy reference, monotone descent, outliers, records."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import ddn_layers as ddn
+from tests.ddn_layers.pool_helpers import (
+    F64,
+    NON_CONVEX,
+    PENALTY_NAMES,
+    clustered,
+    np_objective,
+    reference_minimum,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _inputs(penalty):
+    yield "clustered", clustered(3, 4, 15, alpha=1.0, seed=11)
+    yield "n<C", clustered(2, 6, 4, alpha=1.0, seed=12)
+    # points straddling alpha, and few points far apart: convex problems keep one minimum;
+    # non-convex ones have many local minima there, and a local method from the same starts
+    # need not find SciPy's (Nelder-Mead steps across plateaus), so only the mean bound holds
+    yield "randn", torch.randn(3, 3, 12, dtype=F64)
+    yield "wide", 3.0 * torch.randn(2, 6, 5, dtype=F64)
+
+
+@pytest.mark.parametrize("penalty", PENALTY_NAMES)
+def test_reaches_the_scipy_minimum_and_never_exceeds_the_mean(penalty):
+    for kind, x in _inputs(penalty):
+        y, info = ddn.robust_pool(x, penalty, 1.0, return_info=True)
+        assert info.converged.all(), kind
+        for b in range(x.shape[0]):
+            X = x[b].numpy()
+            ours = np_objective(penalty, X, y[b].numpy(), 1.0)
+            at_mean = np_objective(penalty, X, X.mean(1), 1.0)
+            assert ours <= at_mean * (1 + 1e-12), kind
+            assert info.extra["objective"][b].item() == pytest.approx(ours, rel=1e-9, abs=1e-12)
+            if penalty in NON_CONVEX and kind in ("randn", "wide"):
+                continue
+            starts = [X.mean(1)] + ([np.median(X, 1)] if penalty in NON_CONVEX else [])
+            ref = reference_minimum(penalty, X, 1.0, starts)
+            assert ours <= ref + 1e-6 * abs(ref) + 1e-12, (kind, b, ours, ref)
+
+
+def test_quadratic_is_average_pooling():
+    x = torch.randn(4, 7, 5, 3, dtype=F64)
+    torch.testing.assert_close(ddn.robust_pool(x, "quadratic"), x.mean((2, 3)))
+    pool = ddn.RobustPool2d("quadratic")
+    avg = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    torch.testing.assert_close(pool(x), avg(x))
+
+
+@pytest.mark.parametrize("penalty", ["pseudo-huber", "huber", "welsch", "truncated-quadratic"])
+def test_outliers_move_the_mean_but_not_robust_pooling(penalty):
+    """20% of the points moved 30 alpha away along one direction."""
+    g = torch.Generator().manual_seed(12)
+    B, C, n = 8, 16, 50
+    centre = torch.randn(B, C, 1, generator=g)
+    x = centre + 0.2 * torch.randn(B, C, n, generator=g) / C**0.5
+    inliers_mean = x.mean(-1)
+    x[:, 0, : n // 5] += 30.0
+    y = ddn.robust_pool(x, penalty, 1.0)
+    avg = ddn.robust_pool(x, "quadratic")
+    err = (y - inliers_mean).norm(dim=1)
+    assert (avg - inliers_mean).norm(dim=1).min() > 5.0
+    bound = 0.05 if penalty in NON_CONVEX else 0.5  # redescending: the outliers count ~0
+    assert err.max() < bound, err
+
+
+def test_non_convex_records_the_winning_start():
+    """A majority cluster far from the mean: the median start wins, and info says so."""
+    x = torch.zeros(1, 2, 9, dtype=F64)
+    x[0, 0, :5] = 10.0 + 0.01 * torch.arange(5, dtype=F64)  # majority cluster near 10
+    x[0, 0, 5:] = -10.0  # minority cluster at -10: the mean, 1.1, is far from both
+    y, info = ddn.robust_pool(x, "truncated-quadratic", 1.0, return_info=True)
+    assert info.extra["start"].tolist() == [1]  # the median
+    torch.testing.assert_close(y[0, 0], x[0, 0, :5].mean())
+    y_w, info_w = ddn.robust_pool(x, "welsch", 1.0, return_info=True)
+    assert (y_w[0, 0] - 10.02).abs() < 0.01
+
+
+def test_restarts_escape_a_flat_objective():
+    """randn in 64 channels: every point ~11 alpha from the mean and the median, so
+    truncated quadratic is flat at both; starting at an input point finds a lower value."""
+    x = torch.randn(2, 64, 10, dtype=F64)
+    _, flat = ddn.robust_pool(x, "truncated-quadratic", 1.0, return_info=True)
+    y, info = ddn.robust_pool(x, "truncated-quadratic", 1.0, restarts=3, return_info=True)
+    assert (info.extra["start"] >= 2).all()
+    assert (info.extra["objective"] < flat.extra["objective"]).all()
+    x_gr = x.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ddn.IllConditionedWarning)  # a proper minimum now
+        y = ddn.robust_pool(x_gr, "truncated-quadratic", restarts=3)
+        (g,) = torch.autograd.grad(y.sum(), x_gr)
+    assert torch.isfinite(g).all()
+
+
+def test_welsch_stays_finite_when_every_weight_underflows():
+    """randn at C=512 in float32: exp(-z^2/2) is 0 for every point at the mean."""
+    x = torch.randn(4, 512, 49, requires_grad=True)
+    y = ddn.robust_pool(x, "welsch", 1.0)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.isfinite(y).all() and torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("penalty", ["pseudo-huber", "welsch"])
+def test_newton_finish_cuts_iterations_where_irls_is_slow(penalty):
+    """Low dimension, points along one line: IRLS contracts slowly, Newton pays."""
+    x = clustered(4, 2, 40, seed=13, outliers=0.3)
+    _, irls = ddn.robust_pool(x, penalty, 1.0, newton=False, max_iter=500, return_info=True)
+    y, newton = ddn.robust_pool(x, penalty, 1.0, return_info=True)
+    y_irls = ddn.robust_pool(x, penalty, 1.0, newton=False, max_iter=500)
+    torch.testing.assert_close(y, y_irls, rtol=0, atol=1e-9)
+    assert newton.converged.all() and irls.converged.all()
+    assert newton.iterations.sum() < irls.iterations.sum()
+    assert newton.extra["newton_steps"].sum() > 0
+
+
+def test_not_converging_warns_and_is_recorded():
+    x = clustered(3, 2, 40, seed=14, outliers=0.3)
+    with pytest.warns(ddn.ConvergenceWarning, match=r"3 of 3 samples did not converge"):
+        _, info = ddn.robust_pool(x, "huber", 1.0, max_iter=1, newton=False, return_info=True)
+    assert not info.converged.any() and (info.iterations == 1).all()
+    assert (info.residual > 1e-12).all()
+
+
+def test_converged_samples_are_frozen_while_others_continue():
+    easy = torch.ones(1, 3, 30, dtype=F64)  # every point equal: converged at the start
+    hard = clustered(1, 3, 30, seed=15, outliers=0.3)
+    x = torch.cat([easy, hard])
+    y, info = ddn.robust_pool(x, "huber", 1.0, newton=False, return_info=True)
+    assert info.iterations[0] == 0 and info.iterations[1] > 3
+    torch.testing.assert_close(y[0], torch.ones(3, dtype=F64), rtol=0, atol=0)
+    # the same sample alone gives the same answer: no cross-talk in the batch
+    y1 = ddn.robust_pool(hard, "huber", 1.0, newton=False)
+    torch.testing.assert_close(y[1:], y1, rtol=0, atol=1e-14)
+
+
+def test_module_records_solver_info_and_reads_mode_changes():
+    pool = ddn.RobustPool2d("pseudo-huber", 0.5)
+    assert isinstance(pool, ddn.DeclarativeLayer) and pool.last_info is None
+    x = torch.randn(2, 3, 4, 4)
+    pool(x)
+    info = pool.last_info
+    assert info.iterations.shape == (2,) and info.converged.all()
+    assert set(info.extra) == {"start", "objective", "newton_steps"}
+    pool.backward_mode = "full"  # what a run-wide switch does
+    x.requires_grad_()
+    pool(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert "penalty=pseudo-huber, alpha=0.5" in repr(pool)
