@@ -98,6 +98,7 @@ class _Centred:
 
     @classmethod
     def of(cls, x: Tensor, mean: Tensor) -> _Centred:
+        # ||x_i - m||^2 computed once from the explicit offsets: the identity would cancel
         return cls(x, mean, (x - mean[..., None]).square_().sum(1))
 
     def __getitem__(self, keep: Tensor) -> _Centred:
@@ -183,10 +184,12 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
             f_a = penalty.phi(z, alpha).sum(-1)
             done_a = done_a | (res_a <= opts.tol)
             if use_newton:
-                # IRLS steps still needed at the observed rate (inf if it stalls)
+                # IRLS steps still needed at the observed rate. A step that does not shrink
+                # is a jump between basins (non-convex penalties), not a slow finish, and
+                # there the Hessian is rarely positive definite: no Newton then
                 rate = step / prev_step
-                need = torch.log(opts.tol / res_a) / torch.log(rate.clamp_max(1 - 1e-6))
-                slow = ~done_a & (rate > 0) & (need > newton_cost)
+                need = torch.log(opts.tol / res_a) / torch.log(rate.clamp(1e-30, 1 - 1e-7))
+                slow = ~done_a & (rate > 0) & (rate < 1) & (need > newton_cost)
                 prev_step = step
         if it == opts.max_iter:
             break
@@ -201,10 +204,13 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
 
         if (it + 1) % opts.check_every == 0:
             keep = ~done_a.all(-1)
-            if not bool(keep.all()):
+            n_keep = int(keep.sum())
+            # dropping samples copies the points of the rest: worth it once at most half
+            # remain (a frozen sample otherwise costs only its share of the GEMMs)
+            if n_keep == 0 or 2 * n_keep <= keep.numel():
                 Y = Y.index_copy(0, idx, ya)
                 iters[idx], newton_steps[idx], res[idx], fval[idx] = iters_a, newton_a, res_a, f_a
-                if not bool(keep.any()):
+                if n_keep == 0:
                     break
                 idx, pts, ya = idx[keep], pts[keep], ya[keep]
                 iters_a, newton_a, done_a = iters_a[keep], newton_a[keep], done_a[keep]

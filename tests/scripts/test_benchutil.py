@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -52,6 +53,20 @@ def test_time_callable_counts_repeats_and_passes_setup():
     assert t.min <= t.median and all(s >= 0 for s in t.times)
     with pytest.raises(ValueError, match="repeats"):
         benchutil.time_callable(lambda: None, repeats=0)
+
+
+def test_time_within_fits_the_budget():
+    calls = []
+    t = benchutil.time_within(lambda: calls.append(1), budget_s=0.01, max_repeats=4)
+    assert 1 <= len(t.times) <= 4 and len(calls) == len(t.times) + 1
+
+    def slow():
+        calls.append(2)
+        time.sleep(0.02)
+
+    calls.clear()
+    t = benchutil.time_within(slow, budget_s=0.01)
+    assert len(t.times) == 1 and calls == [2] and t.median >= 0.02
 
 
 def test_write_csv_writes_header_union_and_meta(tmp_path):
