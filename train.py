@@ -6,8 +6,9 @@ CPU, the default (classification of scikit-learn's digits with robust pooling; o
 One GPU:
     python train.py -c configs/gpu.yaml
 
-DDP on N GPUs of one machine (here 4):
-    python train.py -c configs/gpu.yaml -c configs/ddp.yaml trainer.devices=4
+DDP on N GPUs of one machine (here 4), BatchNorm statistics shared across them:
+    python train.py -c configs/gpu.yaml -c configs/ddp.yaml trainer.devices=4 \
+        trainer.sync_batchnorm=true
 
 DDP on the CPU with 2 processes (gloo):
     python train.py -c configs/ddp.yaml trainer.devices=2

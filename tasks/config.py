@@ -237,6 +237,10 @@ def _check_trainer(cfg: DictConfig, problems: list[str]) -> None:
         problems.append(
             f"trainer.deterministic={t.deterministic!r} is not one of [true, false, 'warn']"
         )
+    if t.sync_batchnorm and t.accelerator == "cpu":
+        problems.append(
+            "trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm is CUDA-only)"
+        )
     if t.profiler is not None:
         check_choice(cfg, "trainer.profiler", ["simple", "advanced", "pytorch", "xla"], problems)
     check_range(cfg, "trainer.num_nodes", problems, low=1)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from tasks.config import ConfigError, RunConfig
+
+if TYPE_CHECKING:  # Lightning is heavy to import; config errors should come back fast
+    import pytorch_lightning as pl
 
 # task name -> module that defines TASK
 _TASKS: dict[str, str] = {

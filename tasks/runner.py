@@ -47,20 +47,25 @@ def _run_name_for_other_ranks(name: str) -> Iterator[None]:
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[pl.Callback]:
     spec = get_task(cfg.task)
-    validating = cfg.trainer.limit_val_batches != 0
     callbacks: list[pl.Callback] = [
-        ModelCheckpoint(
-            dirpath=str(run_dir / rundir.CHECKPOINT_DIR),
-            filename="epoch{epoch:03d}",
-            auto_insert_metric_name=False,
-            monitor=(cfg.checkpoint.monitor or spec.monitor) if validating else None,
-            mode=cfg.checkpoint.mode or spec.monitor_mode,
-            save_top_k=cfg.checkpoint.save_top_k if validating else 1,
-            save_last=True,
-            every_n_epochs=cfg.checkpoint.every_n_epochs,
-        ),
-        DDNProfiler(cfg.ddn.profile_every_n_steps, cfg.ddn.profile_memory),
+        DDNProfiler(cfg.ddn.profile_every_n_steps, cfg.ddn.profile_memory)
     ]
+    # Lightning 2.6 still writes last.ckpt at the end of a fast_dev_run, where it would be
+    # mistaken for a run to resume; smoke runs get no checkpoint callback at all.
+    if not cfg.trainer.fast_dev_run:
+        validating = cfg.trainer.limit_val_batches != 0
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=str(run_dir / rundir.CHECKPOINT_DIR),
+                filename="epoch{epoch:03d}",
+                auto_insert_metric_name=False,
+                monitor=(cfg.checkpoint.monitor or spec.monitor) if validating else None,
+                mode=cfg.checkpoint.mode or spec.monitor_mode,
+                save_top_k=cfg.checkpoint.save_top_k if validating else 1,
+                save_last=True,
+                every_n_epochs=cfg.checkpoint.every_n_epochs,
+            )
+        )
     if has_logger:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if cfg.trainer.enable_progress_bar:
@@ -91,13 +96,14 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
     n_layers = set_backward_mode(module, cfg.ddn.backward_mode)
     loggers = [] if smoke else build_loggers(cfg, run_dir)
     all_callbacks = build_callbacks(cfg, run_dir, bool(loggers)) + list(callbacks)
-    checkpoint = next(c for c in all_callbacks if isinstance(c, ModelCheckpoint))
+    checkpoint = next((c for c in all_callbacks if isinstance(c, ModelCheckpoint)), None)
     profiler = next(c for c in all_callbacks if isinstance(c, DDNProfiler))
     trainer = pl.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         default_root_dir=str(run_dir),
         logger=loggers or False,
         callbacks=all_callbacks,
+        enable_checkpointing=checkpoint is not None,
     )
     try:
         for logger in loggers:
@@ -107,10 +113,10 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt)
         fit_seconds = time.perf_counter() - start
         results: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        if checkpoint.best_model_score is not None:
+        if checkpoint is not None and checkpoint.best_model_score is not None:
             results[f"best/{checkpoint.monitor}"] = float(checkpoint.best_model_score)
         if cfg.test:
-            best = "best" if checkpoint.best_model_path else None
+            best = "best" if checkpoint is not None and checkpoint.best_model_path else None
             start = time.perf_counter()
             for metrics in trainer.test(
                 module, datamodule=datamodule, ckpt_path=best, verbose=False
@@ -134,7 +140,7 @@ def _print(
     metrics: Sequence[str],
     results: dict[str, Any],
     trainer: pl.Trainer,
-    checkpoint: ModelCheckpoint,
+    checkpoint: ModelCheckpoint | None,
     run_dir: Path,
     n_layers: int,
     sync_command: str | None,
@@ -146,10 +152,10 @@ def _print(
         "epochs / steps": f"{trainer.current_epoch} / {trainer.global_step}",
         "fit time (s)": results.get("fit_seconds"),
     }
-    if checkpoint.monitor and f"best/{checkpoint.monitor}" in results:
+    if checkpoint is not None and f"best/{checkpoint.monitor}" in results:
         rows[f"best {checkpoint.monitor}"] = results[f"best/{checkpoint.monitor}"]
     rows.update({m: results[m] for m in metrics if m in results})
-    rows["best checkpoint"] = checkpoint.best_model_path or None
+    rows["best checkpoint"] = checkpoint.best_model_path if checkpoint is not None else None
     rows["run directory"] = str(run_dir) if not cfg.trainer.fast_dev_run else None
     rows["upload to W&B"] = sync_command
     layers: dict[str, dict[str, float]] = {}

@@ -18,22 +18,22 @@ def _fmt(value: Any) -> str:
 def summary_table(
     title: str, rows: Mapping[str, Any], layers: Mapping[str, Mapping[str, float]]
 ) -> list[Table]:
-    """A key/value table of the run, and one row per declarative layer of its profile."""
+    """A key/value table of the run, and a table of statistics by declarative layer."""
     run = Table(title=title, show_header=False, title_justify="left")
-    run.add_column(style="bold")
-    run.add_column()
+    run.add_column(style="bold", no_wrap=True)
+    run.add_column(overflow="fold")
     for key, value in rows.items():
         if value is not None:
             run.add_row(key, _fmt(value))
     tables = [run]
     if layers:
-        stats = sorted({s for v in layers.values() for s in v})
+        # One column per layer: there are few layers and many statistics.
         prof = Table(title="Declarative layers (median over profiled steps)", title_justify="left")
-        prof.add_column("layer", style="bold")
-        for stat in stats:
-            prof.add_column(stat, justify="right")
-        for layer, values in layers.items():
-            prof.add_row(layer, *(_fmt(values.get(s, "")) for s in stats))
+        prof.add_column("statistic", style="bold", no_wrap=True)
+        for layer in layers:
+            prof.add_column(layer, justify="right")
+        for stat in sorted({s for v in layers.values() for s in v}):
+            prof.add_row(stat, *(_fmt(v.get(stat, "")) for v in layers.values()))
         tables.append(prof)
     return tables
 

@@ -118,7 +118,12 @@ class Classifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled (B, C) features."""
-        return self.pool(self.backbone(x))
+        x = self.backbone(x)
+        # Distances between C-dimensional feature vectors grow like sqrt(C): pooling the
+        # features divided by sqrt(C) makes the robust penalty's alpha mean the same at every
+        # width. Average and max pooling commute with the scaling, so they are unchanged.
+        scale = x.shape[1] ** 0.5
+        return self.pool(x / scale) * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.features(x)))

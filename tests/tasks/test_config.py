@@ -1,0 +1,174 @@
+"""Config loading: sources merge in order, and every bad config fails before training with
+a message that names the key (and lists the choices where there are some)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+from omegaconf import OmegaConf
+
+from tasks import rundir
+from tasks.cli import load_config
+from tasks.config import ConfigError, TrainerConfig
+from tasks.registry import get_task, task_names
+from tests.tasks.conftest import needs_robust_pool
+
+AVG = ["model.pool=avg"]
+
+
+def fails(*overrides: str, files: tuple[str, ...] = ()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(files, list(overrides))
+    return str(info.value)
+
+
+def test_trainer_keys_are_trainer_arguments():
+    # trainer.* is passed to Trainer(**...) unchanged: every key must be one of its arguments.
+    params = inspect.signature(pl.Trainer.__init__).parameters
+    schema = OmegaConf.structured(TrainerConfig)
+    assert set(schema.keys()) <= set(params)
+
+
+@needs_robust_pool
+def test_defaults_are_the_offline_digits_robust_run():
+    cfg = load_config()
+    assert cfg.task == "classification"
+    assert cfg.data.dataset == "digits"
+    assert cfg.model.pool == "robust"
+    assert cfg.ddn.backward_mode == "implicit"
+    assert cfg.trainer.accelerator == "cpu"
+    assert not cfg.logger.online
+    assert cfg.name.startswith("classification-implicit-")
+
+
+def test_overrides_win_over_files_in_order(tmp_path):
+    a = tmp_path / "a.yaml"
+    a.write_text("trainer:\n  max_epochs: 3\ndata:\n  batch_size: 8\n")
+    b = tmp_path / "b.yaml"
+    b.write_text("trainer:\n  max_epochs: 4\n")
+    cfg = load_config([str(a), str(b)], [*AVG, "data.batch_size=16", "trainer.devices=[0,1]"])
+    assert cfg.trainer.max_epochs == 4
+    assert cfg.data.batch_size == 16
+    assert list(cfg.trainer.devices) == [0, 1]
+    assert OmegaConf.is_readonly(cfg)
+
+
+def test_every_backward_mode_is_accepted():
+    for mode in ("implicit", "full", "approx", "unroll"):
+        assert load_config((), [*AVG, f"ddn.backward_mode={mode}"]).ddn.backward_mode == mode
+
+
+def test_shipped_configs_load():
+    configs = sorted(Path("configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        assert "None" not in path.read_text(), f"{path}: write null, not None"
+        # download=true: a CIFAR config would otherwise (rightly) ask for the archive.
+        load_config([str(path)], [*AVG, "data.download=true"])
+
+
+def test_unknown_key_names_it_and_suggests():
+    msg = fails(*AVG, "trainer.max_epoch=3")
+    assert "trainer.max_epoch" in msg and "did you mean trainer.max_epochs" in msg
+    msg = fails(*AVG, "bogus=1")
+    assert "bogus: unknown key" in msg and "'trainer'" in msg
+    assert "model.poool" in fails("model.poool=avg")
+
+
+def test_wrong_type_names_the_key():
+    msg = fails(*AVG, "trainer.max_epochs=many")
+    assert "trainer.max_epochs" in msg
+    assert "data.batch_size" in fails(*AVG, "data.batch_size=1.5")
+
+
+def test_unknown_choices_are_listed():
+    msg = fails(*AVG, "ddn.backward_mode=magic")
+    assert "ddn.backward_mode='magic'" in msg
+    assert "['implicit', 'full', 'approx', 'unroll']" in msg
+    msg = fails(*AVG, "data.dataset=mnist")
+    assert "data.dataset='mnist'" in msg and "'digits'" in msg and "'imagefolder'" in msg
+    assert "'avg', 'max', 'robust'" in fails("model.pool=median")
+    assert "'small_cnn'" in fails(*AVG, "model.arch=vgg")
+    assert "['classification'" in fails("task=segmentation")
+    assert "trainer.strategy='dpp'" in fails(*AVG, "trainer.strategy=dpp")
+    assert "'bf16-mixed'" in fails(*AVG, "trainer.precision=8")
+
+
+@needs_robust_pool
+def test_unknown_penalty_is_listed():
+    msg = fails("model.penalty=cauchy")
+    assert "model.penalty='cauchy'" in msg and "'welsch'" in msg
+
+
+@needs_robust_pool
+def test_bad_pool_option_fails_at_config_time():
+    assert "model.pool_kwargs" in fails("model.pool_kwargs={no_such_option: 1}")
+
+
+def test_bad_values_name_their_key():
+    assert "trainer.limit_train_batches" in fails(*AVG, "trainer.limit_train_batches=1.5")
+    assert "data.corrupt.fraction" in fails(*AVG, "data.corrupt.fraction=2.0")
+    assert "data.corrupt.splits" in fails(*AVG, "data.corrupt.splits=[tests]")
+    assert "optim.lr" in fails(*AVG, "optim.lr=0")
+    assert "trainer.devices" in fails(*AVG, "trainer.devices=some")
+
+
+def test_several_problems_are_reported_together():
+    msg = fails("model.pool=median", "data.dataset=mnist", "ddn.backward_mode=x")
+    assert "model.pool" in msg and "data.dataset" in msg and "ddn.backward_mode" in msg
+
+
+def test_missing_data_roots(tmp_path):
+    msg = fails(*AVG, "data.dataset=cifar10", f"data.root={tmp_path}")
+    assert "data.root=" in msg and "cifar-10-batches-py" in msg and "data.download=true" in msg
+    msg = fails(*AVG, "data.dataset=imagefolder", f"data.root={tmp_path / 'nowhere'}")
+    assert "data.root=" in msg and "no such directory" in msg
+
+
+def test_yaml_none_is_rejected(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("logger:\n  group: None\n")
+    assert "logger.group: write null, not None" in fails(*AVG, files=(str(bad),))
+    assert "write null" in fails(*AVG, "logger.entity=None")
+
+
+def test_file_and_override_syntax_errors(tmp_path):
+    assert "no such file" in fails(files=(str(tmp_path / "missing.yaml"),))
+    assert "expected key=value" in fails("trainer.max_epochs")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    assert "mapping" in fails(files=(str(listing),))
+
+
+def test_ckpt_errors(runs_dir):
+    assert "no run under" in fails(*AVG, "ckpt=last", f"runs_dir={runs_dir}")
+    assert "has no" in fails(*AVG, "ckpt=last", "name=gone", f"runs_dir={runs_dir}")
+    assert "no such checkpoint" in fails(*AVG, f"ckpt={runs_dir / 'x.ckpt'}")
+
+
+def test_ckpt_last_reloads_the_saved_config(runs_dir):
+    old = runs_dir / "old"
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "checkpoints" / "last.ckpt").write_bytes(b"")
+    OmegaConf.save(OmegaConf.create({"model": {"pool": "max"}, "seed": 7}), old / "config.yaml")
+    cfg = load_config((), ["ckpt=last", f"runs_dir={runs_dir}", "trainer.max_epochs=30"])
+    assert cfg.name == "old" and cfg.seed == 7 and cfg.model.pool == "max"
+    assert cfg.trainer.max_epochs == 30
+    assert cfg.ckpt == str(rundir.last_checkpoint(old))
+
+
+def test_run_name_comes_from_the_environment_for_relaunched_ranks(monkeypatch):
+    monkeypatch.setenv(rundir.RUN_NAME_ENV, "shared-name")
+    assert load_config((), AVG).name == "shared-name"
+    assert load_config((), [*AVG, "name=mine"]).name == "mine"
+
+
+def test_registry():
+    assert "classification" in task_names()
+    spec = get_task("classification")
+    assert spec.monitor == "val/acc"
+    with pytest.raises(ConfigError, match="task='nope'"):
+        get_task("nope")

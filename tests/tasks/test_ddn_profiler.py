@@ -1,0 +1,142 @@
+"""The profiling callback: what it measures, when, and that it leaves nothing behind."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from ddn_layers import DeclarativeLayer, SolverInfo
+from tasks.callbacks import DDNProfiler, ddn_profiler
+
+SAVED = 1024 * 1024  # float32 elements the forward keeps for the backward: 4 MiB
+SCRATCH = 2 * 1024 * 1024  # float32 elements the backward allocates on top: 8 MiB
+
+
+class _Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(torch.ones(SAVED))
+        return x.sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scratch = torch.ones(SCRATCH)
+        scratch += 1
+        del scratch
+        return grad[:, None].expand(-1, 8).clone()
+
+
+class KnownLayer(DeclarativeLayer):
+    """A declarative layer whose memory use is known exactly."""
+
+    def forward(self, x):
+        n = x.shape[0]
+        self.last_info = SolverInfo(
+            iterations=torch.full((n,), 3),
+            residual=torch.full((n,), 1e-7),
+            converged=torch.ones(n, dtype=torch.bool),
+        )
+        return _Function.apply(x)
+
+
+class TinyModule(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.ddn = KnownLayer()
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        return self.ddn(self.lin(x)).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def fit(tmp_path, profiler: DDNProfiler, steps: int = 5) -> TinyModule:
+    module = TinyModule()
+    data = DataLoader(TensorDataset(torch.randn(4 * steps, 8)), batch_size=4)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        logger=CSVLogger(str(tmp_path), name="csv"),
+        callbacks=[profiler],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+    )
+    trainer.fit(module, data)
+    return module
+
+
+def test_cpu_memory_time_and_solver_stats_are_logged(tmp_path):
+    profiler = DDNProfiler(every_n_steps=2, memory=True)
+    module = fit(tmp_path, profiler)
+    assert len(profiler.history) == 3  # batches 0, 2, 4
+    record = profiler.history[-1]
+    mib = 4 / 1024 / 1024
+    assert record["ddn/ddn/saved_mib"] == pytest.approx(SAVED * mib, rel=0.01)
+    assert record["ddn/ddn/bwd_peak_mib"] == pytest.approx((SAVED + SCRATCH) * mib, rel=0.01)
+    assert record["ddn/ddn/fwd_ms"] > 0 and record["ddn/ddn/bwd_ms"] > 0
+    assert record["ddn/ddn/iters_mean"] == 3 and record["ddn/ddn/converged_frac"] == 1
+    # the hooks are gone once the profiled batch is over
+    layer = module.ddn
+    assert not layer._forward_hooks and not layer._forward_pre_hooks
+    assert not layer._backward_hooks and not layer._backward_pre_hooks
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
+    logged = [r for r in rows if r.get("ddn/ddn/bwd_peak_mib")]
+    assert len(logged) == 3
+    summary = profiler.summary()
+    assert summary["ddn/ddn/bwd_peak_mib"] == pytest.approx(12.0, rel=0.01)
+
+
+def test_timing_only(tmp_path):
+    profiler = DDNProfiler(every_n_steps=1, memory=False)
+    fit(tmp_path, profiler, steps=2)
+    assert len(profiler.history) == 2
+    assert "ddn/ddn/bwd_ms" in profiler.history[0]
+    assert "ddn/ddn/bwd_peak_mib" not in profiler.history[0]
+
+
+def test_switched_off_attaches_nothing(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a batch was profiled with every_n_steps=0")
+
+    monkeypatch.setattr(ddn_profiler, "_ProfiledBatch", refuse)
+    profiler = DDNProfiler(every_n_steps=0)
+    fit(tmp_path, profiler, steps=3)
+    assert profiler.history == [] and profiler.summary() == {}
+
+
+def test_hooks_removed_when_the_step_fails(tmp_path):
+    class Boom(TinyModule):
+        def training_step(self, batch, batch_idx):
+            self.ddn(self.lin(batch[0]))
+            raise RuntimeError("boom")
+
+    profiler = DDNProfiler(every_n_steps=1)
+    module = Boom()
+    trainer = pl.Trainer(
+        max_steps=1,
+        logger=False,
+        callbacks=[profiler],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(module, DataLoader(TensorDataset(torch.randn(4, 8)), batch_size=4))
+    assert not module.ddn._forward_hooks and not module.ddn._backward_hooks
+    assert not torch._C._autograd._profiler_enabled()  # the CPU memory profiler was stopped
+
+
+def test_bad_interval():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        DDNProfiler(every_n_steps=-1)
+    with pytest.raises(ValueError, match="every_n_steps"):
+        DDNProfiler(every_n_steps=True)

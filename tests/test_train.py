@@ -1,0 +1,207 @@
+"""End-to-end runs of train.py: every backward mode and pool, the files a run leaves, W&B
+offline, the command line's failures, DDP on two CPU processes, and resuming a killed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import train
+from tasks.cli import build_parser, load_config
+from tasks.runner import run
+from tests.tasks.conftest import QUIET, needs_robust_pool
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ["implicit", "full", "approx", "unroll"]
+
+
+@pytest.fixture
+def runs_dir(tmp_path) -> Path:
+    d = tmp_path / "runs"
+    d.mkdir()
+    return d
+
+
+def quick(runs_dir: Path, *overrides: str) -> dict:
+    return run(load_config((), [*QUIET, f"runs_dir={runs_dir}", *overrides]))
+
+
+def train_py(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "train.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@needs_robust_pool
+@pytest.mark.parametrize("mode", MODES)
+def test_fast_dev_run_robust_pool_in_every_mode(runs_dir, mode):
+    results = quick(runs_dir, "trainer.fast_dev_run=true", f"ddn.backward_mode={mode}")
+    assert 0.0 <= results["test/acc"] <= 1.0
+    # the profiler measured the pool in this mode (first batch)
+    assert results["ddn/net_pool/bwd_ms"] > 0
+    assert results["ddn/net_pool/bwd_peak_mib"] > 0
+    assert not any(runs_dir.iterdir()), "fast_dev_run writes no run files"
+
+
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_fast_dev_run_plain_pools(runs_dir, pool):
+    results = quick(runs_dir, "trainer.fast_dev_run=true", f"model.pool={pool}")
+    assert 0.0 <= results["test/acc"] <= 1.0
+    assert not any(k.startswith("ddn/") for k in results), "no declarative layer to profile"
+
+
+@needs_robust_pool
+def test_fast_dev_run_resnet(runs_dir):
+    results = quick(
+        runs_dir, "trainer.fast_dev_run=true", "model.arch=resnet18", "data.batch_size=4"
+    )
+    assert 0.0 <= results["test/acc"] <= 1.0
+
+
+@needs_robust_pool
+def test_run_files_and_wandb_offline(runs_dir):
+    results = quick(
+        runs_dir,
+        "name=logged",
+        "logger.wandb=true",
+        "ddn.backward_mode=unroll",
+        "ddn.profile_every_n_steps=1",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "trainer.log_every_n_steps=1",
+    )
+    run_dir = runs_dir / "logged"
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    assert saved.ddn.backward_mode == "unroll" and saved.name == "logged"
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["backward_mode"] == "unroll" and re.fullmatch(
+        r"[0-9a-f]{40}", meta["git"]["commit"]
+    )
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert json.loads((run_dir / "results.json").read_text())["test/acc"] == results["test/acc"]
+    metrics_csv = (run_dir / "csv" / "version_0" / "metrics.csv").read_text()
+    for name in ("ddn/net_pool/fwd_ms", "ddn/net_pool/bwd_peak_mib", "val/acc", "train/loss"):
+        assert name in metrics_csv
+
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    (records,) = offline.glob("run-*.wandb")
+    data = records.read_bytes()
+    for name in ("ddn/net_pool/fwd_ms", "ddn/net_pool/bwd_ms", "ddn/net_pool/bwd_peak_mib",
+                 "ddn/net_pool/iters_mean", "ddn/net_pool/residual_max", "test/acc",
+                 "classification-unroll", "git_commit"):  # fmt: skip
+        assert name.encode() in data, name
+    assert (run_dir / "wandb_id").read_text().strip() in offline.name
+
+
+def test_docstring_commands_are_valid(runs_dir):
+    # Every `train.py ...` command in train.py's docstring parses and validates.
+    resumable = runs_dir / "classification-implicit-20250101-120000"
+    (resumable / "checkpoints").mkdir(parents=True)
+    (resumable / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (resumable / "config.yaml").write_text("model:\n  pool: avg\n")
+    text = train.__doc__.replace("\\\n", " ")
+    commands = [line.split("train.py", 1)[1] for line in text.splitlines() if "train.py " in line]
+    commands = [c for c in commands if "[" not in c]  # the synopsis line
+    assert len(commands) >= 10
+    for command in commands:
+        args = build_parser().parse_args(shlex.split(command) + [f"runs_dir={runs_dir}"])
+        overrides = (
+            [*args.overrides, "model.pool=avg"] if "ckpt=last" not in command else args.overrides
+        )
+        load_config(args.config, overrides)
+
+
+def test_bad_config_exits_before_training(tmp_path):
+    runs = tmp_path / "runs"
+    proc = train_py(f"runs_dir={runs}", "data.dataset=mnist", "model.pool=median", timeout=120)
+    assert proc.returncode == 2
+    assert "data.dataset='mnist'" in proc.stderr and "model.pool='median'" in proc.stderr
+    assert not runs.exists(), "nothing may be written before the config is valid"
+
+
+def test_main_returns_2_and_prints_config(capsys):
+    assert train.main(["ddn.backward_mode=sideways"]) == 2
+    assert "ddn.backward_mode='sideways'" in capsys.readouterr().err
+    assert train.main(["trainer.max_epoch=1"]) == 2
+    assert "did you mean trainer.max_epochs" in capsys.readouterr().err
+    assert train.main(["--print-config", "model.pool=avg", "seed=3"]) == 0
+    assert "seed: 3" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@needs_robust_pool
+def test_ddp_on_two_cpu_processes(runs_dir):
+    proc = train_py(
+        "-c", "configs/ddp.yaml", "trainer.devices=2", *QUIET, "logger.wandb=true",
+        f"runs_dir={runs_dir}", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+        "ddn.profile_every_n_steps=1",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = runs_dir.iterdir()  # both ranks used the same run directory
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # one W&B run, rank zero's
+    results = json.loads((run_dir / "results.json").read_text())
+    assert 0.0 <= results["test/acc"] <= 1.0 and results["ddn/net_pool/bwd_peak_mib"] > 0
+    assert "ddp" in (run_dir / "config.yaml").read_text()
+
+
+def _epoch_of(checkpoint: Path) -> int:
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"]
+
+
+@pytest.mark.slow
+@needs_robust_pool
+def test_resume_a_killed_run(runs_dir):
+    # Epochs of a few seconds, so that the kill lands inside one.
+    args = [*QUIET, f"runs_dir={runs_dir}", "name=killed", "trainer.max_epochs=50",
+            "trainer.limit_train_batches=30", "trainer.limit_val_batches=2",
+            "trainer.limit_test_batches=2", "ddn.profile_every_n_steps=0"]  # fmt: skip
+    last = runs_dir / "killed" / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert last.is_file(), "no checkpoint was written"
+        time.sleep(0.5)  # into the next epoch, but not through it
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        stderr = proc.communicate()[1]
+    assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
+    done = _epoch_of(last)
+    assert done < 49
+
+    resumed = train_py("ckpt=last", f"runs_dir={runs_dir}", f"trainer.max_epochs={done + 2}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the resumed run continued the killed one: its first logged epoch follows the checkpoint
+    rows = (runs_dir / "killed" / "csv" / "version_1" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    epochs = {
+        int(r.split(",")[header.index("epoch")])
+        for r in rows[1:]
+        if r.split(",")[header.index("epoch")]
+    }
+    assert min(epochs) == done + 1
+    assert _epoch_of(last) == done + 1
+    saved = OmegaConf.load(runs_dir / "killed" / "config.yaml")
+    assert saved.trainer.max_epochs == done + 2 and saved.trainer.limit_train_batches == 30
