@@ -40,7 +40,7 @@ class Penalty:
             single start suffices.
         kappa2_zero: kappa2 vanishes wherever phi is twice differentiable, so the Hessian is
             exactly (sum kappa1) I and no linear solve is needed.
-        closed_form: the minimiser is the mean (kappa1 constant): no iterations at all.
+        closed_form: phi = z^2 / 2, whose minimiser is the mean: no iterations at all.
     """
 
     name: str = ""

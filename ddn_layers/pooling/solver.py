@@ -21,8 +21,10 @@ of the spread of the points, not of their offset from the origin.
 Each (sample, start) pair is a separate problem. It stops on its own optimality residual:
 ||grad f(y)|| / sum_i k1_i, the gradient measured in the metric of the majoriser (the length
 of the next IRLS step), relative to alpha + max_c |y_c| (the penalty's length scale, and the
-scale that bounds the rounding of y). Converged problems are frozen at once; samples whose
-starts have all converged leave the batch every ``check_every`` iterations (a host sync).
+scale that bounds the rounding of y). Converged problems are frozen at once. Every
+``check_every`` iterations (a host sync) the solver stops if all have converged, and drops the
+samples whose starts all have once at most half the batch is left (dropping copies the
+points of the rest, which pays only then).
 
 Non-convex penalties start from the mean, the coordinate-wise median and optionally the
 ``restarts`` input points nearest that median, and keep the start of lowest objective.
@@ -147,7 +149,8 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
     if penalty.closed_form:
         zeros = torch.zeros(B, dtype=torch.long, device=dev)
         with torch.no_grad():
-            f = objective(x, mean, penalty, alpha)
+            # sum_i ||x_i - m||^2 / 2 = n/2 sum_c var_c: a reduction, no (C, n) temporary
+            f = 0.5 * x.shape[-1] * x.var(dim=-1, correction=0).sum(-1)
         ones = torch.ones(B, dtype=torch.bool, device=dev)
         return Solution(mean, zeros, torch.zeros_like(f), ones, zeros, f, zeros)
 
