@@ -92,7 +92,9 @@ def robust_pool(
             grad (it then receives dJ/dalpha by implicit differentiation).
         backward_mode: ``implicit`` (Eq. 10 left to right), ``full`` (explicit per-point
             B_j, O(n C^2) memory), ``approx`` (H ~ (sum kappa1) I), ``unroll`` (autograd
-            through the solver's iterations).
+            through the solver's iterations: the derivative of the iterations that ran,
+            so a start that is already optimal passes on the start's derivative, and no
+            singular-Hessian check applies).
         implicit_solver: for the Hessian solves of ``implicit`` (and the Newton steps):
             ``cholesky`` (C x C), ``woodbury`` (n x n) or ``auto`` (the smaller).
         tol: stop a sample when ||grad f|| / sum kappa1 <= tol * (alpha + max|y|); default

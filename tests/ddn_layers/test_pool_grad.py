@@ -156,6 +156,29 @@ def test_degenerate_inputs_have_finite_exact_gradients(penalty):
     assert gradcheck(_pool("implicit", penalty), (x, torch.tensor(1.0, dtype=F64)))
 
 
+@pytest.mark.parametrize("penalty", ["huber", "truncated-quadratic"])
+def test_a_point_exactly_at_the_solution(penalty):
+    """Points 0, 5, -5 in one channel: y = 0 = x_0 exactly, so z_0 = 0 in kappa1, kappa2.
+    Huber: H = 1 + 2/5 - 2/5 = 1, dy/dx_0 = kappa1(0) = 1 and the linear-region points
+    contribute kappa1 + kappa2 z^2 = 0; truncated quadratic ignores them outright."""
+    x0 = torch.tensor([[[0.0, 5.0, -5.0]]], dtype=F64)
+    expected = {
+        "implicit": [1.0, 0.0, 0.0],
+        "full": [1.0, 0.0, 0.0],
+        # weights held fixed: k1 / sum k1
+        "approx": [1 / 1.4, 0.2 / 1.4, 0.2 / 1.4] if penalty == "huber" else [1.0, 0.0, 0.0],
+        # the mean start is already optimal, so no iteration runs and unrolling
+        # differentiates the start: the known bias of unrolled gradients
+        "unroll": [1 / 3, 1 / 3, 1 / 3],
+    }
+    for mode, g_expected in expected.items():
+        x = x0.clone().requires_grad_()
+        y = ddn.robust_pool(x, penalty, 1.0, backward_mode=mode)
+        assert y.item() == 0.0
+        (g,) = torch.autograd.grad(y.sum(), x)
+        torch.testing.assert_close(g[0, 0], torch.tensor(g_expected, dtype=F64))
+
+
 def test_learnable_alpha_gets_the_implicit_gradient_in_the_module():
     x = clustered(2, 4, 9, seed=9).reshape(2, 4, 3, 3)
     pool = ddn.RobustPool2d("welsch", 1.3, learn_alpha=True, **TIGHT).double()
