@@ -43,3 +43,15 @@ def tmp_run_dir(tmp_path):
     d = tmp_path / "run"
     d.mkdir()
     return d
+
+
+# Property-based tests explore new examples locally but replay a fixed set in CI, so that a
+# landing never depends on luck.
+try:
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+    if os.environ.get("CI"):
+        _hyp_settings.load_profile("ci")
+except ImportError:  # hypothesis is a dev extra
+    pass

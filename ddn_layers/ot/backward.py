@@ -44,12 +44,20 @@ IMPLICIT_SOLVERS = ("auto", "cholesky", "cg")
 
 def _rowvec_mat(x: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
     """x^T P for x (B, m), P (B, m, n) -> (B, n)."""
+    if P.stride(-1) != 1 and P.stride(-2) == 1:  # P = Q^T of a contiguous Q: (Q x)^T
+        return torch.bmm(P.mT, x.unsqueeze(-1)).squeeze(-1)
     return torch.bmm(x.unsqueeze(-2), P).squeeze(-2)
 
 
 def _mat_vec(P: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """P y for P (B, m, n), y (B, n) -> (B, m), as y^T P^T (the fast layout for bmm)."""
-    return torch.bmm(y.unsqueeze(-2), P.mT).squeeze(-2)
+    """P y for P (B, m, n), y (B, n) -> (B, m).
+
+    Both helpers pick the operand layout for which batched GEMV is fast: a row vector times a
+    transposed matrix hits a path about 10x slower for batch 1 in torch 2.14 on CPU.
+    """
+    if P.stride(-1) != 1 and P.stride(-2) == 1:  # P = Q^T: (y^T Q)^T
+        return torch.bmm(y.unsqueeze(-2), P.mT).squeeze(-2)
+    return torch.bmm(P, y.unsqueeze(-1)).squeeze(-1)
 
 
 def _inv_or_zero(x: torch.Tensor) -> torch.Tensor:
@@ -185,13 +193,20 @@ def implicit_backward(P, r, c, V, gamma, solver="auto", forward_iters=10.0):
     return X, a, b
 
 
-def _warn_ill_conditioned(n_bad: int, n_unresolved: int) -> None:
-    msg = (
-        f"sinkhorn backward: the Schur complement was not positive definite for {n_bad} "
-        "sample(s) (P is numerically block-diagonal, e.g. gamma * M so large that P is a "
-        "near-permutation); re-solved by conjugate gradients, so the gradients with respect to "
-        "r and c are ill-conditioned there."
-    )
+def _warn_ill_conditioned(n_bad: int, n_unresolved: int, what: str = "implicit") -> None:
+    if what == "implicit":
+        msg = (
+            f"sinkhorn backward: the Schur complement was not positive definite for {n_bad} "
+            "sample(s) (P is numerically block-diagonal, e.g. gamma * M so large that P is a "
+            "near-permutation); re-solved by conjugate gradients, so the gradients with respect "
+            "to r and c are ill-conditioned there."
+        )
+    else:
+        msg = (
+            f"sinkhorn backward (full): the dense KKT system was singular for {n_bad} "
+            "sample(s) (P is numerically block-diagonal); those were solved by the implicit "
+            "path instead."
+        )
     if n_unresolved:
         msg += f" CG did not converge for {n_unresolved} of them."
     warnings.warn(msg, IllConditionedWarning, stacklevel=4)
@@ -214,13 +229,16 @@ def full_backward(P, r, c, V, gamma):
     K.diagonal(dim1=-2, dim2=-1).copy_(torch.where(mask, torch.cat([r, c], -1), 1.0))
     s = s * fm
     L, info = torch.linalg.cholesky_ex(K)
-    if bool((info != 0).any()):
-        raise torch.linalg.LinAlgError(
-            f"sinkhorn backward (full): the KKT system is singular for "
-            f"{int((info != 0).sum())} sample(s); use backward_mode='implicit', which handles it"
-        )
-    ab = torch.cholesky_solve(s.unsqueeze(-1), L).squeeze(-1)
-    a, b = ab[:, :m], ab[:, m:]
+    ok = info == 0
+    ab = torch.cholesky_solve(s.unsqueeze(-1), torch.where(ok.view(-1, 1, 1), L, 1.0))
+    a, b = ab[:, :m, 0], ab[:, m:, 0]
+    if not bool(ok.all()):
+        # Dropping a constraint leaves a numerically singular system when P is (nearly)
+        # block-diagonal; the implicit path handles those samples (and warns).
+        _, a2, b2 = implicit_backward(P, r, c, V, gamma, "cholesky")
+        a = torch.where(ok.view(-1, 1), a, a2)
+        b = torch.where(ok.view(-1, 1), b, b2)
+        _warn_ill_conditioned(int((~ok).sum()), 0, "full")
     dM = gamma * P * (a.unsqueeze(-1) + b.unsqueeze(-2) - V)
     return dM, a, b
 

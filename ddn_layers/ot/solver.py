@@ -10,7 +10,7 @@ sync, the solver measures the marginal error of each sample and
 * falls back to exact log-domain (logsumexp) iterations for one block where the scaling domain
   over- or under-flowed (a kernel row that is all zeros at the first solve with a large gamma);
 * adapts each sample's over-relaxation factor ``omega`` (u <- u^(1-omega) (r / K v)^omega)
-  from its observed error decay (see ``_update_omega``): ten times fewer iterations than the
+  from its observed error decay (see ``update_omega``): ten times fewer iterations than the
   plain iteration on slowly converging problems, the same on fast ones;
 * freezes converged samples (the active batch is compacted, so they cost nothing more).
 
@@ -34,22 +34,25 @@ _LIMITS = {torch.float32: (-60.0, 15.0), torch.float64: (-600.0, 100.0)}
 _OMEGA_MAX = 1.95
 
 
-def _update_omega(omega, mu2, best, err, prev_err, finite, steps):
+def update_omega(omega, mu2, best, err, prev_err, finite, steps):
     """Adapt each sample's over-relaxation factor from its observed error decay.
 
     For a linearly convergent iteration whose plain rate is mu^2, over-relaxation by omega
     (below the optimum) converges at the rate lam solving (lam + omega - 1)^2 = lam omega^2 mu^2,
     so an observed lam at a known omega gives mu^2; the optimum is then
     omega* = 2 / (1 + sqrt(1 - mu^2)). Sinkhorn's error decays sublinearly before it reaches its
-    asymptotic rate, so the estimate only ever grows; an error that doubles over the best seen
-    halves omega - 1 (and the estimate) instead.
+    asymptotic rate, so the estimate only ever grows; an error that does not improve on the best
+    seen halves omega - 1 (and the estimate) instead.
     """
     w = omega.view(-1)
     probe = finite & (err > 0) & (err < prev_err) & torch.isfinite(prev_err)
     lam = (err / torch.where(probe, prev_err, 1.0)).clamp(1e-12, 1.0) ** (1.0 / steps)
     est = ((lam + w - 1) ** 2 / (lam * w * w)).clamp(max=1.0)
     mu2 = torch.where(probe, torch.maximum(mu2, est), mu2)
-    blowup = (w > 1) & ~(err <= 2 * best)
+    # Over-relaxation also amplifies rounding noise: near the precision floor an error that
+    # stops falling is treated like one that grows (elsewhere SOR's error may oscillate).
+    near_floor = err < 1e3 * torch.finfo(err.dtype).eps
+    blowup = (w > 1) & ~(err <= torch.where(near_floor, 0.9, 2.0) * best)
     best = torch.where(blowup, err, torch.minimum(best, err))
     mu2 = torch.where(blowup, mu2 / 2, mu2)
     target = (2.0 / (1.0 + torch.sqrt((1.0 - mu2).clamp_min(0)))).clamp(1.0, _OMEGA_MAX)
@@ -63,8 +66,10 @@ class SinkhornSolution:
     """Everything the forward pass found, per sample (leading dimension B)."""
 
     P: torch.Tensor  # (B, m, n) transport plan
-    f: torch.Tensor  # (B, m) log row potentials, -inf on padded rows: P = exp(-gamma M + f + g)
-    g: torch.Tensor  # (B, n) log column potentials, -inf on padded columns
+    # log potentials, -inf on padding: P = exp(-gamma M' + f (+) g), where M' is M less its row
+    # minima and then its column minima
+    f: torch.Tensor  # (B, m)
+    g: torch.Tensor  # (B, n)
     iterations: torch.Tensor  # (B,) int64
     residual: torch.Tensor  # (B,) L1 marginal error of P
     converged: torch.Tensor  # (B,) bool
@@ -137,16 +142,17 @@ def solve_sinkhorn(
         tol: a sample has converged when ||P 1 - r||_1 + ||P^T 1 - c||_1 <= tol.
         max_iter: at most this many iterations per sample (one = a row and a column update).
         check_every: iterations between convergence checks (each costs one host sync).
-        overrelax: accelerate with an estimated optimal over-relaxation factor.
+        overrelax: accelerate with an adaptively estimated over-relaxation factor.
     """
     B, m, n = M.shape
     dtype, device = M.dtype, M.device
+    # P is invariant to adding a row or a column constant to M; removing the row and column
+    # minima keeps the potentials (and the cancellation in -gamma M + f + g) small.
+    M = M - M.amin(-1, keepdim=True)
+    M = M - M.amin(-2, keepdim=True)
     lo, tau = _LIMITS.get(dtype, _LIMITS[torch.float32])
     rmask, cmask = (r > 0).to(dtype), (c > 0).to(dtype)
-    # Padded rows get a unit "marginal" and a unit kernel sum so that their scaling stays 1
-    # (their kernel row is zero, so they never move mass); see baddbmm below.
-    r_eff, c_eff = r + (1 - rmask), c + (1 - cmask)
-    pad_r, pad_c = (1 - rmask).unsqueeze(-2), (1 - cmask).unsqueeze(-2)
+    padded = bool((rmask == 0).any()) or bool((cmask == 0).any())
     log_r = torch.where(r > 0, r.log(), torch.full_like(r, -math.inf))
     log_c = torch.where(c > 0, c.log(), torch.full_like(c, -math.inf))
 
@@ -158,59 +164,69 @@ def solve_sinkhorn(
     conv_out = torch.zeros(B, dtype=torch.bool, device=device)
     omega_out = torch.ones(B, dtype=dtype, device=device)
 
-    # Active (unconverged) subset; `idx` maps it back to the batch.
+    # State of the active (unconverged) samples; `idx` maps them back to the batch.
+    # u is a column (B, m, 1) and v a row (B, 1, n): the two matrix-vector products are then
+    # K @ v^T and u^T @ K, the layouts that batched GEMV handles fast for any batch size.
+    # Padded rows/columns get a unit "marginal" and a unit kernel sum so that their scaling
+    # stays 1; their kernel entries are zero, so they never carry mass.
     idx = torch.arange(B, device=device)
-    Ma, ra, ca, lra, lca = M, r_eff, c_eff, log_r, log_c
-    rm, cm, pr, pc = rmask, cmask, pad_r, pad_c
+    Ma, rm, cm, lra, lca = M, rmask, cmask, log_r, log_c
+    r_col = (r + (1 - rmask)).unsqueeze(-1)
+    c_row = (c + (1 - cmask)).unsqueeze(-2)
+    pr_col, pc_row = (1 - rmask).unsqueeze(-1), (1 - cmask).unsqueeze(-2)
     f = torch.zeros(B, m, dtype=dtype, device=device)
     g = torch.zeros(B, n, dtype=dtype, device=device)
     K = _kernel(Ma, gamma, f, g, rm, cm, lo)
-    u = torch.ones(B, 1, m, dtype=dtype, device=device)
+    u = torch.ones(B, m, 1, dtype=dtype, device=device)
     v = torch.ones(B, 1, n, dtype=dtype, device=device)
     Ku = torch.ones_like(v)
     omega = torch.ones(B, 1, 1, dtype=dtype, device=device)
     prev_err = torch.full((B,), math.inf, dtype=dtype, device=device)
     best = torch.full((B,), math.inf, dtype=dtype, device=device)
     mu2 = torch.zeros(B, dtype=dtype, device=device)  # estimated rate of the plain iteration
-    ra3, ca3 = ra.unsqueeze(-2), ca.unsqueeze(-2)
+
+    def k_v(K, v, pr_col):
+        Kv = torch.bmm(K, v.mT)
+        return Kv.add_(pr_col) if padded else Kv
+
+    def kt_u(K, u, pc_row):
+        Ku = torch.bmm(u.mT, K)
+        return Ku.add_(pc_row) if padded else Ku
 
     it = 0
     while it < max_iter and idx.numel() > 0:
         u_safe, v_safe = u.clone(), v.clone()
         steps = min(check_every, max_iter - it)
-        relaxed = bool((omega != 1).any()) if overrelax else False
+        relaxed = overrelax and bool((omega != 1).any())
         for _ in range(steps):
-            Kv = torch.baddbmm(pr, v, K.mT)  # (K v)^T, padded rows read 1
-            if relaxed:
-                # u <- u^(1-w) (r / Kv)^w, per-sample w
-                t = torch.div(ra3, Kv).pow_(omega)
-                u = u.pow_(1 - omega).mul_(t)
+            Kv = k_v(K, v, pr_col)
+            if relaxed:  # u <- u^(1-w) (r / Kv)^w, per-sample w
+                u = u.pow_(1 - omega).mul_(torch.div(r_col, Kv).pow_(omega))
             else:
-                u = torch.div(ra3, Kv)
-            Ku = torch.baddbmm(pc, u, K)
+                u = torch.div(r_col, Kv)
+            Ku = kt_u(K, u, pc_row)
             if relaxed:
-                t = torch.div(ca3, Ku).pow_(omega)
-                v = v.pow_(1 - omega).mul_(t)
+                v = v.pow_(1 - omega).mul_(torch.div(c_row, Ku).pow_(omega))
             else:
-                v = torch.div(ca3, Ku)
+                v = torch.div(c_row, Ku)
         it += steps
 
         # --- check (one host sync) ---
-        Kv = torch.baddbmm(pr, v, K.mT)
-        err = (u * Kv - ra3).abs_().sum((-2, -1)) + (v * Ku - ca3).abs_().sum((-2, -1))
+        # Ku was computed from the current u, so v * Ku are the column sums of the current P.
+        Kv = k_v(K, v, pr_col)
+        err = (u * Kv - r_col).abs_().sum((-2, -1)) + (v * Ku - c_row).abs_().sum((-2, -1))
         lu, lv = u.log(), v.log()
         finite = torch.isfinite(err) & torch.isfinite(lu).all(-1).all(-1)
         finite &= torch.isfinite(lv).all(-1).all(-1)
         big = (lu.abs().amax((-2, -1)) > tau) | (lv.abs().amax((-2, -1)) > tau)
         done = finite & ~big & (err <= tol)
-
         if overrelax:
-            omega, mu2, best = _update_omega(omega, mu2, best, err, prev_err, finite, steps)
+            omega, mu2, best = update_omega(omega, mu2, best, err, prev_err, finite, steps)
         prev_err = err
 
         bad = ~finite
         if bool(bad.any()):
-            # Restore the last finite state and take one exact log-domain block from it.
+            # Restore the last finite state; an exact log-domain block continues from it.
             u = torch.where(bad.view(-1, 1, 1), u_safe, u)
             v = torch.where(bad.view(-1, 1, 1), v_safe, v)
             lu, lv = u.log(), v.log()
@@ -218,7 +234,7 @@ def solve_sinkhorn(
 
         if bool(done.any()):
             sel = idx[done]
-            f_out[sel] = torch.where(rm[done] > 0, f[done] + lu[done, 0], -math.inf)
+            f_out[sel] = torch.where(rm[done] > 0, f[done] + lu[done, :, 0], -math.inf)
             g_out[sel] = torch.where(cm[done] > 0, g[done] + lv[done, 0], -math.inf)
             iters_out[sel] = it
             res_out[sel] = err[done]
@@ -228,15 +244,14 @@ def solve_sinkhorn(
             idx = idx[keep]
             if idx.numel() == 0:
                 break
-            Ma, ra3, ca3, lra, lca = Ma[keep], ra3[keep], ca3[keep], lra[keep], lca[keep]
-            rm, cm, pr, pc = rm[keep], cm[keep], pr[keep], pc[keep]
+            Ma, rm, cm, lra, lca = Ma[keep], rm[keep], cm[keep], lra[keep], lca[keep]
+            r_col, c_row, pr_col, pc_row = r_col[keep], c_row[keep], pr_col[keep], pc_row[keep]
             f, g, u, v, Ku, K = f[keep], g[keep], u[keep], v[keep], Ku[keep], K[keep]
             lu, lv, big, bad = lu[keep], lv[keep], big[keep], bad[keep]
             omega, prev_err, best, mu2 = omega[keep], prev_err[keep], best[keep], mu2[keep]
-            err = err[keep]
 
         if bool(big.any()):
-            f = torch.where(rm > 0, f + lu[:, 0], f)
+            f = torch.where(rm > 0, f + lu[..., 0], f)
             g = torch.where(cm > 0, g + lv[:, 0], g)
             if bool(bad.any()):
                 f, g = _log_domain_block(Ma, gamma, f, g, lra, lca, min(check_every, 10))
@@ -247,12 +262,12 @@ def solve_sinkhorn(
                 prev_err = torch.where(bad, math.inf, prev_err)
             K = _kernel(Ma, gamma, f, g, rm, cm, lo)
             u, v = torch.ones_like(u), torch.ones_like(v)
-            Ku = torch.baddbmm(pc, u, K)
+            Ku = kt_u(K, u, pc_row)
 
     if idx.numel() > 0:  # not converged within max_iter: report where they stand
-        Kv = torch.baddbmm(pr, v, K.mT)
-        err = (u * Kv - ra3).abs_().sum((-2, -1)) + (v * Ku - ca3).abs_().sum((-2, -1))
-        f_out[idx] = torch.where(rm > 0, f + u.log()[:, 0], -math.inf)
+        Kv = k_v(K, v, pr_col)
+        err = (u * Kv - r_col).abs_().sum((-2, -1)) + (v * Ku - c_row).abs_().sum((-2, -1))
+        f_out[idx] = torch.where(rm > 0, f + u.log()[..., 0], -math.inf)
         g_out[idx] = torch.where(cm > 0, g + v.log()[:, 0], -math.inf)
         res_out[idx] = torch.nan_to_num(err, nan=math.inf)
         omega_out[idx] = omega.view(-1)

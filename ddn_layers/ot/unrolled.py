@@ -4,6 +4,8 @@ Autograd records every iteration: each stores O(m n) intermediates (the logsumex
 which is the memory cost that implicit differentiation avoids. The potentials are updated in
 the log domain so the unrolled graph is stable at any gamma. Convergence is checked, without
 gradient, every ``check_every`` iterations; converged samples are frozen with ``torch.where``.
+The over-relaxation factor is adapted exactly as in the forward solver (it is a constant for
+autograd), so both modes run about the same number of iterations.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 
 import torch
 
-from ddn_layers.ot.solver import SinkhornSolution
+from ddn_layers.ot.solver import SinkhornSolution, update_omega
 
 
 def _safe_log(x: torch.Tensor) -> torch.Tensor:
@@ -29,6 +31,7 @@ def unrolled_sinkhorn(
     tol: float,
     max_iter: int,
     check_every: int = 10,
+    overrelax: bool = True,
 ) -> SinkhornSolution:
     B, m, n = M.shape
     rmask, cmask = r > 0, c > 0
@@ -41,18 +44,31 @@ def unrolled_sinkhorn(
     active = torch.ones(B, dtype=torch.bool, device=M.device)
     iters = torch.full((B,), max_iter, dtype=torch.long, device=M.device)
     err = torch.full((B,), math.inf, dtype=M.dtype, device=M.device)
+    omega = torch.ones(B, 1, 1, dtype=M.dtype, device=M.device)
+    mu2 = torch.zeros(B, dtype=M.dtype, device=M.device)
+    best = torch.full((B,), math.inf, dtype=M.dtype, device=M.device)
+    last_check = 0
     for it in range(1, max_iter + 1):
+        w = omega.view(B, 1)
         f_new = log_r - torch.logsumexp(logK + g.unsqueeze(-2), dim=-1)
-        f_new = torch.where(rmask, f_new, -math.inf)
+        f_new = torch.where(rmask, f_new if it == 1 else (1 - w) * f + w * f_new, -math.inf)
         g_new = log_c - torch.logsumexp(logK + f_new.unsqueeze(-1), dim=-2)
-        g_new = torch.where(cmask, g_new, -math.inf)
+        g_new = torch.where(cmask, g_new if it == 1 else (1 - w) * g + w * g_new, -math.inf)
         f = torch.where(active.unsqueeze(-1), f_new, f)
         g = torch.where(active.unsqueeze(-1), g_new, g)
         if it % check_every == 0 or it == max_iter:
             with torch.no_grad():
-                # columns are exact after the g update: the row error is the marginal error
-                row = torch.logsumexp(logK + g.unsqueeze(-2), dim=-1) + f
-                e = (torch.where(rmask, row.exp(), 0.0) - r).abs().sum(-1)
+                logP = logK + f.unsqueeze(-1) + g.unsqueeze(-2)
+                row = torch.where(rmask, torch.logsumexp(logP, dim=-1).exp(), 0.0)
+                col = torch.where(cmask, torch.logsumexp(logP, dim=-2).exp(), 0.0)
+                e = (row - r).abs().sum(-1) + (col - c).abs().sum(-1)
+                if overrelax:
+                    finite = torch.isfinite(e)
+                    omega, mu2, best = update_omega(
+                        omega, mu2, best, e, err, finite, it - last_check
+                    )
+                    omega = torch.where(active.view(B, 1, 1), omega, 1.0)
+                last_check = it
                 err = torch.where(active, e, err)
                 newly = active & (e <= tol)
                 iters = torch.where(newly, it, iters)
@@ -60,5 +76,4 @@ def unrolled_sinkhorn(
                 if not bool(active.any()):
                     break
     P = torch.exp(logK + f.unsqueeze(-1) + g.unsqueeze(-2))
-    ones = torch.ones(B, dtype=M.dtype, device=M.device)
-    return SinkhornSolution(P, f.detach(), g.detach(), iters, err, ~active, ones)
+    return SinkhornSolution(P, f.detach(), g.detach(), iters, err, ~active, omega.view(B))

@@ -1,0 +1,145 @@
+"""Forward of ddn.sinkhorn: against POT, stability at large gamma, convergence reporting."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import ddn_layers as ddn
+from tests.ddn_layers.ot_helpers import TIGHT, problem
+
+ot = pytest.importorskip("ot")
+
+
+@pytest.mark.parametrize("m,n,gamma", [(5, 7, 1.0), (30, 20, 10.0), (40, 40, 50.0)])
+def test_matches_pot_log_sinkhorn(m, n, gamma):
+    M, r, c = problem(2, m, n, seed=m + n, kind="randn")
+    P = ddn.sinkhorn(M, r, c, gamma=gamma, **TIGHT)
+    for b in range(2):
+        a_, b_ = (r[b] / r[b].sum()).numpy(), (c[b] / c[b].sum()).numpy()
+        ref = ot.sinkhorn(
+            a_,
+            b_,
+            M[b].numpy(),
+            1.0 / gamma,
+            method="sinkhorn_log",
+            stopThr=1e-14,
+            numItermax=200_000,
+        )
+        np.testing.assert_allclose(P[b].numpy(), ref, rtol=1e-7, atol=1e-12)
+
+
+def test_unbatched_shared_marginals_and_module():
+    M, r, c = problem(1, 6, 9, seed=4)
+    P2 = ddn.sinkhorn(M[0], r[0], c[0], gamma=3.0, **TIGHT)
+    P3 = ddn.sinkhorn(M, r, c, gamma=3.0, **TIGHT)
+    assert P2.shape == (6, 9)
+    torch.testing.assert_close(P2, P3[0])
+    # shared (unbatched) marginals broadcast over a batch
+    Mb = torch.cat([M, 2 * M])
+    Pb = ddn.sinkhorn(Mb, r[0], c[0], gamma=3.0, **TIGHT)
+    torch.testing.assert_close(Pb[0], P3[0])
+    layer = ddn.OptimalTransport(gamma=3.0, tol=1e-13, max_iter=100_000)
+    torch.testing.assert_close(layer(Mb, r[0], c[0]), Pb)
+    info = layer.last_info
+    assert info.iterations.shape == (2,) and bool(info.converged.all())
+    assert float(info.residual.max()) <= 1e-13
+    assert isinstance(layer, ddn.DeclarativeLayer) and "gamma=3.0" in repr(layer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gamma", [100.0, 1000.0])
+def test_stable_at_large_gamma(dtype, gamma):
+    """gamma * M up to 1e4: no NaN, no underflow to an all-zero row, marginals met."""
+    M, r, c = problem(3, 25, 30, dtype=dtype, scale=10.0, seed=7)
+    tol = 1e-4 if dtype == torch.float32 else 1e-8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ddn.ConvergenceWarning)
+        P, info = ddn.sinkhorn(M, r, c, gamma=gamma, tol=tol, max_iter=50_000, return_info=True)
+    assert torch.isfinite(P).all() and (P >= 0).all()
+    assert (P.sum(-1) > 0).all() and (P.sum(-2) > 0).all()
+    rn, cn = r / r.sum(-1, keepdim=True), c / c.sum(-1, keepdim=True)
+    err = (P.sum(-1) - rn).abs().sum(-1) + (P.sum(-2) - cn).abs().sum(-1)
+    assert (err <= 2 * tol).all()
+    assert (info.residual <= tol).all()
+
+
+def _plain_sinkhorn_iterations(M, r, c, gamma, tol):
+    """Textbook scaling iterations from v = 1, error checked every iteration."""
+    K = torch.exp(-gamma * M)
+    v = torch.ones_like(c)
+    for it in range(1, 200_000):
+        u = r / (K @ v)
+        v = c / (K.T @ u)
+        if (u * (K @ v) - r).abs().sum() <= tol:
+            return it
+    raise AssertionError("plain Sinkhorn did not converge")
+
+
+def test_fewer_iterations_than_plain_sinkhorn():
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(100, 120, generator=g, dtype=torch.float64)
+    r, c = (
+        torch.full((100,), 0.01, dtype=torch.float64),
+        torch.full((120,), 1 / 120, dtype=torch.float64),
+    )
+    # gamma = 30: a slowly converging problem, where acceleration matters
+    _, info = ddn.sinkhorn(M, r, c, gamma=30.0, tol=1e-6, max_iter=100_000, return_info=True)
+    plain = _plain_sinkhorn_iterations(M, r, c, 30.0, 1e-6)
+    assert int(info.iterations) < plain / 2, (int(info.iterations), plain)
+
+
+def test_non_convergence_warns_with_count_and_reports_per_sample():
+    M, r, c = problem(3, 20, 20, seed=1, kind="randn")
+    M[0] *= 0.01  # easy sample: converges at once
+    with pytest.warns(ddn.ConvergenceWarning, match=r"2 of 3 sample\(s\) did not reach"):
+        P, info = ddn.sinkhorn(M, r, c, gamma=50.0, tol=1e-12, max_iter=20, return_info=True)
+    assert info.converged.tolist() == [True, False, False]
+    assert info.iterations.tolist()[1:] == [20, 20]
+    assert torch.isfinite(P).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ddn.sinkhorn(M, r, c, gamma=50.0, tol=1e-12, max_iter=20, warn=False)
+
+
+def test_converged_samples_are_frozen():
+    """A batch gives each sample the result it gets alone."""
+    M, r, c = problem(3, 15, 12, seed=8, kind="randn")
+    M[1] *= 5
+    Pb, info = ddn.sinkhorn(M, r, c, gamma=10.0, tol=1e-10, max_iter=50_000, return_info=True)
+    for b in range(3):
+        Ps, i1 = ddn.sinkhorn(
+            M[b : b + 1],
+            r[b : b + 1],
+            c[b : b + 1],
+            gamma=10.0,
+            tol=1e-10,
+            max_iter=50_000,
+            return_info=True,
+        )
+        torch.testing.assert_close(Pb[b : b + 1], Ps)
+        assert int(i1.iterations) == int(info.iterations[b])
+    assert len(set(info.iterations.tolist())) > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["implicit", "full", "approx", "unroll"])
+def test_low_precision_solved_in_float32(dtype, mode):
+    M, r, c = problem(2, 8, 6, dtype=torch.float32, seed=2)
+    ref = ddn.sinkhorn(M, r, c, gamma=5.0, tol=1e-6)
+    Mh = M.to(dtype).requires_grad_()
+    P = ddn.sinkhorn(Mh, r.to(dtype), c.to(dtype), gamma=5.0, tol=1e-6, backward_mode=mode)
+    assert P.dtype == dtype
+    torch.testing.assert_close(P.float(), ref, atol=2e-3, rtol=2e-2)
+    P.float().sum().backward()
+    assert Mh.grad.dtype == dtype and torch.isfinite(Mh.grad).all()
+
+
+def test_autocast_safe():
+    M, r, c = problem(2, 8, 6, dtype=torch.float32, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        P = ddn.sinkhorn(M.bfloat16(), r, c, gamma=5.0)
+    assert torch.isfinite(P).all()

@@ -1,0 +1,167 @@
+"""Gradients of ddn.sinkhorn: float64 gradcheck of every exact mode, and the modes agree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+import ddn_layers as ddn
+from tests.ddn_layers.ot_helpers import TIGHT, pad, problem
+
+EXACT = ["implicit", "full", "unroll"]
+
+CASES = [
+    # (B, m, n, gamma, scale of M, uniform marginals, padded)
+    # scale keeps gamma * M within ~10, so that every perturbed solve of gradcheck is fast; the
+    # large-gamma regime is covered by the stability tests.
+    (1, 4, 6, 1.0, 1.0, False, False),
+    (3, 5, 3, 10.0, 1.0, False, False),
+    (3, 4, 4, 100.0, 0.1, False, True),
+    (1, 5, 3, 10.0, 1.0, True, False),
+    (3, 3, 5, 10.0, 1.0, False, True),
+    (1, 6, 4, 100.0, 0.1, False, True),
+]
+
+
+@pytest.mark.parametrize("mode", EXACT)
+@pytest.mark.parametrize("B,m,n,gamma,scale,uniform,padded", CASES)
+def test_gradcheck_float64(mode, B, m, n, gamma, scale, uniform, padded):
+    M, r, c = problem(B, m, n, uniform=uniform, scale=scale, seed=m * n + B)
+    M.requires_grad_()
+    inputs = [M]
+    if not uniform:
+        r.requires_grad_()
+        c.requires_grad_()
+        inputs += [r, c]
+
+    def fn(M, r=None, c=None):
+        if padded:
+            # padding is structural: only the real entries are perturbed
+            M, r, c = pad(M, r, c, 2, 1)
+        return ddn.sinkhorn(M, r, c, gamma=gamma, backward_mode=mode, **TIGHT)
+
+    assert gradcheck(fn, tuple(inputs), fast_mode=False, atol=1e-7, rtol=1e-4)
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "cg"])
+@pytest.mark.parametrize("shape", [(2, 5, 7), (2, 7, 5)])
+def test_gradcheck_each_implicit_solver(solver, shape):
+    M, r, c = problem(*shape, seed=3)
+    for t in (M, r, c):
+        t.requires_grad_()
+
+    def fn(M, r, c):
+        M, r, c = pad(M, r, c, 1, 2)
+        return ddn.sinkhorn(M, r, c, gamma=10.0, implicit_solver=solver, **TIGHT)
+
+    assert gradcheck(fn, (M, r, c), fast_mode=False, atol=1e-7, rtol=1e-4)
+
+
+def _grads(mode, M, r, c, W, **kw):
+    M, r, c = (t.detach().clone().requires_grad_() for t in (M, r, c))
+    P = ddn.sinkhorn(M, r, c, backward_mode=mode, **kw)
+    (P * W).sum().backward()
+    return P.detach(), M.grad, r.grad, c.grad
+
+
+@pytest.mark.parametrize("shape", [(2, 30, 20), (2, 20, 30), (1, 40, 40)])
+@pytest.mark.parametrize("gamma", [1.0, 30.0])
+def test_modes_agree(shape, gamma):
+    M, r, c = problem(*shape, seed=11, kind="randn")
+    W = torch.randn(shape, dtype=M.dtype)
+    ref = _grads("full", M, r, c, W, gamma=gamma, **TIGHT)
+    for mode, solver in [("implicit", "cholesky"), ("implicit", "cg"), ("unroll", "auto")]:
+        got = _grads(mode, M, r, c, W, gamma=gamma, implicit_solver=solver, **TIGHT)
+        for a, b in zip(got, ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_padding_gets_zero_gradient_and_matches_unpadded():
+    M, r, c = problem(2, 5, 4, seed=5)
+    W = torch.randn(2, 5, 4, dtype=M.dtype)
+    Mp, rp, cp = pad(M, r, c, 3, 2)
+    Wp = torch.randn(Mp.shape, dtype=M.dtype)
+    Wp[:, :5, :4] = W
+    for mode in EXACT + ["approx"]:
+        P, gM, gr, gc = _grads(mode, M, r, c, W, gamma=10.0, **TIGHT)
+        Pp, gMp, grp, gcp = _grads(mode, Mp, rp, cp, Wp, gamma=10.0, **TIGHT)
+        assert torch.all(Pp[:, 5:] == 0) and torch.all(Pp[:, :, 4:] == 0)
+        assert torch.all(gMp[:, 5:] == 0) and torch.all(gMp[:, :, 4:] == 0)
+        assert torch.all(grp[:, 5:] == 0) and torch.all(gcp[:, 4:] == 0)
+        torch.testing.assert_close(Pp[:, :5, :4], P, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(gMp[:, :5, :4], gM, rtol=1e-6, atol=1e-10)
+        torch.testing.assert_close(grp[:, :5], gr, rtol=1e-6, atol=1e-10)
+        torch.testing.assert_close(gcp[:, :4], gc, rtol=1e-6, atol=1e-10)
+
+
+def test_scaling_marginals_changes_nothing():
+    """r and c are normalised inside: their gradient is orthogonal to their own direction."""
+    M, r, c = problem(2, 6, 5, seed=9)
+    W = torch.randn(2, 6, 5, dtype=M.dtype)
+    P1, _, gr, gc = _grads("implicit", M, r, c, W, gamma=5.0, **TIGHT)
+    P2 = ddn.sinkhorn(M, 3 * r, 0.5 * c, gamma=5.0, **TIGHT)
+    torch.testing.assert_close(P1, P2)
+    torch.testing.assert_close((gr * r).sum(-1), torch.zeros(2, dtype=M.dtype), atol=1e-12, rtol=0)
+    torch.testing.assert_close((gc * c).sum(-1), torch.zeros(2, dtype=M.dtype), atol=1e-12, rtol=0)
+
+
+def test_approx_is_close_when_few_iterations_are_needed():
+    # gamma small: P is close to r c^T and Sinkhorn converges in a few iterations
+    # The neglected term gamma P o (a (+) b) is the P-weighted row/column-mean part of
+    # gamma P o V: with m n entries and m + n constraints it is a small part of the gradient.
+    M, r, c = problem(2, 40, 30, seed=2)
+    W = torch.randn(2, 40, 30, dtype=M.dtype)
+    _, gM_exact, _, _ = _grads("implicit", M, r, c, W, gamma=0.05, **TIGHT)
+    _, gM_approx, gr, gc = _grads("approx", M, r, c, W, gamma=0.05, **TIGHT)
+    assert torch.isfinite(gM_approx).all() and torch.isfinite(gr).all() and torch.isfinite(gc).all()
+    rel = (gM_approx - gM_exact).norm() / gM_exact.norm()
+    assert rel < 0.35
+    cos = torch.nn.functional.cosine_similarity(gM_approx.flatten(), gM_exact.flatten(), dim=0)
+    assert cos > 0.93
+
+
+def test_implicit_float32_close_to_float64_full_at_500():
+    """The issue's accuracy target at the benchmark size (m = n = 500, gamma = 10)."""
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(1, 500, 500, generator=g)
+    W = torch.randn(1, 500, 500, generator=g)
+    ref = _grads(
+        "full",
+        M.double(),
+        torch.ones(1, 500, dtype=F64),
+        torch.ones(1, 500, dtype=F64),
+        W.double(),
+        gamma=10.0,
+        tol=1e-10,
+        max_iter=20000,
+    )[1]
+    for solver in ["cholesky", "cg"]:
+        got = _grads(
+            "implicit",
+            M,
+            torch.ones(1, 500),
+            torch.ones(1, 500),
+            W,
+            gamma=10.0,
+            implicit_solver=solver,
+            tol=1e-6,
+            max_iter=20000,
+        )[1]
+        rel = float((got.double() - ref).norm() / ref.norm())
+        assert rel < 1e-4, (solver, rel)
+
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("B,m", [(2, 200), (4, 160)])
+def test_batched_sizes_that_break_lu_solvers(B, m):
+    """Batched LU solves fail on some MKL builds from ~150 rows: every path here is Cholesky."""
+    M, r, c = problem(B, m, m + 7, dtype=torch.float32, seed=1, kind="randn")
+    W = torch.randn(B, m, m + 7)
+    for mode, solver in [("implicit", "cholesky"), ("implicit", "cg"), ("full", "auto")]:
+        _, gM, gr, gc = _grads(
+            mode, M, r, c, W, gamma=5.0, implicit_solver=solver, tol=1e-5, max_iter=5000
+        )
+        assert torch.isfinite(gM).all() and torch.isfinite(gr).all() and torch.isfinite(gc).all()

@@ -1,0 +1,75 @@
+"""Bad input to ddn.sinkhorn gets a ValueError that names the argument."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ddn_layers as ddn
+
+M = torch.rand(2, 4, 5)
+r, c = torch.rand(2, 4) + 0.1, torch.rand(2, 5) + 0.1
+
+
+def bad_M_nan():
+    x = M.clone()
+    x[0, 1, 2] = math.nan
+    return x
+
+
+def bad_M_inf():
+    x = M.clone()
+    x[1, 0, 0] = math.inf
+    return x
+
+
+CASES = [
+    (dict(M=torch.rand(4)), "M must have 2 or 3 dimensions"),
+    (dict(M=torch.rand(1, 2, 4, 5)), "M must have 2 or 3 dimensions"),
+    (dict(M=bad_M_nan()), "M contains NaN"),
+    (dict(M=bad_M_inf()), "M contains NaN or infinite"),
+    (dict(M=M.long()), "M must be a floating-point tensor"),
+    (dict(M=[[1.0]]), "M must be a torch.Tensor"),
+    (dict(r=torch.rand(2, 5)), r"r must have 4 entries"),
+    (dict(c=torch.rand(2, 4)), r"c must have 5 entries"),
+    (dict(r=torch.rand(3, 4)), r"r must have shape \(4,\) or \(2, 4\)"),
+    (dict(r=-r), "r must be non-negative"),
+    (dict(c=c - 1), "c must be non-negative"),
+    (dict(r=torch.zeros(2, 4)), "r must have a positive entry in every sample"),
+    (
+        dict(c=torch.tensor([1.0, 0, 0, 0, 0]).expand(2, 5).clone() * torch.tensor([[1.0], [0.0]])),
+        "c must have a positive entry",
+    ),
+    (dict(r=torch.full((2, 4), math.nan)), "r contains NaN"),
+    (dict(gamma=0.0), "gamma must be a finite number > 0"),
+    (dict(gamma=-1.0), "gamma must be a finite number > 0"),
+    (dict(gamma=math.inf), "gamma must be a finite number > 0"),
+    (dict(tol=0.0), "tol must be a finite number > 0"),
+    (dict(max_iter=0), "max_iter must be an integer >= 1"),
+    (dict(max_iter=2.5), "max_iter must be an integer >= 1"),
+    (dict(backward_mode="autograd"), r"backward_mode must be one of \['implicit', 'full', "),
+    (dict(implicit_solver="lu"), r"implicit_solver must be one of \['auto', 'cholesky', 'cg'\]"),
+]
+
+
+@pytest.mark.parametrize("override,message", CASES)
+def test_bad_input_raises_value_error_naming_argument(override, message):
+    kw = dict(M=M, r=r, c=c, gamma=10.0, tol=1e-6, max_iter=100, backward_mode="implicit")
+    kw.update(override)
+    args = (kw.pop("M"), kw.pop("r"), kw.pop("c"))
+    with pytest.raises(ValueError, match=message):
+        ddn.sinkhorn(*args, **kw)
+
+
+def test_unbatched_M_rejects_batched_marginals():
+    with pytest.raises(ValueError, match=r"r must have shape \(4,\) when M is 2-D"):
+        ddn.sinkhorn(M[0], r, None)
+
+
+def test_module_checks_its_options():
+    with pytest.raises(ValueError, match="gamma"):
+        ddn.OptimalTransport(gamma=0)
+    with pytest.raises(ValueError, match="backward_mode must be one of"):
+        ddn.OptimalTransport(backward_mode="exact")
