@@ -11,6 +11,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import wandb
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
@@ -54,18 +55,18 @@ def run_metadata(cfg: DictConfig) -> dict[str, Any]:
 
 
 @rank_zero_only
-def write_run_files(cfg: DictConfig, run_dir: Path) -> None:
-    """``config.yaml`` (what ``ckpt=last`` reloads) and ``run.json`` (provenance)."""
+def write_run_files(cfg: DictConfig, run_dir: Path, meta: dict[str, Any]) -> None:
+    """``config.yaml`` (what ``ckpt=last`` reloads) and ``run.json`` (``meta``: provenance)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Without ckpt: a resumed run's saved config must not point at its own checkpoint.
     saved = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "ckpt"])
     OmegaConf.save(saved, run_dir / rundir.CONFIG_FILE, resolve=True)
-    (run_dir / rundir.METADATA_FILE).write_text(json.dumps(run_metadata(cfg), indent=2) + "\n")
+    (run_dir / rundir.METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
+def hyperparameters(cfg: DictConfig, meta: dict[str, Any]) -> dict[str, Any]:
     """What the loggers record as the run's config: the resolved config plus provenance."""
     params = OmegaConf.to_container(cfg, resolve=True)
-    meta = run_metadata(cfg)
     params["git_commit"] = meta["git"]["commit"]
     params["git_dirty"] = meta["git"]["dirty"]
     params["versions"] = meta["versions"]
@@ -101,6 +102,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
                 id=_wandb_id(run_dir),
                 offline=not log.online,
                 mode="online" if log.online else "offline",
+                # W&B's own end-of-run printout repeats what the run summary shows.
+                settings=wandb.Settings(quiet=True),
             )
         )
     if log.csv:
@@ -111,8 +114,6 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
 def finish_wandb() -> str | None:
     """Close this process's W&B run, so that another run can start in it (tests, sweeps);
     returns the command that uploads it when it was offline."""
-    import wandb
-
     run = wandb.run
     if run is None:
         return None

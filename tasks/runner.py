@@ -23,11 +23,21 @@ from pytorch_lightning.callbacks import (
 from tasks import rundir
 from tasks.callbacks import DDNProfiler
 from tasks.layers import set_backward_mode
-from tasks.loggers import build_loggers, finish_wandb, hyperparameters, write_run_files
+from tasks.loggers import (
+    build_loggers,
+    finish_wandb,
+    hyperparameters,
+    run_metadata,
+    write_run_files,
+)
 from tasks.registry import get_task
 from tasks.summary import print_summary
 
 RESULTS_FILE = "results.json"
+
+# Lightning suggests DataLoader workers; for in-memory datasets (digits) they cost more than
+# they save, and data.num_workers is there for the others.
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
 @contextmanager
@@ -86,11 +96,10 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
     # Lightning ignores loggers and checkpoints under fast_dev_run; skip making them.
     smoke = bool(cfg.trainer.fast_dev_run)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    # In-memory datasets: worker processes would cost more than they save.
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
+    meta = run_metadata(cfg)
     if not smoke:
-        write_run_files(cfg, run_dir)
+        write_run_files(cfg, run_dir, meta)
     datamodule = spec.build_datamodule(cfg)
     module = spec.build_module(cfg, datamodule)
     n_layers = set_backward_mode(module, cfg.ddn.backward_mode)
@@ -107,7 +116,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
     )
     try:
         for logger in loggers:
-            logger.log_hyperparams(hyperparameters(cfg))
+            logger.log_hyperparams(hyperparameters(cfg, meta))
         start = time.perf_counter()
         with _run_name_for_other_ranks(cfg.name):
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt)

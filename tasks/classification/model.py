@@ -58,7 +58,8 @@ def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
 
 class SmallCNN(nn.Module):
     """Four 3x3 conv layers and one 2x downsampling: quick on CPU, and each pooled feature
-    vector sees only a 10x10 window of the input, so corruption stays local to a few of them."""
+    vector sees only a 14x14 window of the input, so on larger images a corrupted patch spoils
+    some feature vectors and leaves the others clean."""
 
     def __init__(self, in_channels: int, width: int = 32) -> None:
         super().__init__()

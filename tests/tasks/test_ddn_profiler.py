@@ -20,12 +20,12 @@ SCRATCH = 2 * 1024 * 1024  # float32 elements the backward allocates on top: 8 M
 class _Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        ctx.save_for_backward(torch.ones(SAVED))
+        ctx.save_for_backward(torch.ones(SAVED, device=x.device))
         return x.sum(-1)
 
     @staticmethod
     def backward(ctx, grad):
-        scratch = torch.ones(SCRATCH)
+        scratch = torch.ones(SCRATCH, device=grad.device)
         scratch += 1
         del scratch
         return grad[:, None].expand(-1, 8).clone()
@@ -140,3 +140,18 @@ def test_bad_interval():
         DDNProfiler(every_n_steps=-1)
     with pytest.raises(ValueError, match="every_n_steps"):
         DDNProfiler(every_n_steps=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_events_and_allocator_peak():
+    layer = KnownLayer().cuda()
+    lin = torch.nn.Linear(8, 8).cuda()
+    x = torch.randn(4, 8, device="cuda")
+    batch = ddn_profiler._ProfiledBatch([("ddn", layer)], torch.device("cuda"), memory=True)
+    layer(lin(x)).sum().backward()
+    record = batch.finish()
+    mib = 4 / 1024 / 1024
+    assert record["ddn/ddn/saved_mib"] == pytest.approx(SAVED * mib, rel=0.05)
+    assert record["ddn/ddn/bwd_peak_mib"] == pytest.approx((SAVED + SCRATCH) * mib, rel=0.05)
+    assert record["ddn/ddn/fwd_ms"] > 0 and record["ddn/ddn/bwd_ms"] > 0
