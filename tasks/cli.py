@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -47,7 +48,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 
 def load_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> DictConfig:
     """The validated, read-only config of a run; ConfigError on any problem."""
-    sources = [_load_file(f) for f in files]
+    sources = [_load_file(f, f"-c {f}") for f in files]
     sources.append(_parse_overrides(overrides))
     peek = OmegaConf.merge(*sources)
 
@@ -55,8 +56,10 @@ def load_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> Dic
     resume_dir: Path | None = None
     if peek.get("ckpt") == "last":
         runs_dir = peek.get("runs_dir", RunConfig.runs_dir)
-        resume_dir = rundir.find_resumable_run(runs_dir, peek.get("name"))
-        resumed = _load_file(str(resume_dir / rundir.CONFIG_FILE))
+        name = peek.get("name") or os.environ.get(rundir.RUN_NAME_ENV)
+        resume_dir = rundir.find_resumable_run(runs_dir, name)
+        saved = resume_dir / rundir.CONFIG_FILE
+        resumed = _load_file(str(saved), f"ckpt=last: the saved config {saved}")
 
     task = peek.get("task") or (resumed.get("task") if resumed else None) or RunConfig.task
     if not isinstance(task, str):
@@ -81,16 +84,16 @@ def load_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> Dic
     return cfg
 
 
-def _load_file(path: str) -> DictConfig:
+def _load_file(path: str, label: str) -> DictConfig:
     if not Path(path).is_file():
-        raise ConfigError(f"-c {path}: no such file")
+        raise ConfigError(f"{label}: no such file")
     try:
         conf = OmegaConf.load(path)
-    except (OmegaConfBaseException, ValueError) as err:
-        raise ConfigError(f"-c {path}: not a valid YAML config: {err}") from err
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as err:
+        raise ConfigError(f"{label}: not a valid YAML config: {err}") from err
     if not isinstance(conf, DictConfig):
-        raise ConfigError(f"-c {path}: must hold a mapping of keys, got a list")
-    _reject_python_none(conf, f"-c {path}: ")
+        raise ConfigError(f"{label}: must hold a mapping of keys, got a list")
+    _reject_python_none(conf, f"{label}: ")
     return conf
 
 

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 import train
 from tasks.cli import build_parser, load_config
 from tasks.runner import run
-from tests.tasks.conftest import QUIET, needs_robust_pool
+from tests.tasks.conftest import QUIET
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ["implicit", "full", "approx", "unroll"]
@@ -47,7 +47,6 @@ def train_py(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     )
 
 
-@needs_robust_pool
 @pytest.mark.parametrize("mode", MODES)
 def test_fast_dev_run_robust_pool_in_every_mode(runs_dir, mode):
     results = quick(runs_dir, "trainer.fast_dev_run=true", f"ddn.backward_mode={mode}")
@@ -65,7 +64,6 @@ def test_fast_dev_run_plain_pools(runs_dir, pool):
     assert not any(k.startswith("ddn/") for k in results), "no declarative layer to profile"
 
 
-@needs_robust_pool
 def test_fast_dev_run_resnet(runs_dir):
     results = quick(
         runs_dir, "trainer.fast_dev_run=true", "model.arch=resnet18", "data.batch_size=4"
@@ -73,7 +71,6 @@ def test_fast_dev_run_resnet(runs_dir):
     assert 0.0 <= results["test/acc"] <= 1.0
 
 
-@needs_robust_pool
 def test_run_files_and_wandb_offline(runs_dir):
     results = quick(
         runs_dir,
@@ -147,7 +144,6 @@ def test_main_returns_2_and_prints_config(capsys):
 
 @pytest.mark.slow
 @pytest.mark.ddp
-@needs_robust_pool
 def test_ddp_on_two_cpu_processes(runs_dir):
     proc = train_py(
         "-c", "configs/ddp.yaml", "trainer.devices=2", *QUIET, "logger.wandb=true",
@@ -168,7 +164,6 @@ def _epoch_of(checkpoint: Path) -> int:
 
 
 @pytest.mark.slow
-@needs_robust_pool
 def test_resume_a_killed_run(runs_dir):
     # Epochs of a few seconds, so that the kill lands inside one.
     args = [*QUIET, f"runs_dir={runs_dir}", "name=killed", "trainer.max_epochs=50",

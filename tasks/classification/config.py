@@ -128,12 +128,6 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
     check_choice(cfg, "model.pool", POOLS, problems)
     if model.pool != "robust":
         return
-    if not hasattr(ddn, "RobustPool2d"):
-        problems.append(
-            "model.pool='robust' needs ddn.RobustPool2d, which this ddn_layers does not "
-            "provide yet; use model.pool=avg or max"
-        )
-        return
     check_choice(cfg, "model.penalty", sorted(ddn.PENALTIES), problems)
     check_range(cfg, "model.alpha", problems, low=0.0, low_open=True)
     if problems:

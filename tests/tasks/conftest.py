@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import ddn_layers as ddn
-
 # Settings that keep a run to a second or two on a shared 2-core machine: a 4-channel CNN,
 # no progress bar or model summary, no W&B unless a test asks for it.
 QUIET = [
@@ -19,11 +17,6 @@ QUIET = [
     "model.width=4",
     "data.batch_size=32",
 ]
-
-needs_robust_pool = pytest.mark.skipif(
-    not hasattr(ddn, "RobustPool2d"),
-    reason="ddn.RobustPool2d (the robust pooling layer) has not landed in ddn_layers yet",
-)
 
 
 @pytest.fixture

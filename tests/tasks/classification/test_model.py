@@ -8,9 +8,8 @@ import torch
 import ddn_layers as ddn
 from tasks.classification.model import Classifier, GlobalPool
 from tasks.layers import declarative_layers, set_backward_mode
-from tests.tasks.conftest import needs_robust_pool
 
-POOLS = ["avg", "max", pytest.param("robust", marks=needs_robust_pool)]
+POOLS = ["avg", "max", "robust"]
 
 
 def test_global_pool_matches_torch():
@@ -32,7 +31,6 @@ def test_logits_and_gradients(arch, pool):
     assert all(p.grad is not None for p in net.parameters())
 
 
-@needs_robust_pool
 def test_robust_pool_gets_penalty_alpha_and_mode():
     net = Classifier(
         10, 1, width=4, pool="robust", penalty="huber", alpha=0.5, backward_mode="unroll"
@@ -42,7 +40,6 @@ def test_robust_pool_gets_penalty_alpha_and_mode():
     assert layer.backward_mode == ddn.BackwardMode.UNROLL
 
 
-@needs_robust_pool
 def test_set_backward_mode_reaches_nested_layers():
     outer = torch.nn.Sequential(
         Classifier(10, 1, width=4), torch.nn.Sequential(Classifier(10, 1, width=4))
@@ -55,9 +52,7 @@ def test_set_backward_mode_reaches_nested_layers():
 
 def test_pools_agree_on_a_constant_feature_map():
     # Every pool returns the common vector when all positions hold the same one.
-    pools = [GlobalPool("avg"), GlobalPool("max")]
-    if hasattr(ddn, "RobustPool2d"):
-        pools.append(ddn.RobustPool2d("welsch", 1.0))
+    pools = [GlobalPool("avg"), GlobalPool("max"), ddn.RobustPool2d("welsch", 1.0)]
     x = torch.randn(2, 5, 1, 1).expand(2, 5, 3, 3).contiguous()
     for pool in pools:
         assert torch.allclose(pool(x), x[:, :, 0, 0], atol=1e-5)
