@@ -1,6 +1,8 @@
 """Backward passes of entropic optimal transport: the algebra of each backward mode.
 
-Notation (per sample): P (m, n) the plan, r, c its marginals (zeros = padding), V = dJ/dP.
+Notation (per sample): P (m, n) the plan, r = P 1 and c = P^T 1 its marginals (the caller
+passes the marginals P has, not the targets: they agree within tol, and with them K below is
+PSD even for a truncated solve), zeros = padding, V = dJ/dP.
 The KKT conditions give P = exp(gamma (alpha (+) beta - M)); differentiating them and the
 constraints (Eq. 3 with H^-1 = diag(gamma P), B = I, Eqs. 16-27) reduces every exact mode to
 the symmetric system

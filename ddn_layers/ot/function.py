@@ -33,14 +33,18 @@ class _SinkhornFunction(torch.autograd.Function):
     def forward(ctx, M, r, c, gamma, tol, max_iter, check_every, mode, solver, out):
         sol = solve_sinkhorn(M, r, c, gamma, tol, max_iter, check_every)
         out.append(sol)
-        ctx.save_for_backward(sol.P, r, c)
+        ctx.save_for_backward(sol.P)
         ctx.gamma, ctx.mode, ctx.solver = gamma, mode, solver
         ctx.forward_iters = float(sol.iterations.float().mean())
         return sol.P
 
     @staticmethod
     def backward(ctx, V):
-        P, r, c = ctx.saved_tensors
+        (P,) = ctx.saved_tensors
+        # The marginals P actually has (equal to r, c within tol once converged): the system
+        # matrix [[diag(P 1), P], [P^T, diag(P^T 1)]] is then PSD for any P, so a truncated
+        # forward (max_iter reached) gets the exact gradient of the problem that P solves.
+        r, c = P.sum(-1), P.sum(-2)
         if ctx.mode is BackwardMode.IMPLICIT:
             dM, dr, dc = implicit_backward(P, r, c, V, ctx.gamma, ctx.solver, ctx.forward_iters)
         elif ctx.mode is BackwardMode.FULL:

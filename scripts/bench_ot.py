@@ -1,0 +1,355 @@
+"""Optimal transport benchmark: the paper's Fig. 3 on this machine, and the targets of issue 2.
+
+    python scripts/bench_ot.py                          # writes docs/benchmarks/ot/
+    python scripts/bench_ot.py --quick --out /tmp/ot    # a smoke run in seconds
+    python scripts/bench_ot.py --device cuda --batch-sizes 16   # on a GPU
+
+Problems: M = randn(B, m, m) (the paper's), uniform marginals, gamma = 10, float32, tol = 1e-6.
+For every backward mode (and each implicit solver forced, beside "auto"), and POT's log-domain
+Sinkhorn run through autograd (its torch backend) as the outside peer:
+
+* ``size``: forward and backward wall time (median of repeats) and peak memory of forward +
+  backward (benchutil: profiler allocation records on CPU, the allocator's high-water mark on
+  CUDA) for m = n in {50, 100, 250, 500, 1000} at batch 1, and m = n = 100 at batch 16;
+* ``iters``: peak memory against the number of Sinkhorn iterations (1..10, then to
+  convergence) at 500 x 500: what unrolling costs per iteration.
+
+``targets.md`` checks, side by side in one run at 500 x 500, batch 1: implicit backward against
+one (m x n)(n x m) matrix product; implicit against unroll peak memory; one stable forward
+iteration against one plain scaling iteration; iterations to tol = 1e-6 (float64) against plain
+Sinkhorn from the same start; the float32 implicit gradient against the float64 full one.
+``plot_ot.py`` draws the PNGs from the CSV alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from benchutil import MIB, machine_info, peak_memory_bytes, time_within, write_csv
+
+import ddn_layers as ddn
+
+GAMMA, TOL, MAX_ITER = 10.0, 1e-6, 20_000
+VARIANTS = [
+    ("implicit", "auto"),
+    ("implicit", "cholesky"),
+    ("implicit", "cg"),
+    ("full", "auto"),
+    ("approx", "auto"),
+    ("unroll", "auto"),
+    ("pot", "log"),
+]
+# unrolled graphs grow with m * n * iterations: skip what would not fit in a few GiB
+UNROLL_BUDGET_BYTES = 6 * 1024**3
+
+
+def make_problem(B, m, n, seed, device, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(B, m, n, generator=g, dtype=dtype).to(device)
+    V = torch.randn(B, m, n, generator=g, dtype=dtype).to(device)
+    return M, V
+
+
+def pot_sinkhorn(M, gamma, tol, max_iter):
+    import ot
+
+    B, m, n = M.shape
+    a = torch.full((m,), 1.0 / m, dtype=M.dtype, device=M.device)
+    b = torch.full((n,), 1.0 / n, dtype=M.dtype, device=M.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.stack(
+            [
+                ot.sinkhorn(
+                    a, b, M[i], 1.0 / gamma, method="sinkhorn_log", stopThr=tol, numItermax=max_iter
+                )
+                for i in range(B)
+            ]
+        )
+
+
+def forward_fn(mode, solver, gamma=GAMMA, tol=TOL, max_iter=MAX_ITER):
+    if mode == "pot":
+        return lambda M: pot_sinkhorn(M, gamma, tol, max_iter)
+    return lambda M: ddn.sinkhorn(
+        M,
+        gamma=gamma,
+        tol=tol,
+        max_iter=max_iter,
+        backward_mode=mode,
+        implicit_solver=solver,
+        warn=False,
+    )
+
+
+def measure(mode, solver, M, V, device, budget_s, **kw):
+    """Forward ms, backward ms, forward+backward peak MiB, iterations of one configuration."""
+    fwd = forward_fn(mode, solver, **kw)
+    Mg = M.clone().requires_grad_()
+
+    def fwd_only():
+        with torch.no_grad() if mode not in ("unroll", "pot") else torch.enable_grad():
+            return fwd(Mg)
+
+    def setup():
+        Mg.grad = None
+        return fwd(Mg)
+
+    t_f = time_within(lambda: fwd(Mg), budget_s=budget_s, device=device).median
+    t_b = time_within(lambda P: P.backward(V), setup=setup, budget_s=budget_s, device=device)
+
+    def both():
+        Mg.grad = None
+        fwd(Mg).backward(V)
+        return Mg.grad
+
+    peak = peak_memory_bytes(both, device)
+    iters = ""
+    if mode != "pot":
+        _, info = ddn.sinkhorn(
+            M,
+            gamma=kw.get("gamma", GAMMA),
+            tol=kw.get("tol", TOL),
+            max_iter=kw.get("max_iter", MAX_ITER),
+            return_info=True,
+            warn=False,
+        )
+        iters = int(info.iterations.max())
+    del fwd_only
+    return t_f * 1e3, t_b.median * 1e3, peak / MIB, iters
+
+
+def unroll_fits(mode, B, m, n, iters_hint):
+    if mode not in ("unroll", "pot"):
+        return True
+    return 4 * B * m * n * 4 * max(iters_hint, 1) < UNROLL_BUDGET_BYTES
+
+
+def size_sweep(sizes, batch_sizes, device, budget_s, rows, log):
+    for B in batch_sizes:
+        for m in sizes:
+            if B > 1 and m != min(100, max(sizes)) and device == "cpu":
+                continue  # the paper's batched case is 100 x 100
+            M, V = make_problem(B, m, m, seed=m, device=device)
+            _, info = ddn.sinkhorn(
+                M, gamma=GAMMA, tol=TOL, max_iter=MAX_ITER, return_info=True, warn=False
+            )
+            hint = int(info.iterations.max())
+            for mode, solver in VARIANTS:
+                if not unroll_fits(mode, B, m, m, hint):
+                    log(f"skip {mode} at B={B} m={m}: unrolled graph would exceed the budget")
+                    continue
+                if mode == "full" and m > 1000:
+                    continue
+                f, b, p, it = measure(mode, solver, M, V, device, budget_s)
+                rows.append(
+                    dict(
+                        section="size",
+                        device=device,
+                        batch=B,
+                        m=m,
+                        n=m,
+                        mode=mode,
+                        solver=solver,
+                        iterations=it,
+                        fwd_ms=round(f, 4),
+                        bwd_ms=round(b, 4),
+                        peak_mib=round(p, 4),
+                    )
+                )
+                log(
+                    f"B={B} m={m} {mode}/{solver}: fwd {f:.2f} ms bwd {b:.2f} ms "
+                    f"peak {p:.2f} MiB iters {it}"
+                )
+
+
+def iteration_sweep(m, device, rows, log, iters=tuple(range(1, 11))):
+    M, V = make_problem(1, m, m, seed=m, device=device)
+    for k in list(iters) + ["converged"]:
+        kw = dict(tol=TOL, max_iter=MAX_ITER) if k == "converged" else dict(tol=1e-30, max_iter=k)
+        for mode, solver in VARIANTS:
+            if mode == "implicit" and solver != "auto":
+                continue
+            _, _, p, it = measure(mode, solver, M, V, device, budget_s=0.0, **kw)
+            rows.append(
+                dict(
+                    section="iters",
+                    device=device,
+                    batch=1,
+                    m=m,
+                    n=m,
+                    mode=mode,
+                    solver=solver,
+                    iterations=it if k == "converged" else k,
+                    fwd_ms="",
+                    bwd_ms="",
+                    peak_mib=round(p, 4),
+                )
+            )
+            log(f"iters={k} {mode}: peak {p:.2f} MiB")
+
+
+def plain_iterations(M, tol):
+    """Textbook scaling iterations from v = 1 (the same start), error checked every iteration."""
+    K = torch.exp(-GAMMA * M)
+    m, n = M.shape
+    r = torch.full((m, 1), 1.0 / m, dtype=M.dtype)
+    c = torch.full((1, n), 1.0 / n, dtype=M.dtype)
+    v = torch.ones(1, n, dtype=M.dtype)
+    for it in range(1, 1_000_000):
+        u = r / (K @ v.T)
+        Ku = u.T @ K
+        v = c / Ku
+        if float((u * (K @ v.T) - r).abs().sum()) <= tol:
+            return it
+    return math.inf
+
+
+def targets(m, device, budget_s, log):
+    """Each target of issue 2, measured side by side in this run (float32 unless stated)."""
+    out = []
+    M, V = make_problem(1, m, m, seed=m, device=device)
+    gemm = time_within(lambda: torch.bmm(M.mT, M), budget_s=budget_s, device=device).median
+    f, b_imp, p_imp, it = measure("implicit", "auto", M, V, device, budget_s)
+    _, b_chol, _, _ = measure("implicit", "cholesky", M, V, device, budget_s)
+    _, b_cg, _, _ = measure("implicit", "cg", M, V, device, budget_s)
+    _, _, p_unr, it_unr = measure("unroll", "auto", M, V, device, 0.0)
+    out.append(
+        (
+            "implicit backward / one (m x n)(n x m) matmul",
+            b_imp / (gemm * 1e3),
+            "<= 1.5",
+            f"implicit {b_imp:.2f} ms (cholesky {b_chol:.2f}, cg {b_cg:.2f}), "
+            f"matmul {gemm * 1e3:.2f} ms",
+        )
+    )
+    out.append(
+        (
+            "peak memory implicit / unroll (fwd+bwd, to convergence)",
+            p_imp / p_unr,
+            "<= 0.01",
+            f"implicit {p_imp:.2f} MiB ({it} it), unroll {p_unr:.2f} MiB ({it_unr} it)",
+        )
+    )
+
+    # one stable forward iteration against one plain scaling iteration (same layouts)
+    n_it = 200
+    K = torch.exp(-GAMMA * (M - M.amin(-1, keepdim=True)))
+    r = torch.full((1, m, 1), 1.0 / m, device=device)
+    c = torch.full((1, 1, m), 1.0 / m, device=device)
+
+    def plain():
+        v = torch.ones(1, 1, m, device=device)
+        for _ in range(n_it):
+            u = r / torch.bmm(K, v.mT)
+            v = c / torch.bmm(u.mT, K)
+        return v
+
+    t_plain = time_within(plain, budget_s=budget_s, device=device).median / n_it
+    ours = forward_fn("implicit", "auto", tol=1e-30, max_iter=n_it)
+    with torch.no_grad():
+        t_ours = time_within(lambda: ours(M), budget_s=budget_s, device=device).median / n_it
+    out.append(
+        (
+            "one stable forward iteration / one plain scaling iteration",
+            t_ours / t_plain,
+            "<= 1.3",
+            f"ours {t_ours * 1e6:.1f} us (incl. checks, absorptions, P), "
+            f"plain {t_plain * 1e6:.1f} us",
+        )
+    )
+
+    # iterations to tol = 1e-6 in float64, from the same start
+    Md = M[0].double().cpu()
+    _, info = ddn.sinkhorn(Md, gamma=GAMMA, tol=1e-6, max_iter=200_000, return_info=True)
+    plain_it = plain_iterations(Md, 1e-6)
+    out.append(
+        (
+            "iterations to tol=1e-6 (float64): ours / plain",
+            int(info.iterations) / plain_it,
+            "< 1",
+            f"ours {int(info.iterations)} (checked every 10), plain {plain_it}",
+        )
+    )
+
+    # float32 implicit gradient against the float64 full gradient
+    def grad(Mx, Vx, mode):
+        Mx = Mx.clone().requires_grad_()
+        ddn.sinkhorn(
+            Mx,
+            gamma=GAMMA,
+            tol=TOL if Mx.dtype == torch.float32 else 1e-10,
+            max_iter=MAX_ITER,
+            backward_mode=mode,
+            warn=False,
+        ).backward(Vx)
+        return Mx.grad
+
+    g32 = grad(M, V, "implicit").double()
+    g64 = grad(M.double(), V.double(), "full")
+    rel = float((g32 - g64).norm() / g64.norm())
+    out.append(
+        ("relative error of the float32 implicit gradient vs float64 full", rel, "<= 1e-4", "")
+    )
+    for name, val, goal, note in out:
+        log(f"TARGET {name}: {val:.4g} (goal {goal}) {note}")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="docs/benchmarks/ot")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 250, 500, 1000])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--target-size", type=int, default=500)
+    ap.add_argument("--budget", type=float, default=1.5, help="seconds of repeats per timing")
+    ap.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.sizes, args.target_size, args.budget = [20, 40], 40, 0.0
+        args.batch_sizes = [1, 2]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    rows: list[dict] = []
+    tg = targets(args.target_size, args.device, args.budget, log)
+    size_sweep(args.sizes, args.batch_sizes, args.device, args.budget, rows, log)
+    iteration_sweep(
+        args.target_size,
+        args.device,
+        rows,
+        log,
+        iters=(1, 2, 3) if args.quick else tuple(range(1, 11)),
+    )
+    meta = machine_info(args.device)
+    write_csv(out / "ot.csv", rows, meta)
+    write_csv(
+        out / "targets.csv", [dict(target=n, value=v, goal=g, detail=d) for n, v, g, d in tg], meta
+    )
+    with open(out / "targets.md", "w", encoding="utf-8") as f:
+        f.write(
+            f"# Optimal transport targets (m = n = {args.target_size}, batch 1, "
+            f"gamma = {GAMMA}, float32, {args.device})\n\n"
+        )
+        f.write(
+            f"Command: `{meta['command']}`  \nMachine: {meta['cpu']}, "
+            f"{meta['torch_threads']} threads, torch {meta['torch']}\n\n"
+        )
+        f.write("| target | measured | goal | detail |\n|---|---|---|---|\n")
+        for n, v, g, d in tg:
+            f.write(f"| {n} | {v:.4g} | {g} | {d} |\n")
+    print(f"wrote {out}/ot.csv, targets.csv, targets.md")
+
+
+if __name__ == "__main__":
+    main()
