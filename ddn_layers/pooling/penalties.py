@@ -72,6 +72,10 @@ class Penalty:
         """
         return self.kappa1(z, alpha), self.kappa2(z, alpha), self.kappa1_dalpha(z, alpha)
 
+    def irls_weights(self, z: Tensor, alpha: Tensor) -> Tensor:
+        """kappa1 times any positive factor per sample: all that one IRLS step needs."""
+        return self.kappa1(z, alpha)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -161,12 +165,18 @@ class Welsch(Penalty):
     def kappa1_dalpha(self, z, alpha):
         return self._kappas(z, alpha, 0.0)[2]
 
-    def scaled_kappas(self, z, alpha):
+    @staticmethod
+    def _shift(z):
         # exp(-z^2 / 2 alpha^2) underflows for every point once all lie a few alpha away (at
         # C=512 in float32 for standard normal inputs), which would make the weights 0/0.
         # Measuring z^2 from the nearest point's keeps the largest weight at exp(0).
-        shift = (z * z).amin(dim=-1, keepdim=True).detach()
-        return self._kappas(z, alpha, shift)
+        return (z * z).amin(dim=-1, keepdim=True).detach()
+
+    def scaled_kappas(self, z, alpha):
+        return self._kappas(z, alpha, self._shift(z))
+
+    def irls_weights(self, z, alpha):
+        return torch.exp(-(z * z - self._shift(z)) / (2.0 * alpha * alpha))
 
 
 class TruncatedQuadratic(Penalty):

@@ -114,9 +114,9 @@ class _Centred:
         # the floor keeps sqrt differentiable (for unroll) where a start sits on a point
         return sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()
 
-    def weighted_means(self, k1: Tensor, s: Tensor) -> Tensor:
-        """sum_i k1_i x_i / s for k1 (A, S, n), s (A, S) -> (A, S, C)."""
-        return torch.bmm(k1, self.x.mT) / s[..., None]
+    def weighted_sums(self, k1: Tensor) -> Tensor:
+        """sum_i k1_i x_i for k1 (A, S, n) -> (A, S, C)."""
+        return torch.bmm(k1, self.x.mT)
 
 
 def _newton(pts: _Centred, y: Tensor, want: Tensor, penalty, alpha, solver: str):
@@ -164,27 +164,24 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
     iters = torch.zeros(B, S, dtype=torch.long, device=dev)
     newton_steps = torch.zeros_like(iters)
     res = torch.full((B, S), float("inf"), dtype=x.dtype, device=dev)
-    fval = torch.zeros(B, S, dtype=x.dtype, device=dev)
 
     idx = torch.arange(B, device=dev)
-    pts = _Centred.of(x, mean)
-    ya = Y
+    pts_all = _Centred.of(x, mean)
+    pts, ya = pts_all, Y
     iters_a, newton_a = iters.clone(), newton_steps.clone()
     done_a = torch.zeros(B, S, dtype=torch.bool, device=dev)
     prev_step = torch.full((B, S), float("inf"), dtype=x.dtype, device=dev)
+    tiny = torch.finfo(x.dtype).tiny
 
     for it in range(opts.max_iter + 1):
-        z = pts.distances(ya)
-        k1 = penalty.scaled_kappas(z, alpha)[0]
-        s = k1.sum(-1)
+        k1 = penalty.irls_weights(pts.distances(ya), alpha)
+        s = k1.sum(-1, keepdim=True)
         # s = 0 only when every weight is 0 (truncated quadratic, all points beyond alpha):
         # the objective is flat there, and y is (locally) optimal as it stands
-        flat = s <= 0
-        y_irls = torch.where(flat[..., None], ya, pts.weighted_means(k1, torch.where(flat, 1, s)))
+        y_irls = torch.where(s > 0, pts.weighted_sums(k1) / s.clamp_min(tiny), ya)
         with torch.no_grad():
             step = torch.linalg.vector_norm(ya - y_irls, dim=-1)
             res_a = step / (alpha + ya.abs().amax(-1))
-            f_a = penalty.phi(z, alpha).sum(-1)
             done_a = done_a | (res_a <= opts.tol)
             if use_newton:
                 # IRLS steps still needed at the observed rate. A step that does not shrink
@@ -212,7 +209,7 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
             # remain (a frozen sample otherwise costs only its share of the GEMMs)
             if n_keep == 0 or 2 * n_keep <= keep.numel():
                 Y = Y.index_copy(0, idx, ya)
-                iters[idx], newton_steps[idx], res[idx], fval[idx] = iters_a, newton_a, res_a, f_a
+                iters[idx], newton_steps[idx], res[idx] = iters_a, newton_a, res_a
                 if n_keep == 0:
                     break
                 idx, pts, ya = idx[keep], pts[keep], ya[keep]
@@ -220,8 +217,10 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
                 prev_step = prev_step[keep]
     if idx.numel() > 0:
         Y = Y.index_copy(0, idx, ya)
-        iters[idx], newton_steps[idx], res[idx], fval[idx] = iters_a, newton_a, res_a, f_a
+        iters[idx], newton_steps[idx], res[idx] = iters_a, newton_a, res_a
 
+    with torch.no_grad():
+        fval = penalty.phi(pts_all.distances(Y), alpha).sum(-1)  # (B, S)
     best = fval.argmin(dim=1)  # ties go to the earlier start: the mean first
     rows = torch.arange(B, device=dev)
     converged = res[rows, best] <= opts.tol
