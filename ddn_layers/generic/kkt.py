@@ -19,6 +19,7 @@ right-hand sides for each of the B samples.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -148,6 +149,19 @@ def _pivot_ok(L: Tensor, info: Tensor) -> Tensor:
     return (info == 0) & ~tiny & torch.isfinite(d).all(-1)
 
 
+def _regularised_factor(S: Tensor) -> Tensor:
+    """Cholesky factor of S + sqrt(eps) mean(diag S) I, or of I where even that fails.
+
+    For a singular S (redundant constraints) this gives a least-squares solution of small
+    norm, so that the residuals computed from it still mean something; the samples are
+    flagged either way.
+    """
+    eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
+    shift = math.sqrt(torch.finfo(S.dtype).eps) * torch.diagonal(S, dim1=-2, dim2=-1).mean(-1)
+    L, info = torch.linalg.cholesky_ex(S + shift.clamp(min=0)[:, None, None] * eye)
+    return torch.where((info == 0)[:, None, None], L, eye)
+
+
 def kkt_solve(
     v: Tensor,
     H_inv: Callable[[Tensor], Tensor],
@@ -171,8 +185,9 @@ def kkt_solve(
         S = 0.5 * (S + S.mT)
         L, info = torch.linalg.cholesky_ex(S)
         ok = _pivot_ok(L, info)
-        diag.rank_deficient |= ~ok
-        L = torch.where(ok[:, None, None], L, torch.eye(cons.p, dtype=L.dtype, device=L.device))
+        if not bool(ok.all()):
+            diag.rank_deficient |= ~ok
+            L = torch.where(ok[:, None, None], L, _regularised_factor(S))
         a = torch.einsum("ibm,bm->bi", G, w)
         mu = torch.cholesky_solve(a.unsqueeze(-1), L).squeeze(-1)
         u = w - torch.einsum("ibm,bi->bm", Z, mu)

@@ -60,7 +60,7 @@ def newton_cg(bound: Bound, y0: Tensor, opts: Options) -> tuple[Tensor, SolverIn
     for k in range(opts.max_iter):
         if k % opts.check_every == 0 and not bool(active.any()):
             break
-        eta = torch.sqrt(gnorm / scale).clamp(max=0.5)
+        eta = torch.sqrt(gnorm / scale).clamp(max=0.1)
         res = conjugate_gradient(
             hvp, -g, rtol=eta, max_iter=opts.cg_iters(bound.m), check_every=opts.check_every
         )
