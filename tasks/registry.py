@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # Lightning is heavy to import; config errors should come bac
 # task name -> module that defines TASK
 _TASKS: dict[str, str] = {
     "classification": "tasks.classification",
+    "matching": "tasks.matching",
 }
 
 

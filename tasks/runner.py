@@ -88,8 +88,9 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[pl
 def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
     """Fit (resuming from ``cfg.ckpt`` if set), test the best checkpoint, print a summary.
 
-    Returns the run's results (also written to ``<run_dir>/results.json``). ``callbacks`` are
-    added to the task's own (tests use this to interrupt runs).
+    Returns the run's results (also written to ``<run_dir>/results.json``): the last logged
+    metrics, the best monitored value, test metrics, timings and the profiler's medians.
+    ``callbacks`` are added to the harness's own (early stopping, extra monitoring, ...).
     """
     spec = get_task(cfg.task)
     run_dir = Path(cfg.runs_dir) / cfg.name
