@@ -73,11 +73,9 @@ def full_grads(
     # rows of [H | B_1 | B_2 ...]: the derivative of grad_y L in (y, x_1, x_2, ...)
     _, pull_L = vjp(lambda u, *sel: bound.grad_lagrangian(u, lam, with_inputs(sel)), y, *xs_sel)
     H_rows, *B_rows = _rows(pull_L, m, [y, *xs_sel])
-    H = H_rows.transpose(0, 1)
+    # Cholesky reads one triangle only, so H (symmetric up to rounding) needs no symmetrising
+    L, info = torch.linalg.cholesky_ex(H_rows.transpose(0, 1))
     del H_rows
-    H = 0.5 * (H + H.mT)
-    L, info = torch.linalg.cholesky_ex(H)
-    del H
     diag.singular |= info != 0
     L = torch.where((info != 0)[:, None, None], torch.eye(m, dtype=L.dtype, device=L.device), L)
 

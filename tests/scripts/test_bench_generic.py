@@ -1,0 +1,34 @@
+"""The generic-node benchmark runs end to end (tiny sizes; no timing is checked)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+@pytest.fixture
+def scripts_on_path(monkeypatch):
+    # the scripts import their helpers as run from scripts/ (``from benchutil import ...``)
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    yield
+    for name in ("bench_generic", "benchutil"):
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("scripts_on_path", "single_thread")
+def test_bench_generic_smoke(tmp_path):
+    import bench_generic
+
+    bench_generic.main(["--quick", "--budget", "0", "--out", str(tmp_path)])
+    text = (tmp_path / "generic.csv").read_text()
+    assert text.startswith("case,method,fwd_ms")
+    for method in ("structured implicit", "generic implicit", "generic full"):
+        assert method in text
+    targets = (tmp_path / "targets.md").read_text()
+    assert "generic implicit vs generic full gradient" in targets
+    assert (tmp_path / "generic.png").stat().st_size > 0
