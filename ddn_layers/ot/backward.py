@@ -66,74 +66,79 @@ def _inv_or_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, 1.0 / torch.where(x > 0, x, 1.0), 0.0)
 
 
-def _schur_lower(Q: torch.Tensor, block: int = 192) -> torch.Tensor:
-    """-Q^T Q (n x n), with only its lower-triangular blocks computed (the rest is zero).
+def _schur_lower(Q: torch.Tensor, block: int = 160) -> torch.Tensor:
+    """-Q^T Q (n x n) with only its lower-triangular blocks written (the rest is garbage).
 
-    Cholesky reads the lower triangle only, so this saves ~40% of the product when n is large.
+    Cholesky and its solves read the lower triangle only, so this saves up to ~40% of the
+    product when n is large.
     """
     B, _, n = Q.shape
     if n <= 2 * block:
         return torch.bmm(Q.mT, Q).neg_()
-    S = Q.new_zeros(B, n, n)
-    edges = list(range(0, n, block)) + [n]
-    for bi in range(len(edges) - 1):
-        i0, i1 = edges[bi], edges[bi + 1]
-        Qi = Q[:, :, i0:i1]
-        # one product for the whole block row left of (and including) the diagonal block
-        S[:, i0:i1, :i1] = torch.bmm(Qi.mT, Q[:, :, :i1]).neg_()
+    S = Q.new_empty(B, n, n)
+    for i0 in range(0, n, block):
+        i1 = min(i0 + block, n)
+        # one product for the block row left of (and including) the diagonal block
+        torch.bmm(Q[:, :, i0:i1].mT, Q[:, :, :i1], out=S[:, i0:i1, :i1])
+        S[:, i0:i1, :i1].neg_()
     return S
 
 
-def _schur_rhs_and_ops(P, r, c, s_r, s_c):
-    """Pieces of the column-side Schur system S b = rhs (see module docstring)."""
+def _schur_rhs(P, r, s_r, s_c):
+    """rinv = 1/r (0 on padding) and the right-hand side of the column-side system S b = rhs."""
     rinv = _inv_or_zero(r)
-    rhs = s_c - _rowvec_mat(rinv * s_r, P)
+    return rinv, s_c - _rowvec_mat(rinv * s_r, P)
+
+
+def _solve_cholesky(P, c, rhs, rinv, scratch):
     q = (c > 0).to(P.dtype)
-    # delta * n_valid = mean(c): the gauge direction gets an eigenvalue like the others.
-    n_valid = q.sum(-1, keepdim=True).clamp_min(1)
-    delta = (c.sum(-1, keepdim=True) / n_valid) / n_valid
-    return rinv, rhs, q, delta
-
-
-def _solve_cholesky(P, r, c, rhs, rinv, q, delta, scratch):
     torch.mul(P, rinv.sqrt().unsqueeze(-1), out=scratch)  # Q = diag(r)^-1/2 P
     S = _schur_lower(scratch)
     S.diagonal(dim1=-2, dim2=-1).add_(c + (1 - q))  # padded columns: identity rows
-    S.baddbmm_((delta.sqrt() * q).unsqueeze(-1), (delta.sqrt() * q).unsqueeze(-2))
+    # Gauge: S has the null vector q; adding delta q q^T with delta * n_valid = mean(c) makes it
+    # SPD with an eigenvalue like the others there, and leaves the solution of S b = rhs (rhs
+    # is orthogonal to q) unchanged.
+    n_valid = q.sum(-1, keepdim=True).clamp_min(1)
+    w = (c.sum(-1, keepdim=True).sqrt() / n_valid) * q
+    S.baddbmm_(w.unsqueeze(-1), w.unsqueeze(-2))
     L, info = torch.linalg.cholesky_ex(S)
     ok = info == 0
-    b = torch.cholesky_solve(rhs.unsqueeze(-1), torch.where(ok.view(-1, 1, 1), L, 1.0))
-    return b.squeeze(-1), ok
+    if not bool(ok.all()):
+        L = torch.where(ok.view(-1, 1, 1), L, torch.eye(L.shape[-1], dtype=L.dtype))
+    return torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1), ok
 
 
-def _schur_matvec(P, c, rinv, q, delta, x):
-    return c * x + delta * q * (q * x).sum(-1, keepdim=True) - _rowvec_mat(rinv * _mat_vec(P, x), P)
+def _solve_cg(P, c, rhs, rinv, scratch, rtol, max_iter, check_every=5):
+    """Jacobi-preconditioned CG on the Schur complement, batched and matrix-free.
 
-
-def _solve_cg(P, r, c, rhs, rinv, q, delta, scratch, rtol, max_iter, check_every=5):
-    """Jacobi-preconditioned CG on the Schur complement, batched, matrix-free."""
+    S is singular (null vector: the non-padded columns) but the system is consistent, so CG
+    needs no gauge: the residual stays in the range of S, and the null-space part of b does
+    not change the gradient. One iteration: two matrix-vector products and ~12 vector ops.
+    """
+    tiny = torch.finfo(P.dtype).tiny
+    q = c > 0
     torch.mul(P, P, out=scratch)
-    diag = c + delta * q - _rowvec_mat(rinv, scratch)
-    diag = torch.where(q > 0, diag.clamp_min(1e-3 * c.clamp_min(1e-30)), 1.0)
-    minv = 1.0 / diag
+    diag = c - _rowvec_mat(rinv, scratch)
+    # floored: a near-permutation plan makes diag(S) tiny relative to c
+    minv = torch.where(q, torch.maximum(diag, 1e-3 * c), 1.0).reciprocal_()
+    neg_rinv = rinv.neg()
     x = torch.zeros_like(rhs)
     res = rhs.clone()
     z = minv * res
     p = z.clone()
-    rz = (res * z).sum(-1, keepdim=True)
-    bnorm = rhs.norm(dim=-1).clamp_min(torch.finfo(rhs.dtype).tiny)
-    converged = bnorm <= torch.finfo(rhs.dtype).tiny
+    rz = torch.linalg.vecdot(res, z).unsqueeze(-1)
+    bnorm = rhs.norm(dim=-1)
+    converged = bnorm == 0
     it = 0
     for it in range(1, max_iter + 1):
-        Ap = _schur_matvec(P, c, rinv, q, delta, p)
-        pAp = (p * Ap).sum(-1, keepdim=True)
-        alpha = torch.where(pAp > 0, rz / torch.where(pAp > 0, pAp, 1.0), 0.0)
-        x = x + alpha * p
-        res = res - alpha * Ap
+        # S p = c o p - P^T diag(1/r) P p
+        Sp = torch.addcmul(_rowvec_mat(neg_rinv * _mat_vec(P, p), P), c, p)
+        alpha = rz / torch.linalg.vecdot(p, Sp).unsqueeze(-1).clamp_min(tiny)
+        x.addcmul_(alpha, p)
+        res.addcmul_(alpha, Sp, value=-1)
         z = minv * res
-        rz_new = (res * z).sum(-1, keepdim=True)
-        beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, 1.0), 0.0)
-        p = z + beta * p
+        rz_new = torch.linalg.vecdot(res, z).unsqueeze(-1)
+        p = torch.addcmul(z, rz_new / rz.clamp_min(tiny), p)
         rz = rz_new
         if it % check_every == 0:
             converged = res.norm(dim=-1) <= rtol * bnorm
@@ -171,19 +176,20 @@ def implicit_backward(P, r, c, V, gamma, solver="auto", forward_iters=10.0):
         m, n = n, m
     X = torch.mul(P, V)  # P o V, reused below as scratch and as the output buffer
     s_r, s_c = X.sum(-1), X.sum(-2)
-    rinv, rhs, q, delta = _schur_rhs_and_ops(P, r, c, s_r, s_c)
+    rinv, rhs = _schur_rhs(P, r, s_r, s_c)
     if solver == "auto":
         solver = choose_solver(n, m, float(forward_iters))
+    tol = _cg_tol(P.dtype)
     if solver == "cg":
-        b, ok, _ = _solve_cg(P, r, c, rhs, rinv, q, delta, X, _cg_tol(P.dtype), 4 * n + 50)
-        if not bool(ok.all()):
-            b2, ok2 = _solve_cholesky(P, r, c, rhs, rinv, q, delta, X)
+        b, ok, _ = _solve_cg(P, c, rhs, rinv, X, tol, 4 * n + 50)
+        if not bool(ok.all()):  # CG stalled (round-off): the direct solve is the fallback
+            b2, ok2 = _solve_cholesky(P, c, rhs, rinv, X)
             b = torch.where(ok.unsqueeze(-1), b, b2)
             ok = ok | ok2
     else:
-        b, ok = _solve_cholesky(P, r, c, rhs, rinv, q, delta, X)
+        b, ok = _solve_cholesky(P, c, rhs, rinv, X)
         if not bool(ok.all()):
-            b2, ok2, _ = _solve_cg(P, r, c, rhs, rinv, q, delta, X, _cg_tol(P.dtype), 10 * n)
+            b2, ok2, _ = _solve_cg(P, c, rhs, rinv, X, tol, 10 * n)
             b = torch.where(ok.unsqueeze(-1), b, b2)
             _warn_ill_conditioned(int((~ok).sum()), int((~ok2).sum()))
     a = (s_r - _mat_vec(P, b)) * rinv
