@@ -1,0 +1,27 @@
+"""Keypoint set matching with Sinkhorn optimal transport and a learnable dustbin."""
+
+from tasks.matching.config import MatchingRun, validate
+from tasks.matching.data import MatchingData
+from tasks.matching.module import MatchingModule, build_module
+from tasks.registry import TaskSpec
+
+TASK = TaskSpec(
+    name="matching",
+    schema=MatchingRun,
+    validate=validate,
+    build_datamodule=lambda cfg: MatchingData(cfg.data),
+    build_module=build_module,
+    monitor="val/f1",
+    monitor_mode="max",
+    summary=(
+        "val/f1",
+        "test/precision",
+        "test/recall",
+        "test/f1",
+        "test/nn_f1",
+        "test/hungarian_f1",
+        "test/loss",
+    ),
+)
+
+__all__ = ["TASK", "MatchingData", "MatchingModule"]

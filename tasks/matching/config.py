@@ -1,0 +1,272 @@
+"""Schema of the matching task: its ``data``, ``model`` and ``baselines`` sections, and checks.
+
+Coordinates are in units of the scene's extent: synthetic source points are drawn in the unit
+square centred at the origin, and image keypoints are divided by the image's longer side, so
+``noise=0.01`` is 1% of the extent and ``translation=0.1`` a tenth of it for both sources.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+import ddn_layers as ddn
+from tasks.config import RunConfig, check_choice, check_range
+
+SOURCES = ("synthetic", "images")
+WARPS = ("similarity", "affine", "homography", "nonrigid")
+# Warps an image can be resampled under (a smooth displacement field has no closed inverse).
+IMAGE_WARPS = ("similarity", "affine", "homography")
+NORMALIZATIONS = ("none", "center", "whiten")
+# Photographs scikit-image ships inside its wheel (skimage.data loads them without network).
+BUNDLED_IMAGES = (
+    "astronaut",
+    "brick",
+    "camera",
+    "cat",
+    "cell",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "grass",
+    "gravel",
+    "horse",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "moon",
+    "page",
+    "retina",
+    "rocket",
+    "text",
+)
+
+
+@dataclass
+class WarpConfig:
+    """The random transform from the first point set to the second.
+
+    Each sample draws one of ``kinds``. Every kind starts from a similarity: rotation uniform
+    in +-``rotation`` degrees, scale log-uniform in [1/(1+scale), 1+scale], translation
+    uniform in +-``translation`` per axis. ``affine`` adds a log-uniform aspect ratio in
+    [1/(1+anisotropy), 1+anisotropy] and a shear uniform in +-``shear``; ``homography`` adds
+    to the affine map projective terms uniform in +-``perspective``; ``nonrigid`` composes the
+    affine map with a smooth displacement field: ``bumps`` Gaussian bumps of width
+    ``bump_width`` whose displacements are about ``nonrigid`` (all in units of the extent).
+    """
+
+    kinds: list[str] = field(default_factory=lambda: ["affine"])
+    rotation: float = 30.0
+    scale: float = 0.25
+    translation: float = 0.1
+    anisotropy: float = 0.25
+    shear: float = 0.15
+    perspective: float = 0.3
+    nonrigid: float = 0.04
+    bumps: int = 4
+    bump_width: float = 0.3
+
+
+@dataclass
+class SyntheticConfig:
+    """Random point sets: ``min_inliers``..``max_inliers`` points with a counterpart, warped,
+    plus outliers on both sides so that ``outlier_fraction`` of each set has no match.
+    ``missing_fraction`` of the inliers lose their counterpart (occlusion: they stay in the
+    first set, unmatched). Gaussian ``noise`` (standard deviation, units of the extent) moves
+    every warped point."""
+
+    min_inliers: int = 28
+    max_inliers: int = 40
+    outlier_fraction: float = 0.2
+    missing_fraction: float = 0.0
+    noise: float = 0.01
+
+
+@dataclass
+class ImageConfig:
+    """Keypoints detected (Harris corners) on scikit-image's bundled photographs and on a
+    warped copy; two keypoints match when the warp carries one to within ``match_px`` pixels
+    of the other and each is the other's nearest such keypoint. Training pairs come from
+    ``train_images``, validation and test pairs from ``eval_images`` (different photographs).
+    ``descriptors``: give each keypoint its normalised ``patch`` x ``patch`` pixel patch."""
+
+    train_images: list[str] = field(
+        default_factory=lambda: [
+            "astronaut",
+            "camera",
+            "coffee",
+            "coins",
+            "hubble_deep_field",
+            "immunohistochemistry",
+            "moon",
+            "page",
+            "rocket",
+            "text",
+        ]
+    )
+    eval_images: list[str] = field(default_factory=lambda: ["cat", "clock", "brick"])
+    # Longer side, in pixels, the photographs are resized to before detection.
+    size: int = 256
+    max_keypoints: int = 48
+    min_distance: int = 6
+    match_px: float = 3.0
+    descriptors: bool = False
+    patch: int = 7
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    # Training samples per epoch, drawn afresh every time (an endless stream, cut into epochs);
+    # the validation and test sets are fixed by split_seed, independent of the run's seed.
+    train_size: int = 4096
+    val_size: int = 256
+    test_size: int = 512
+    split_seed: int = 0
+    batch_size: int = 32
+    num_workers: int = 0
+    warp: WarpConfig = field(default_factory=WarpConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    images: ImageConfig = field(default_factory=ImageConfig)
+
+
+@dataclass
+class ModelConfig:
+    """Shared attention encoder, cosine scores, Sinkhorn with a dustbin row and column.
+
+    ``normalize``: how each set's coordinates are standardised before encoding (``center``:
+    mean and RMS radius; ``whiten``: mean and covariance, which reduces any affine map to a
+    rotation; ``none``). ``knn``: neighbours whose relative positions describe each point's
+    local shape; ``radial_frame``: express those offsets in the point's radial frame (the unit
+    vector from the centroid and its normal), which a rotation about the centroid leaves
+    unchanged, so that after whitening a point and its match have the same local shape under
+    any affine map. ``layers``: rounds of self- then cross-attention. ``gamma``: the Sinkhorn
+    layer's inverse temperature on costs in [-1, 1] (negated cosine similarities), so it alone
+    bounds how sharp P gets and how many iterations the solver needs. ``unmatched_weight``:
+    weight of the dustbin terms of the loss against the matched ones. ``match_threshold``:
+    least assignment probability of a predicted match.
+    """
+
+    dim: int = 32
+    layers: int = 3
+    heads: int = 4
+    knn: int = 8
+    radial_frame: bool = True
+    normalize: str = "whiten"
+    gamma: float = 10.0
+    ot_tol: float = 1e-4
+    ot_max_iter: int = 500
+    # Further keyword arguments of ddn.OptimalTransport (implicit_solver, check_every).
+    ot_kwargs: dict[str, Any] = field(default_factory=dict)
+    dustbin_init: float = 0.0
+    unmatched_weight: float = 1.0
+    match_threshold: float = 0.2
+
+
+@dataclass
+class BaselineConfig:
+    """Nearest neighbour and Hungarian assignment on raw coordinates, scored on the test set
+    with the model's metric. A pair is kept when its distance is below ``max_distance``;
+    null picks the distance that maximises each baseline's F1 on the validation set."""
+
+    enabled: bool = True
+    max_distance: float | None = None
+
+
+@dataclass
+class MatchingRun(RunConfig):
+    task: str = "matching"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+
+
+def validate(cfg: DictConfig) -> list[str]:
+    problems: list[str] = []
+    _check_data(cfg, problems)
+    _check_model(cfg, problems)
+    check_range(cfg, "baselines.max_distance", problems, low=0.0, low_open=True)
+    return problems
+
+
+def _check_list(cfg: DictConfig, key: str, choices: tuple[str, ...], problems: list[str]) -> None:
+    values = OmegaConf.select(cfg, key)
+    if not values:
+        problems.append(f"{key} must name at least one of {list(choices)}")
+    for value in values or ():
+        if value not in choices:
+            problems.append(f"{key}: {value!r} is not one of {list(choices)}")
+
+
+def _check_data(cfg: DictConfig, problems: list[str]) -> None:
+    data = cfg.data
+    check_choice(cfg, "data.source", SOURCES, problems)
+    for key in ("train_size", "val_size", "test_size", "batch_size"):
+        check_range(cfg, f"data.{key}", problems, low=1)
+    check_range(cfg, "data.num_workers", problems, low=0)
+
+    _check_list(cfg, "data.warp.kinds", WARPS, problems)
+    for key in ("rotation", "scale", "translation", "anisotropy", "shear", "nonrigid"):
+        check_range(cfg, f"data.warp.{key}", problems, low=0.0)
+    check_range(cfg, "data.warp.rotation", problems, high=180.0)
+    check_range(cfg, "data.warp.shear", problems, high=0.9)
+    # Beyond this the projective denominator can vanish inside the unit square.
+    check_range(cfg, "data.warp.perspective", problems, low=0.0, high=0.9)
+    check_range(cfg, "data.warp.bumps", problems, low=1)
+    check_range(cfg, "data.warp.bump_width", problems, low=0.0, low_open=True)
+
+    check_range(cfg, "data.synthetic.min_inliers", problems, low=1)
+    check_range(cfg, "data.synthetic.max_inliers", problems, low=data.synthetic.min_inliers)
+    check_range(cfg, "data.synthetic.outlier_fraction", problems, low=0.0, high=0.9)
+    check_range(cfg, "data.synthetic.missing_fraction", problems, low=0.0, high=0.9)
+    check_range(cfg, "data.synthetic.noise", problems, low=0.0)
+
+    for key in ("train_images", "eval_images"):
+        _check_list(cfg, f"data.images.{key}", BUNDLED_IMAGES, problems)
+    if data.source == "images":
+        kinds = [k for k in data.warp.kinds if k not in IMAGE_WARPS and k in WARPS]
+        if kinds:
+            problems.append(
+                f"data.warp.kinds: {kinds} cannot resample an image (data.source=images takes "
+                f"{list(IMAGE_WARPS)})"
+            )
+    check_range(cfg, "data.images.size", problems, low=64)
+    check_range(cfg, "data.images.max_keypoints", problems, low=2)
+    check_range(cfg, "data.images.min_distance", problems, low=1)
+    check_range(cfg, "data.images.match_px", problems, low=0.0, low_open=True)
+    check_range(cfg, "data.images.patch", problems, low=3)
+    if data.images.patch % 2 == 0:
+        problems.append(f"data.images.patch={data.images.patch} must be odd (centred patch)")
+
+
+def _check_model(cfg: DictConfig, problems: list[str]) -> None:
+    model = cfg.model
+    check_range(cfg, "model.dim", problems, low=1)
+    check_range(cfg, "model.layers", problems, low=0)
+    check_range(cfg, "model.heads", problems, low=1)
+    if model.heads >= 1 and model.dim % model.heads:
+        problems.append(f"model.dim={model.dim} must be a multiple of model.heads={model.heads}")
+    check_range(cfg, "model.knn", problems, low=0)
+    check_choice(cfg, "model.normalize", NORMALIZATIONS, problems)
+    check_range(cfg, "model.unmatched_weight", problems, low=0.0)
+    check_range(cfg, "model.match_threshold", problems, low=0.0, high=1.0)
+    gamma_ok = model.gamma > 0 and model.ot_tol > 0 and model.ot_max_iter >= 1
+    check_range(cfg, "model.gamma", problems, low=0.0, low_open=True)
+    check_range(cfg, "model.ot_tol", problems, low=0.0, low_open=True)
+    check_range(cfg, "model.ot_max_iter", problems, low=1)
+    if not gamma_ok or cfg.ddn.backward_mode not in ddn.BackwardMode.choices():
+        return
+    # Let the layer judge its own extra options, so a typo fails here rather than mid-run.
+    kwargs = OmegaConf.to_container(model.ot_kwargs)
+    try:
+        ddn.OptimalTransport(
+            gamma=model.gamma,
+            tol=model.ot_tol,
+            max_iter=model.ot_max_iter,
+            backward_mode=cfg.ddn.backward_mode,
+            **kwargs,
+        )
+    except (TypeError, ValueError) as err:
+        problems.append(f"model.ot_kwargs={kwargs}: {err}")

@@ -1,0 +1,279 @@
+"""Keypoint matcher: shared attention encoder, cosine scores, Sinkhorn with a dustbin.
+
+Both sets go through the same encoder: coordinates standardised per set, a point's own
+position and the shape of its k nearest neighbours embedded (an edge convolution), then
+alternating self-attention (within a set) and cross-attention (to the other set), so every
+embedding can depend on both sets. Scores are cosine similarities of the final embeddings.
+
+The dustbin is one extra row and column of the score matrix holding a learnable score, and the
+marginals say how much mass each row and column carries: 1 for every real point, ``n`` for the
+dustbin row (every point of set 1 may be unmatched) and ``m`` for the dustbin column. Padding
+entries are 0. ``ddn.OptimalTransport`` needs no special case for either: it solves an
+ordinary balanced problem with non-uniform marginals, and zeros are its padding. It normalises
+the marginals to unit mass, so ``assignment = P * (m + n)`` restores rows and columns that sum
+to one for real points: ``assignment[i, j]`` is the probability that point i of set 0 matches
+point j of set 1, ``assignment[i, n]`` that it has no match.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ddn_layers as ddn
+
+# Smallest assignment probability the loss takes the log of. Costs are in [-1, 1], so a
+# converged plan has no entry below about exp(-2 gamma) / (m + n) in exact arithmetic; the
+# clamp only guards float32 underflow, where it would otherwise give -inf (and a NaN gradient).
+LOG_FLOOR = 1e-12
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    w = mask.unsqueeze(-1).to(x.dtype)
+    return (x * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1)
+
+
+def standardize(points: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Per-set standardisation of (B, K, 2) coordinates; padding rows are left at zero.
+
+    ``center``: less the mean, over the RMS distance to it (removes translation and scale);
+    ``whiten``: times the inverse square root of the covariance, so that two sets related by
+    an affine map differ by a rotation only (outliers bias the estimate, the encoder copes).
+    """
+    if how == "none":
+        return points
+    w = mask.unsqueeze(-1).to(points.dtype)
+    x = (points - _masked_mean(points, mask)) * w
+    count = w.sum(1, keepdim=True).clamp_min(1)
+    if how == "center":
+        rms = ((x**2).sum(-1, keepdim=True).sum(1, keepdim=True) / count).sqrt()
+        return x / rms.clamp_min(1e-6)
+    cov = x.transpose(1, 2) @ x / count
+    a, b, d = cov[:, 0, 0], cov[:, 0, 1], cov[:, 1, 1]
+    # Closed-form inverse square root of a 2 x 2 SPD matrix, C^(-1/2) = adj(C + sI) / (s t)
+    # with s = sqrt(det C), t = sqrt(tr C + 2 s): differentiable even where the eigenvalues
+    # coincide (an isotropic set), where an eigendecomposition's gradient is infinite. A set
+    # on a line or a single point has det C = 0; the floor, relative to the trace, keeps every
+    # other set's map exactly affine-equivariant.
+    trace = a + d
+    det = (a * d - b * b).clamp_min((1e-6 * trace) ** 2 + torch.finfo(x.dtype).tiny)
+    s = det.sqrt()
+    t = (trace + 2 * s).sqrt()
+    inv_sqrt = torch.stack([d + s, -b, -b, a + s], dim=-1).view(-1, 2, 2) / (s * t).view(-1, 1, 1)
+    return x @ inv_sqrt / math.sqrt(2.0)
+
+
+def _mlp(*sizes: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.GELU()]
+    return nn.Sequential(*layers[:-1])
+
+
+class LocalShape(nn.Module):
+    """Embedding of the offsets from a point to its ``k`` nearest neighbours in its own set:
+    a shared MLP on each offset (with the point's own position), max over the neighbours.
+    Padded points are never neighbours; a point with none gets zeros."""
+
+    def __init__(self, k: int, dim: int, radial_frame: bool = False) -> None:
+        super().__init__()
+        self.k = k
+        self.radial_frame = radial_frame
+        # One linear map per edge and the MLP after the max: k times fewer rows than an MLP
+        # per edge, and most of the encoder's cost otherwise.
+        self.edge = nn.Linear(3 if radial_frame else 4, dim)
+        self.post = nn.Sequential(nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, K, _ = x.shape
+        k = min(self.k, K - 1)
+        if k <= 0:
+            return x.new_zeros(B, K, self.edge.out_features)
+        dist = torch.cdist(x, x)
+        eye = torch.eye(K, dtype=torch.bool, device=x.device)
+        dist = dist.masked_fill(~mask.unsqueeze(1) | eye, math.inf)
+        nd, idx = dist.topk(k, dim=-1, largest=False)  # (B, K, k)
+        neighbours = x.gather(1, idx.reshape(B, K * k, 1).expand(-1, -1, 2)).view(B, K, k, 2)
+        centre = x.unsqueeze(2).expand(-1, -1, k, -1)
+        offsets = neighbours - centre
+        if self.radial_frame:
+            # Offsets in each point's radial frame (unit vector from the centroid, and its
+            # normal), with the point's radius: unchanged by any rotation about the centroid.
+            radius = x.norm(dim=-1, keepdim=True)
+            u = x / radius.clamp_min(1e-6)
+            v = torch.stack([-u[..., 1], u[..., 0]], dim=-1)
+            along = (offsets * u.unsqueeze(2)).sum(-1, keepdim=True)
+            across = (offsets * v.unsqueeze(2)).sum(-1, keepdim=True)
+            edge_in = torch.cat([radius.unsqueeze(2).expand(-1, -1, k, -1), along, across], -1)
+        else:
+            edge_in = torch.cat([centre, offsets], dim=-1)
+        feats = self.edge(edge_in)
+        valid = torch.isfinite(nd).unsqueeze(-1)
+        pooled = feats.masked_fill(~valid, -math.inf).amax(2)
+        return self.post(torch.where(valid.any(2), pooled, 0.0))
+
+
+class Attention(nn.Module):
+    """Pre-norm multi-head attention from ``x`` to ``context`` plus an MLP, both residual."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.norm_ctx = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), _mlp(dim, 2 * dim, dim))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, K, D = x.shape
+        h = self.heads
+        q = self.q(self.norm(x)).view(B, K, h, D // h).transpose(1, 2)
+        k, v = self.kv(self.norm_ctx(context)).view(B, -1, 2, h, D // h).permute(2, 0, 3, 1, 4)
+        # Padded keys are masked out; every set has a real point, so no row is all masked.
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        x = x + self.out(attended.transpose(1, 2).reshape(B, K, D))
+        return x + self.mlp(x)
+
+
+class MatchingNet(nn.Module):
+    """``net(kpts0, kpts1, mask0, mask1[, desc0, desc1]) -> assignment`` (B, M+1, N+1).
+
+    ``assignment[b, :m, :n]`` holds match probabilities, column N the dustbin of set 0 and
+    row M the dustbin of set 1 (rows and columns of real points sum to 1; padding is 0).
+    The OT layer is ``self.ot``, a ``ddn.OptimalTransport`` (its ``backward_mode`` is the
+    run's ``ddn.backward_mode``).
+    """
+
+    def __init__(
+        self,
+        dim: int = 64,
+        layers: int = 3,
+        heads: int = 4,
+        knn: int = 8,
+        normalize: str = "center",
+        radial_frame: bool = False,
+        descriptor_dim: int = 0,
+        gamma: float = 10.0,
+        ot_tol: float = 1e-4,
+        ot_max_iter: int = 500,
+        ot_kwargs: dict[str, Any] | None = None,
+        dustbin_init: float = 0.0,
+        backward_mode: ddn.BackwardMode | str = ddn.BackwardMode.IMPLICIT,
+    ) -> None:
+        super().__init__()
+        if normalize not in ("none", "center", "whiten"):
+            raise ValueError(
+                f"normalize must be one of ['none', 'center', 'whiten'], got {normalize!r}"
+            )
+        self.normalize = normalize
+        self.radial_frame = radial_frame
+        self.position = _mlp(2, dim, dim)
+        self.local = LocalShape(knn, dim, radial_frame) if knn > 0 else None
+        self.descriptor = nn.Linear(descriptor_dim, dim) if descriptor_dim else None
+        self.self_attn = nn.ModuleList(Attention(dim, heads) for _ in range(layers))
+        self.cross_attn = nn.ModuleList(Attention(dim, heads) for _ in range(layers))
+        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
+        self.dustbin = nn.Parameter(torch.tensor(float(dustbin_init)))
+        self.ot = ddn.OptimalTransport(
+            gamma=gamma,
+            tol=ot_tol,
+            max_iter=ot_max_iter,
+            backward_mode=backward_mode,
+            **(ot_kwargs or {}),
+        )
+
+    def embed(
+        self, points: torch.Tensor, mask: torch.Tensor, desc: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = standardize(points, mask, self.normalize)
+        h = self.position(x)
+        if self.local is not None:
+            h = h + self.local(x, mask)
+        if self.descriptor is not None and desc is not None:
+            h = h + self.descriptor(desc)
+        return h
+
+    def scores(
+        self,
+        kpts0: torch.Tensor,
+        kpts1: torch.Tensor,
+        mask0: torch.Tensor,
+        mask1: torch.Tensor,
+        desc0: torch.Tensor | None = None,
+        desc1: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Cosine similarities (B, M, N) of the final embeddings, in [-1, 1]."""
+        h0, h1 = self.embed(kpts0, mask0, desc0), self.embed(kpts1, mask1, desc1)
+        for self_attn, cross_attn in zip(self.self_attn, self.cross_attn, strict=True):
+            h0, h1 = self_attn(h0, h0, mask0), self_attn(h1, h1, mask1)
+            h0, h1 = cross_attn(h0, h1, mask1), cross_attn(h1, h0, mask0)
+        f0 = F.normalize(self.head(h0), dim=-1)
+        f1 = F.normalize(self.head(h1), dim=-1)
+        return f0 @ f1.transpose(1, 2)
+
+    def forward(
+        self,
+        kpts0: torch.Tensor,
+        kpts1: torch.Tensor,
+        mask0: torch.Tensor,
+        mask1: torch.Tensor,
+        desc0: torch.Tensor | None = None,
+        desc1: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        S = self.scores(kpts0, kpts1, mask0, mask1, desc0, desc1)
+        B, M, N = S.shape
+        bin_col = self.dustbin.expand(B, M, 1)
+        bin_row = self.dustbin.expand(B, 1, N + 1)
+        S = torch.cat([torch.cat([S, bin_col], dim=2), bin_row], dim=1)
+        m = mask0.sum(1, keepdim=True).to(S.dtype)
+        n = mask1.sum(1, keepdim=True).to(S.dtype)
+        r = torch.cat([mask0.to(S.dtype), n], dim=1)
+        c = torch.cat([mask1.to(S.dtype), m], dim=1)
+        P = self.ot(-S, r, c)
+        return P * (m + n).unsqueeze(-1)
+
+
+def matching_nll(
+    assignment: torch.Tensor,
+    matches0: torch.Tensor,
+    matches1: torch.Tensor,
+    mask0: torch.Tensor,
+    mask1: torch.Tensor,
+    unmatched_weight: float = 1.0,
+) -> torch.Tensor:
+    """Per-sample loss (B,): mean -log assignment of the ground-truth matches, plus
+    ``unmatched_weight`` times the mean -log dustbin probability of the unmatched points of
+    both sets. Each mean is over that sample's own terms (a sample without unmatched points
+    contributes no dustbin term), so a sample's loss does not depend on what it is batched
+    with or how much it is padded."""
+    M, N = assignment.shape[1] - 1, assignment.shape[2] - 1
+    logp = assignment.clamp_min(LOG_FLOOR).log()
+    matched = matches0 >= 0
+    to = matches0.clamp_min(0).unsqueeze(-1)
+    match_logp = logp[:, :M].gather(2, to).squeeze(-1)
+    match_nll = -(match_logp * matched).sum(1) / matched.sum(1).clamp_min(1)
+    alone0 = mask0 & (matches0 < 0)
+    alone1 = mask1 & (matches1 < 0)
+    bin_logp = (logp[:, :M, N] * alone0).sum(1) + (logp[:, M, :N] * alone1).sum(1)
+    bin_nll = -bin_logp / (alone0.sum(1) + alone1.sum(1)).clamp_min(1)
+    return match_nll + unmatched_weight * bin_nll
+
+
+def mutual_matches(
+    assignment: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """Predicted ``matches0`` (B, M): j for the pairs that are each other's argmax over the
+    real (non-dustbin) part and have assignment probability above ``threshold``; -1 else."""
+    core = assignment[:, :-1, :-1].masked_fill(~(mask0.unsqueeze(2) & mask1.unsqueeze(1)), -1.0)
+    best1 = core.argmax(2)  # (B, M)
+    best0 = core.argmax(1)  # (B, N)
+    rows = torch.arange(core.shape[1], device=core.device)
+    mutual = best0.gather(1, best1) == rows
+    prob = core.gather(2, best1.unsqueeze(-1)).squeeze(-1)
+    return torch.where(mutual & (prob > threshold) & mask0, best1, -1)

@@ -1,0 +1,190 @@
+"""LightningModule of the matching task: NLL of the ground-truth assignment, match P/R/F1."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics import MeanMetric, MetricCollection
+
+from tasks.matching import baselines
+from tasks.matching.metrics import match_metrics
+from tasks.matching.model import MatchingNet, matching_nll, mutual_matches
+from tasks.optim import configure as configure_optimization
+
+Batch = dict[str, torch.Tensor]
+
+
+class MatchingModule(pl.LightningModule):
+    """Logs ``train/loss`` (per step, this rank), and per epoch ``<split>/precision``,
+    ``<split>/recall``, ``<split>/f1`` for train, val and test, ``val/loss``, ``test/loss``.
+    The test split also scores the baselines with the same metric: ``test/nn_f1``,
+    ``test/hungarian_f1`` (and their precision and recall). Metrics and epoch losses are
+    torchmetrics states, reduced over DDP ranks once per epoch."""
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optim: dict[str, Any],
+        baselines: dict[str, Any],
+        descriptor_dim: int,
+        backward_mode: str,
+    ) -> None:
+        super().__init__()
+        # Plain dicts, so checkpoints load without this project's config classes.
+        self.save_hyperparameters(logger=False)
+        self.net = MatchingNet(
+            dim=model["dim"],
+            layers=model["layers"],
+            heads=model["heads"],
+            knn=model["knn"],
+            normalize=model["normalize"],
+            descriptor_dim=descriptor_dim,
+            gamma=model["gamma"],
+            ot_tol=model["ot_tol"],
+            ot_max_iter=model["ot_max_iter"],
+            ot_kwargs=model["ot_kwargs"],
+            dustbin_init=model["dustbin_init"],
+            backward_mode=backward_mode,
+        )
+        self.unmatched_weight = model["unmatched_weight"]
+        self.threshold = model["match_threshold"]
+        # One metric object per split (and baseline): their states must not mix.
+        self.train_metrics = match_metrics("train/")
+        self.val_metrics = match_metrics("val/")
+        self.test_metrics = match_metrics("test/")
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        self.baselines_enabled = baselines["enabled"]
+        self.baseline_metrics = torch.nn.ModuleDict(
+            {name: match_metrics(f"test/{name}_") for name in baselines_names(baselines)}
+        )
+        # name -> max_distance; tuned on the validation set when the config leaves it null.
+        self.max_distance: dict[str, float] = {}
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """The assignment matrix (B, M+1, N+1) of a collated batch (see MatchingNet)."""
+        return self.net(
+            batch["kpts0"],
+            batch["kpts1"],
+            batch["mask0"],
+            batch["mask1"],
+            batch.get("desc0"),
+            batch.get("desc1"),
+        )
+
+    def _step(self, batch: Batch, split: str) -> torch.Tensor:
+        assignment = self(batch)
+        loss = matching_nll(
+            assignment,
+            batch["matches0"],
+            batch["matches1"],
+            batch["mask0"],
+            batch["mask1"],
+            self.unmatched_weight,
+        ).mean()
+        size = len(batch["mask0"])
+        predicted = mutual_matches(
+            assignment.detach(), batch["mask0"], batch["mask1"], self.threshold
+        )
+        metrics = getattr(self, f"{split}_metrics")
+        metrics.update(predicted, batch["matches0"])
+        self._log_metrics(metrics, size)
+        if split == "train":
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        else:
+            mean_loss = getattr(self, f"{split}_loss")
+            mean_loss.update(loss.detach(), weight=size)
+            self.log(f"{split}/loss", mean_loss, on_step=False, on_epoch=True, batch_size=size)
+        return loss
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._step(batch, "test")
+        for name, metrics in self.baseline_metrics.items():
+            matches0, distance = _baseline(name, batch)
+            predicted = baselines.within(matches0, distance, self.max_distance[name])
+            metrics.update(predicted, batch["matches0"])
+            self._log_metrics(metrics, len(batch["mask0"]))
+
+    def _log_metrics(self, metrics: MetricCollection, size: int) -> None:
+        # Logging the Metric objects (not their values) makes Lightning compute them once
+        # per epoch, after reducing their counts over the DDP ranks.
+        for name, metric in metrics.items(keep_base=False):
+            self.log(
+                name,
+                metric,
+                on_step=False,
+                on_epoch=True,
+                batch_size=size,
+                prog_bar=name.endswith("/f1"),
+            )
+
+    def on_test_epoch_start(self) -> None:
+        fixed = self.hparams.baselines["max_distance"]
+        todo = [n for n in self.baseline_metrics if n not in self.max_distance]
+        if not todo:
+            return
+        if fixed is not None:
+            self.max_distance.update(dict.fromkeys(todo, float(fixed)))
+            return
+        # Every rank reads the whole validation set (a plain loader, not sharded), so all
+        # ranks find the same thresholds without communicating.
+        loader = self.trainer.datamodule.val_dataloader()
+        self.max_distance.update(tune_max_distance(loader, todo))
+
+    def on_test_epoch_end(self) -> None:
+        for name in self.baseline_metrics:
+            self.log(f"test/{name}_max_distance", self.max_distance[name], sync_dist=False)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        total = self.trainer.estimated_stepping_batches
+        epochs = self.trainer.max_epochs or 0
+        per_epoch = total / epochs if epochs > 0 else total
+        return configure_optimization(
+            self.parameters(), OmegaConf.create(self.hparams.optim), total, per_epoch
+        )
+
+
+def baselines_names(cfg: dict[str, Any]) -> tuple[str, ...]:
+    return baselines.BASELINES if cfg["enabled"] else ()
+
+
+def _baseline(name: str, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    method = baselines.nearest_neighbour if name == "nn" else baselines.hungarian
+    return method(batch["kpts0"], batch["kpts1"], batch["mask0"], batch["mask1"])
+
+
+def tune_max_distance(loader: Any, names: list[str]) -> dict[str, float]:
+    """Each baseline's F1-maximising distance threshold over the batches of ``loader``."""
+    found: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {n: ([], []) for n in names}
+    actual = 0
+    for batch in loader:
+        actual += int((batch["matches0"] >= 0).sum())
+        for name in names:
+            matches0, distance = _baseline(name, batch)
+            found[name][0].append(distance.flatten().cpu().numpy())
+            correct = (matches0 >= 0) & (matches0 == batch["matches0"])
+            found[name][1].append(correct.flatten().cpu().numpy())
+    return {
+        name: baselines.best_max_distance(np.concatenate(d), np.concatenate(c), actual)
+        for name, (d, c) in found.items()
+    }
+
+
+def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> MatchingModule:
+    return MatchingModule(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        baselines=OmegaConf.to_container(cfg.baselines, resolve=True),
+        descriptor_dim=datamodule.descriptor_dim,
+        backward_mode=cfg.ddn.backward_mode,
+    )

@@ -1,0 +1,81 @@
+"""The matching task through train.py's machinery: a smoke run in every backward mode (with
+the baselines in the results and the OT layer profiled), the shipped config, and bad configs
+failing before anything is built, naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.cli import load_config
+from tasks.config import ConfigError
+from tasks.registry import get_task
+from tasks.runner import run
+
+# A run of a second or two: a tiny encoder on tiny sets, quiet, no W&B.
+TINY = [
+    "task=matching",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "logger.wandb=false",
+    "model.dim=8",
+    "model.heads=2",
+    "model.layers=1",
+    "data.batch_size=4",
+    "data.train_size=8",
+    "data.val_size=4",
+    "data.test_size=4",
+    "data.synthetic.min_inliers=5",
+    "data.synthetic.max_inliers=9",
+]
+
+
+def fails(*overrides: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config((), ["task=matching", *overrides])
+    return str(info.value)
+
+
+@pytest.mark.parametrize("mode", ["implicit", "full", "approx", "unroll"])
+def test_fast_dev_run_in_every_mode(tmp_path, mode):
+    overrides = [f"runs_dir={tmp_path}", "trainer.fast_dev_run=true", f"ddn.backward_mode={mode}"]
+    cfg = load_config((), [*TINY, *overrides])
+    results = run(cfg)
+    for key in ("test/f1", "test/precision", "test/recall", "test/nn_f1", "test/hungarian_f1"):
+        assert 0.0 <= results[key] <= 1.0, key
+    assert results["test/loss"] > 0
+    # the profiler found the Sinkhorn layer and measured its backward in this mode
+    assert results["ddn/net_ot/bwd_ms"] > 0
+    assert results["ddn/net_ot/bwd_peak_mib"] > 0
+
+
+def test_shipped_config_and_task_spec():
+    cfg = load_config(["configs/matching.yaml"], [])
+    assert cfg.task == "matching" and cfg.model.normalize == "whiten"
+    assert cfg.data.synthetic.outlier_fraction == 0.2 and list(cfg.data.warp.kinds) == ["affine"]
+    assert load_config((), ["task=matching"]).name.startswith("matching-implicit-")
+    spec = get_task("matching")
+    assert spec.monitor == "val/f1" and "test/hungarian_f1" in spec.summary
+
+
+def test_bad_values_name_their_key():
+    assert "data.warp.kinds: 'shear' is not one of" in fails("data.warp.kinds=[affine,shear]")
+    assert "data.source='video'" in fails("data.source=video")
+    assert "model.normalize='sphere'" in fails("model.normalize=sphere")
+    assert "model.dim=30 must be a multiple of model.heads=4" in fails("model.dim=30")
+    assert "data.synthetic.outlier_fraction" in fails("data.synthetic.outlier_fraction=1.0")
+    assert "data.synthetic.max_inliers" in fails("data.synthetic.max_inliers=3")
+    assert "model.gamma" in fails("model.gamma=0")
+    assert "baselines.max_distance" in fails("baselines.max_distance=-1.0")
+    assert "data.images.eval_images: 'lena'" in fails("data.images.eval_images=[lena]")
+
+
+def test_options_that_do_not_fit_together():
+    msg = fails("data.source=images", "data.warp.kinds=[nonrigid]")
+    assert "data.warp.kinds" in msg and "cannot resample an image" in msg
+    assert "model.ot_kwargs" in fails("model.ot_kwargs={no_such_option: 1}")
+    assert "data.images.patch=4 must be odd" in fails("data.images.patch=4")
+
+
+def test_unknown_key_is_named():
+    assert "model.dims" in fails("model.dims=8")
+    assert "baselines.enable" in fails("baselines.enable=false")
