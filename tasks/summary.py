@@ -11,7 +11,7 @@ from rich.table import Table
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:#.4g}"
     return str(value)
 
 
