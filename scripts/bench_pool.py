@@ -50,10 +50,11 @@ def make_input(kind: str, B: int, C: int, s: int, alpha: float, seed: int) -> to
     return x.reshape(B, C, s, s)
 
 
-def lbfgs_pool(x: torch.Tensor, penalty: str, alpha: float) -> torch.Tensor:
+def lbfgs_pool(x: torch.Tensor, penalty: str, alpha: float, evals: list | None = None):
     """The paper's forward: torch.optim.LBFGS on the batch-summed objective (lr 1, up to 100
     iterations, history 5, no line search, tolerance_grad 1e-5, tolerance_change 1e-9); the
-    mean for quadratic; non-convex penalties keep the better of the mean and median starts."""
+    mean for quadratic; non-convex penalties keep the better of the mean and median starts.
+    ``evals``, if given, receives the number of objective evaluations of each start."""
     p = ddn.PENALTIES[penalty]
     x = x.flatten(2)
     if p.closed_form:
@@ -68,7 +69,10 @@ def lbfgs_pool(x: torch.Tensor, penalty: str, alpha: float) -> torch.Tensor:
             tolerance_change=1e-9, history_size=5, line_search_fn=None,
         )  # fmt: skip
 
-        def closure(y=y, opt=opt):
+        count = [0]
+
+        def closure(y=y, opt=opt, count=count):
+            count[0] += 1
             opt.zero_grad()
             f = p.phi(torch.linalg.vector_norm(y[:, :, None] - x, dim=1), a).sum()
             f.backward()
@@ -76,6 +80,8 @@ def lbfgs_pool(x: torch.Tensor, penalty: str, alpha: float) -> torch.Tensor:
 
         with torch.enable_grad():
             opt.step(closure)
+        if evals is not None:
+            evals.append(count[0])
         y = y.detach()
         f = p.phi(torch.linalg.vector_norm(y[:, :, None] - x, dim=1), a).sum(-1)
         if best_y is None:
@@ -151,7 +157,8 @@ def bench_variant(x, penalty, alpha, mode, solver, budget) -> dict:
 
 def bench_lbfgs(x, penalty, alpha, budget) -> dict:
     t = time_within(lambda: lbfgs_pool(x, penalty, alpha), budget_s=budget)
-    y = lbfgs_pool(x, penalty, alpha)
+    evals = []
+    y = lbfgs_pool(x, penalty, alpha, evals)
     # both solvers start non-convex penalties from the coordinate-wise median: its cost is
     # shared, and reported so that the solvers can also be compared without it
     median_ms = 0.0
@@ -162,6 +169,7 @@ def bench_lbfgs(x, penalty, alpha, budget) -> dict:
         "solver": "torch.optim.LBFGS",
         "fwd_ms": 1e3 * t.median,
         "median_start_ms": median_ms,
+        "lbfgs_evals": "+".join(map(str, evals)),  # per start: mean(+median)
         "fwd_peak_mib": peak_memory_bytes(lambda: lbfgs_pool(x, penalty, alpha)) / MIB,
         "fwd_repeats": len(t.times),
         "objective": float(objective64(x, y, penalty, alpha).mean()),
