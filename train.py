@@ -1,4 +1,4 @@
-"""Train a task with deep declarative layers: ``python train.py [-c FILE ...] [key=value ...]``.
+r"""Train a task with deep declarative layers: ``python train.py [-c FILE ...] [key=value ...]``.
 
 CPU, the default (classification of scikit-learn's digits with robust pooling; offline):
     python train.py
