@@ -124,8 +124,14 @@ class ClassificationData(pl.LightningDataModule):
         # Runs on one process per node before setup: the only place that may download.
         if self.cfg.dataset in CIFAR_DIRS and self.cfg.download:
             cls = datasets.CIFAR10 if self.cfg.dataset == "cifar10" else datasets.CIFAR100
-            for train in (True, False):
-                cls(self.cfg.root, train=train, download=True)
+            try:
+                for train in (True, False):
+                    cls(self.cfg.root, train=train, download=True)
+            except OSError as err:  # URLError and socket errors: offline, or the host is down
+                raise RuntimeError(
+                    f"data.download=true: could not download {self.cfg.dataset} ({err}); "
+                    f"run once where it can, or put the archive under data.root={self.cfg.root!r}"
+                ) from err
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

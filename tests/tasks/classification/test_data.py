@@ -94,3 +94,17 @@ def test_cifar_without_archive_is_refused_before_loading(tmp_path):
 
     with pytest.raises(ConfigError, match="cifar-100-python"):
         load_config((), ["model.pool=avg", "data.dataset=cifar100", f"data.root={tmp_path}"])
+
+
+def test_failed_download_says_what_to_do(tmp_path, monkeypatch):
+    from urllib.error import URLError
+
+    from torchvision import datasets
+
+    def offline(*args, **kwargs):
+        raise URLError("network is unreachable")
+
+    monkeypatch.setattr(datasets.CIFAR10, "download", offline)
+    dm = ClassificationData(data_cfg(dataset="cifar10", root=str(tmp_path), download=True))
+    with pytest.raises(RuntimeError, match="data.download=true: could not download cifar10"):
+        dm.prepare_data()
