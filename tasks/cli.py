@@ -142,7 +142,7 @@ def _unknown_key_message(schema: DictConfig, full_key: str) -> str:
     parent, _, leaf = full_key.rpartition(".")
     node = OmegaConf.select(schema, parent) if parent else schema
     known = list(node.keys()) if isinstance(node, DictConfig) else []
-    hint = difflib.get_close_matches(leaf, known, n=1)
+    hint = difflib.get_close_matches(leaf, known, n=1, cutoff=0.75)
     did_you_mean = f"; did you mean {parent + '.' if parent else ''}{hint[0]}?" if hint else ""
     where = f"keys of {parent}" if parent else "top-level keys"
     return f"{full_key}: unknown key{did_you_mean} ({where}: {known})"
