@@ -308,10 +308,13 @@ def main(argv=None):
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--target-size", type=int, default=500)
     ap.add_argument("--budget", type=float, default=1.5, help="seconds of repeats per timing")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
-        args.sizes, args.target_size, args.budget = [20, 40], 40, 0.0
+        args.sizes, args.target_size, args.budget = [12, 24], 24, 0.0
         args.batch_sizes = [1, 2]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
