@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
-from ddn_layers.generic.kkt import Constraints, Diagnostics, kkt_solve
+from ddn_layers.generic.kkt import Constraints, Diagnostics, cholesky_inverse, kkt_solve
 from ddn_layers.generic.options import Options
 from ddn_layers.generic.problem import Bound
 
@@ -79,9 +79,7 @@ def full_grads(
     diag.singular |= info != 0
     L = torch.where((info != 0)[:, None, None], torch.eye(m, dtype=L.dtype, device=L.device), L)
 
-    def H_inv(rhs: Tensor) -> Tensor:
-        return torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
-
+    H_inv = cholesky_inverse(L)
     cons, C_rows = None, [None] * len(idx)
     if lam is not None:
         p = lam.shape[-1]

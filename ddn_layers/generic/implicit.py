@@ -19,7 +19,13 @@ import torch
 from torch import Tensor
 from torch.func import vjp
 
-from ddn_layers.generic.kkt import Constraints, Diagnostics, cg_inverse, kkt_solve
+from ddn_layers.generic.kkt import (
+    Constraints,
+    Diagnostics,
+    cg_inverse,
+    cholesky_inverse,
+    kkt_solve,
+)
 from ddn_layers.generic.options import Options
 from ddn_layers.generic.problem import Bound
 
@@ -96,7 +102,7 @@ def user_hessian(bound: Bound, y: Tensor) -> Callable[[Tensor], Tensor]:
                 "hessian_approx must be symmetric positive definite: its Cholesky "
                 f"factorisation failed for {int((info != 0).sum())} of {B} samples"
             )
-        return lambda v: torch.cholesky_solve(v.unsqueeze(-1), L).squeeze(-1)
+        return cholesky_inverse(L)
     raise ValueError(f"hessian_approx must return shape {shapes}, got {tuple(value.shape)}")
 
 

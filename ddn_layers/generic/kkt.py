@@ -66,6 +66,23 @@ class Diagnostics:
         return self.singular | self.rank_deficient
 
 
+def cholesky_inverse(L: Tensor) -> Callable[[Tensor], Tensor]:
+    """v -> (L L^T)^-1 v for a factor L (B, m, m), applied to (..., B, m).
+
+    Extra leading axes become columns of one right-hand side per sample: cholesky_solve
+    would broadcast them by copying L once per right-hand side.
+    """
+
+    def solve(v: Tensor) -> Tensor:
+        if v.dim() == 2:
+            return torch.cholesky_solve(v.unsqueeze(-1), L).squeeze(-1)
+        lead, (B, m) = v.shape[:-2], v.shape[-2:]
+        cols = v.reshape(-1, B, m).permute(1, 2, 0)
+        return torch.cholesky_solve(cols, L).permute(2, 0, 1).reshape(*lead, B, m)
+
+    return solve
+
+
 def batched(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     """Apply a (B, m) -> (B, m) map to (..., B, m): extra leading axes are vmapped."""
 
