@@ -109,7 +109,8 @@ def modes(rows, kind, out: Path) -> None:
     pens = ("pseudo-huber", "welsch")
     fig, axes = plt.subplots(2, len(pens), figsize=(11, 7.5))
     for j, pen in enumerate(pens):
-        for key, row, label in (("bwd_ms", 0, "backward time (ms)"), ("bwd_peak_mib", 1, "MiB")):
+        panels = (("bwd_ms", 0, "time (ms)"), ("bwd_peak_mib", 1, "peak memory (MiB)"))
+        for key, row, label in panels:
             ax = axes[row, j]
             for i, (mode, solver, name) in enumerate(VARIANTS):
                 n, v = _series(rows, kind, pen, mode, solver, key)
