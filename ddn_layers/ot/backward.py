@@ -28,8 +28,8 @@ after which  dJ/dM = gamma P o (a (+) b - V),  dJ/dr = a,  dJ/dc = b.  K is A H^
 
 Every linear system is symmetric positive (semi)definite, so only Cholesky routines are used
 (batched LU solves are unreliable on some MKL builds). A failed factorisation is detected per
-sample from ``cholesky_ex``'s info and re-solved by CG (which returns a least-squares solution
-of a consistent PSD system) with an IllConditionedWarning; it is never ignored.
+sample from ``cholesky_ex``'s info and re-solved with a small ridge (the near-minimum-norm
+solution) with an IllConditionedWarning; it is never ignored.
 """
 
 from __future__ import annotations
@@ -90,11 +90,15 @@ def _schur_rhs(P, r, s_r, s_c):
     return rinv, s_c - _rowvec_mat(rinv * s_r, P)
 
 
-def _solve_cholesky(P, c, rhs, rinv, scratch):
+def _solve_cholesky(P, c, rhs, rinv, scratch, ridge=0.0):
+    """Direct solve of S b = rhs; ``ridge`` (relative to mean(c)) regularises singular S."""
     q = (c > 0).to(P.dtype)
     torch.mul(P, rinv.sqrt().unsqueeze(-1), out=scratch)  # Q = diag(r)^-1/2 P
     S = _schur_lower(scratch)
-    S.diagonal(dim1=-2, dim2=-1).add_(c + (1 - q))  # padded columns: identity rows
+    diag = c + (1 - q)  # padded columns: identity rows
+    if ridge:
+        diag = diag + ridge * q * (c.sum(-1, keepdim=True) / q.sum(-1, keepdim=True).clamp_min(1))
+    S.diagonal(dim1=-2, dim2=-1).add_(diag)
     # Gauge: S has the null vector q; adding delta q q^T with delta * n_valid = mean(c) makes it
     # SPD with an eigenvalue like the others there, and leaves the solution of S b = rhs (rhs
     # is orthogonal to q) unchanged.
@@ -115,7 +119,8 @@ def _solve_cg(P, c, rhs, rinv, scratch, rtol, max_iter, check_every=5):
     needs no gauge: the residual stays in the range of S, and the null-space part of b does
     not change the gradient. One iteration: two matrix-vector products and ~12 vector ops.
     """
-    tiny = torch.finfo(P.dtype).tiny
+    tiny, eps = torch.finfo(P.dtype).tiny, torch.finfo(P.dtype).eps
+    cmax = c.amax(-1, keepdim=True)
     q = c > 0
     torch.mul(P, P, out=scratch)
     diag = c - _rowvec_mat(rinv, scratch)
@@ -133,7 +138,13 @@ def _solve_cg(P, c, rhs, rinv, scratch, rtol, max_iter, check_every=5):
     for it in range(1, max_iter + 1):
         # S p = c o p - P^T diag(1/r) P p
         Sp = torch.addcmul(_rowvec_mat(neg_rinv * _mat_vec(P, p), P), c, p)
-        alpha = rz / torch.linalg.vecdot(p, Sp).unsqueeze(-1).clamp_min(tiny)
+        pSp = torch.linalg.vecdot(p, Sp).unsqueeze(-1)
+        # breakdown (p in the numerical null space of S): stop that sample rather than blow up
+        alpha = torch.where(
+            pSp > eps * cmax * torch.linalg.vecdot(p, p).unsqueeze(-1),
+            rz / pSp.clamp_min(tiny),
+            0.0,
+        )
         x.addcmul_(alpha, p)
         res.addcmul_(alpha, Sp, value=-1)
         z = minv * res
@@ -188,10 +199,13 @@ def implicit_backward(P, r, c, V, gamma, solver="auto", forward_iters=10.0):
             ok = ok | ok2
     else:
         b, ok = _solve_cholesky(P, c, rhs, rinv, X)
-        if not bool(ok.all()):
-            b2, ok2, _ = _solve_cg(P, c, rhs, rinv, X, tol, 10 * n)
-            b = torch.where(ok.unsqueeze(-1), b, b2)
-            _warn_ill_conditioned(int((~ok).sum()), int((~ok2).sum()))
+    if not bool(ok.all()):
+        # S is singular beyond the gauge (P numerically block-diagonal): a small ridge picks
+        # the near-minimum-norm solution, exact for dJ/dM, a choice for dJ/dr and dJ/dc.
+        ridge = math.sqrt(torch.finfo(P.dtype).eps)
+        b2, ok2 = _solve_cholesky(P, c, rhs, rinv, X, ridge=ridge)
+        b = torch.where(ok.unsqueeze(-1), b, b2)
+        _warn_ill_conditioned(int((~ok).sum()), int((~ok2).sum()))
     a = (s_r - _mat_vec(P, b)) * rinv
     # dJ/dM = gamma P o (a (+) b - V), written into X
     torch.sub(a.unsqueeze(-1), V, out=X)
@@ -204,10 +218,10 @@ def implicit_backward(P, r, c, V, gamma, solver="auto", forward_iters=10.0):
 def _warn_ill_conditioned(n_bad: int, n_unresolved: int, what: str = "implicit") -> None:
     if what == "implicit":
         msg = (
-            f"sinkhorn backward: the Schur complement was not positive definite for {n_bad} "
-            "sample(s) (P is numerically block-diagonal, e.g. gamma * M so large that P is a "
-            "near-permutation); re-solved by conjugate gradients, so the gradients with respect "
-            "to r and c are ill-conditioned there."
+            f"sinkhorn backward: the Schur complement was singular for {n_bad} sample(s) (P is "
+            "numerically block-diagonal, e.g. gamma * M so large that P is a near-permutation); "
+            "solved with a small ridge: the gradient with respect to M is unaffected, those "
+            "with respect to r and c are the near-minimum-norm choice."
         )
     else:
         msg = (
@@ -216,7 +230,7 @@ def _warn_ill_conditioned(n_bad: int, n_unresolved: int, what: str = "implicit")
             "path instead."
         )
     if n_unresolved:
-        msg += f" CG did not converge for {n_unresolved} of them."
+        msg += f" The regularised system still failed for {n_unresolved} of them."
     warnings.warn(msg, IllConditionedWarning, stacklevel=4)
 
 
