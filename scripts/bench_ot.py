@@ -301,6 +301,23 @@ def targets(m, device, budget_s, log, plain_cap=1_000_000):
     return out
 
 
+def write_targets(out: Path, tg, meta, size: int, device: str) -> None:
+    rows = [dict(target=n, value=v, goal=g, detail=d) for n, v, g, d in tg]
+    write_csv(out / "targets.csv", rows, meta)
+    with open(out / "targets.md", "w", encoding="utf-8") as f:
+        f.write(
+            f"# Optimal transport targets (m = n = {size}, batch 1, gamma = {GAMMA}, "
+            f"float32, {device})\n\n"
+        )
+        f.write(
+            f"Command: `{meta['command']}`  \nMachine: {meta['cpu']}, "
+            f"{meta['torch_threads']} threads, torch {meta['torch']}\n\n"
+        )
+        f.write("| target | measured | goal | detail |\n|---|---|---|---|\n")
+        for n, v, g, d in tg:
+            f.write(f"| {n} | {v:.4g} | {g} | {d} |\n")
+
+
 def main(argv=None):
     global GAMMA
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -330,34 +347,16 @@ def main(argv=None):
         lines.append(msg)
 
     rows: list[dict] = []
-    tg = targets(
-        args.target_size, args.device, args.budget, log, plain_cap=2000 if args.quick else 1_000_000
-    )
-    size_sweep(args.sizes, args.batch_sizes, args.device, args.budget, rows, log)
-    iteration_sweep(
-        args.target_size,
-        args.device,
-        rows,
-        log,
-        iters=(1, 2, 3) if args.quick else tuple(range(1, 11)),
-    )
     meta = machine_info(args.device)
+    quick_cap = 2000 if args.quick else 1_000_000
+    tg = targets(args.target_size, args.device, args.budget, log, plain_cap=quick_cap)
+    write_targets(out, tg, meta, args.target_size, args.device)
+    # sections are written as they finish, so that an interrupted long run keeps its results
+    size_sweep(args.sizes, args.batch_sizes, args.device, args.budget, rows, log)
     write_csv(out / "ot.csv", rows, meta)
-    write_csv(
-        out / "targets.csv", [dict(target=n, value=v, goal=g, detail=d) for n, v, g, d in tg], meta
-    )
-    with open(out / "targets.md", "w", encoding="utf-8") as f:
-        f.write(
-            f"# Optimal transport targets (m = n = {args.target_size}, batch 1, "
-            f"gamma = {GAMMA}, float32, {args.device})\n\n"
-        )
-        f.write(
-            f"Command: `{meta['command']}`  \nMachine: {meta['cpu']}, "
-            f"{meta['torch_threads']} threads, torch {meta['torch']}\n\n"
-        )
-        f.write("| target | measured | goal | detail |\n|---|---|---|---|\n")
-        for n, v, g, d in tg:
-            f.write(f"| {n} | {v:.4g} | {g} | {d} |\n")
+    sweep_iters = (1, 2, 3) if args.quick else tuple(range(1, 11))
+    iteration_sweep(args.target_size, args.device, rows, log, iters=sweep_iters)
+    write_csv(out / "ot.csv", rows, meta)
     print(f"wrote {out}/ot.csv, targets.csv, targets.md")
 
 

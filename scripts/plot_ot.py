@@ -34,6 +34,8 @@ def _series(rows, section, batch, key):
         name = f"{row['mode']}/{row['solver']}"
         xs, ys = out.setdefault(name, ([], []))
         x = row["m"] if section == "size" else row["iterations"]
+        if not x:  # an iteration count the peer does not report
+            continue
         xs.append(float(x))
         ys.append(float(row[key]))
     return out
