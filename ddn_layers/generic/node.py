@@ -66,7 +66,8 @@ def argmin(
         backward_mode: ``implicit`` (Eq. 3 matrix-free: CG on Hessian-vector products, the
             p x p Schur complement for constraints), ``full`` (dense H, A, B, C from
             torch.func; Cholesky), ``approx`` (H replaced by ``hessian_approx``), ``unroll``
-            (autograd through the solver's iterations).
+            (autograd through the solver's iterations: the derivative of the iterations that
+            ran, so a start that is already optimal passes on the start's derivative).
         implicit_solver: the Schur complement of ``implicit`` and ``approx``: ``cholesky``
             (formed from p Hessian solves), ``cg`` (matrix-free, nested CG) or ``auto`` (by
             size).

@@ -114,3 +114,22 @@ def test_sinkhorn(size, mode, options):
     assert close(gM, rM)
     assert close(_sum_zero(gr), _sum_zero(rr))
     assert close(_sum_zero(gc), _sum_zero(rc))
+
+
+@pytest.mark.parametrize("mode", ["implicit", "unroll"])
+def test_robust_pool_float32_with_default_tolerances(mode):
+    """What training uses: float32 and the default tolerances, to float32's accuracy (looser
+    for unroll: both sides differentiate the iterations they ran, which differ)."""
+    tol = {"implicit": 1e-4, "unroll": 1e-3}[mode]
+    ex = load_example("robust_pooling")
+    x = clustered(4, 16, 49, seed=2, dtype=torch.float32)
+    alpha = torch.tensor(0.5)
+    v = torch.randn(4, 16)
+    ex.pool.backward_mode = mode
+    y, (gx, ga) = _grads(lambda x, a: ex.pool(x, a.expand(4)), (x, alpha), v)
+    ref = lambda x, a: ddn.robust_pool(x, "pseudo-huber", a, backward_mode=mode)  # noqa: E731
+    y_ref, (rx, ra) = _grads(ref, (x, alpha), v)
+    assert y.dtype == gx.dtype == torch.float32
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    assert float((gx - rx).norm() / rx.norm()) < tol
+    assert float((ga - ra).abs() / ra.abs()) < tol
