@@ -39,7 +39,7 @@ def ot_problems(draw):
     return M, marginal(m), marginal(n), gamma
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=ot_problems(), mode=st.sampled_from(["implicit", "full", "approx", "unroll"]))
 def test_valid_plan_warning_or_value_error(problem, mode):
     M, r, c, gamma = problem
