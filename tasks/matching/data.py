@@ -132,11 +132,9 @@ class SyntheticPairs:
         n_out0 = round(ratio * n_in)
         n_out1 = max(round(ratio * len(kept)), 0 if len(kept) else 1)
         out0 = rng.uniform(-0.5, 0.5, (n_out0, 2))
-        # Outliers of set 1 fill the warped square's bounding box, so that where a point lies
-        # does not tell them apart from inliers.
-        grid = np.stack(np.meshgrid(*[np.linspace(-0.5, 0.5, 5)] * 2), -1).reshape(-1, 2)
-        corners = warp(grid)
-        out1 = rng.uniform(corners.min(0), corners.max(0), (n_out1, 2))
+        # Outliers of set 1 are drawn where its inliers are (the warped square), so that
+        # neither where a point lies nor the spread of a set tells outliers from inliers.
+        out1 = warp(rng.uniform(-0.5, 0.5, (n_out1, 2)))
         matches0 = np.full(n_in + n_out0, -1, dtype=np.int64)
         matches0[kept] = np.arange(len(kept))
         sample = _pair(np.concatenate([src, out0]), np.concatenate([tgt, out1]), matches0, rng)

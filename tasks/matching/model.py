@@ -74,6 +74,13 @@ def _mlp(*sizes: int) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
+def _radial_frame(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per point, the unit vector from the centroid (the origin after standardisation) and
+    its normal: coordinates in this frame do not change under rotations about the centroid."""
+    u = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return u, torch.stack([-u[..., 1], u[..., 0]], dim=-1)
+
+
 class LocalShape(nn.Module):
     """Embedding of the offsets from a point to its ``k`` nearest neighbours in its own set:
     a shared MLP on each offset (with the point's own position), max over the neighbours.
@@ -104,8 +111,7 @@ class LocalShape(nn.Module):
             # Offsets in each point's radial frame (unit vector from the centroid, and its
             # normal), with the point's radius: unchanged by any rotation about the centroid.
             radius = x.norm(dim=-1, keepdim=True)
-            u = x / radius.clamp_min(1e-6)
-            v = torch.stack([-u[..., 1], u[..., 0]], dim=-1)
+            u, v = _radial_frame(x)
             along = (offsets * u.unsqueeze(2)).sum(-1, keepdim=True)
             across = (offsets * v.unsqueeze(2)).sum(-1, keepdim=True)
             edge_in = torch.cat([radius.unsqueeze(2).expand(-1, -1, k, -1), along, across], -1)
@@ -131,6 +137,7 @@ class Attention(nn.Module):
         self.mlp = nn.Sequential(nn.LayerNorm(dim), _mlp(dim, 2 * dim, dim))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``mask`` (B, L): the real points of ``context`` (B, L, dim)."""
         B, K, D = x.shape
         h = self.heads
         q = self.q(self.norm(x)).view(B, K, h, D // h).transpose(1, 2)
@@ -173,7 +180,7 @@ class MatchingNet(nn.Module):
             )
         self.normalize = normalize
         self.radial_frame = radial_frame
-        self.position = _mlp(2, dim, dim)
+        self.position = _mlp(3 if radial_frame else 2, dim, dim)
         self.local = LocalShape(knn, dim, radial_frame) if knn > 0 else None
         self.descriptor = nn.Linear(descriptor_dim, dim) if descriptor_dim else None
         self.self_attn = nn.ModuleList(Attention(dim, heads) for _ in range(layers))
@@ -188,11 +195,13 @@ class MatchingNet(nn.Module):
             **(ot_kwargs or {}),
         )
 
-    def embed(
-        self, points: torch.Tensor, mask: torch.Tensor, desc: torch.Tensor | None
-    ) -> torch.Tensor:
-        x = standardize(points, mask, self.normalize)
-        h = self.position(x)
+    def embed(self, x: torch.Tensor, mask: torch.Tensor, desc: torch.Tensor | None) -> torch.Tensor:
+        """Initial embeddings (B, K, dim) of standardised points ``x``."""
+        if self.radial_frame:
+            # The radius is the part of the position no rotation about the centroid changes.
+            h = self.position(torch.cat([x, x.norm(dim=-1, keepdim=True)], dim=-1))
+        else:
+            h = self.position(x)
         if self.local is not None:
             h = h + self.local(x, mask)
         if self.descriptor is not None and desc is not None:
@@ -209,7 +218,9 @@ class MatchingNet(nn.Module):
         desc1: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Cosine similarities (B, M, N) of the final embeddings, in [-1, 1]."""
-        h0, h1 = self.embed(kpts0, mask0, desc0), self.embed(kpts1, mask1, desc1)
+        x0 = standardize(kpts0, mask0, self.normalize)
+        x1 = standardize(kpts1, mask1, self.normalize)
+        h0, h1 = self.embed(x0, mask0, desc0), self.embed(x1, mask1, desc1)
         for self_attn, cross_attn in zip(self.self_attn, self.cross_attn, strict=True):
             h0, h1 = self_attn(h0, h0, mask0), self_attn(h1, h1, mask1)
             h0, h1 = cross_attn(h0, h1, mask1), cross_attn(h1, h0, mask0)
