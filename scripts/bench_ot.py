@@ -342,11 +342,15 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=1.5, help="seconds of repeats per timing")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--gamma", type=float, default=10.0)
+    ap.add_argument("--no-pot", action="store_true", help="leave out the POT peer (slow)")
+    ap.add_argument("--skip-targets", action="store_true", help="only the sweeps")
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     GAMMA = args.gamma
+    if args.no_pot:
+        VARIANTS[:] = [v for v in VARIANTS if v[0] != "pot"]
     if args.quick:  # small, easy problems (gamma = 1): every code path, in seconds
         args.sizes, args.target_size, args.budget = [12, 24], 24, 0.0
         GAMMA = 1.0
@@ -362,8 +366,9 @@ def main(argv=None):
     rows: list[dict] = []
     meta = machine_info(args.device)
     quick_cap = 2000 if args.quick else 1_000_000
-    tg = targets(args.target_size, args.device, args.budget, log, plain_cap=quick_cap)
-    write_targets(out, tg, meta, args.target_size, args.device)
+    if not args.skip_targets:
+        tg = targets(args.target_size, args.device, args.budget, log, plain_cap=quick_cap)
+        write_targets(out, tg, meta, args.target_size, args.device)
     # sections are written as they finish, so that an interrupted long run keeps its results
     size_sweep(args.sizes, args.batch_sizes, args.device, args.budget, rows, log)
     write_csv(out / "ot.csv", rows, meta)

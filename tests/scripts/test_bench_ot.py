@@ -2,21 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-
-
-@pytest.fixture
-def scripts_on_path(monkeypatch):
-    # the scripts import their helpers as run from scripts/ (``from benchutil import ...``)
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    yield
-    for name in ("bench_ot", "plot_ot", "benchutil"):
-        sys.modules.pop(name, None)
 
 
 @pytest.mark.slow
