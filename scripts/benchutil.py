@@ -90,9 +90,11 @@ def time_within(
 ) -> Timing:
     """Time ``fn`` with as many repeats as fit in about ``budget_s`` (at least one).
 
-    The first call is a warm-up and sets the count; a call that alone exceeds the budget is
-    reported as the single measurement, so slow baselines (seconds per call) cost one run.
+    One untimed call absorbs one-time costs (lazy library initialisation); the next sets the
+    count, and a call that alone exceeds the budget is reported as the single measurement, so
+    slow baselines (seconds per call) cost two runs.
     """
+    fn(*((setup(),) if setup is not None else ()))
     args = (setup(),) if setup is not None else ()
     synchronize(device)
     t0 = time.perf_counter()
