@@ -25,13 +25,14 @@ tensor broadcastable to it.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from types import MappingProxyType
 
 import torch
 from torch import Tensor
 
 
-class Penalty:
+class Penalty(ABC):
     """A robust penalty phi(z; alpha) and its curvature terms (see the module docstring).
 
     Attributes:
@@ -48,19 +49,19 @@ class Penalty:
     kappa2_zero: bool = False
     closed_form: bool = False
 
-    def phi(self, z: Tensor, alpha: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def phi(self, z: Tensor, alpha: Tensor) -> Tensor: ...
 
-    def kappa1(self, z: Tensor, alpha: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def kappa1(self, z: Tensor, alpha: Tensor) -> Tensor: ...
 
-    def kappa2(self, z: Tensor, alpha: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def kappa2(self, z: Tensor, alpha: Tensor) -> Tensor: ...
 
+    @abstractmethod
     def kappa1_dalpha(self, z: Tensor, alpha: Tensor) -> Tensor:
         """d kappa1 / d alpha at fixed z: the mixed derivative d^2 f / (d alpha dy) is
         sum_i kappa1_dalpha(z_i) (y - x_i), the right-hand side for the gradient in alpha."""
-        raise NotImplementedError
 
     def scaled_kappas(self, z: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """kappa1, kappa2 and kappa1_dalpha, all times one positive factor per sample.
