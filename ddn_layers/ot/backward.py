@@ -123,10 +123,11 @@ def _solve_cg(P, c, rhs, rinv, scratch, rtol, max_iter, check_every=5, give_up=F
     S is singular (null vector: the non-padded columns) but the system is consistent, so CG
     needs no gauge: the residual stays in the range of S, and the null-space part of b does
     not change the gradient. One iteration is two matrix-vector products with
-    Q = diag(r)^-1/2 P (S p = c o p - Q^T Q p) and eight vector operations: at m = n = 500 the
-    products take most of it, so the iteration count is what matters.
-    A sample whose residual met the tolerance is frozen (its step size is set to zero), so
-    it can neither drift nor divide by a vanishing p^T S p while others continue.
+    Q = diag(r)^-1/2 P (S p = c o p - Q^T Q p) and eleven small operations. At m = n = 500
+    on a CPU the interpreter's cost per operation is as large as the products, so vectors
+    are kept as rows (B, 1, n) that every product and dot product takes without reshaping,
+    and the loop has no per-iteration bookkeeping: a sample whose residual met the tolerance
+    is frozen by zeroing its preconditioner (z = 0, so p = 0 and its step does nothing).
 
     ``give_up``: stop early, unconverged, once the residual's observed rate of decrease
     predicts that some sample would need more than ``max_iter`` iterations (the caller then
@@ -138,48 +139,49 @@ def _solve_cg(P, c, rhs, rinv, scratch, rtol, max_iter, check_every=5, give_up=F
     # relative to c
     diag = c - _rowvec_mat(rinv, torch.mul(P, P, out=scratch))
     Q = torch.mul(P, rinv.sqrt().unsqueeze(-1), out=scratch)
-    minv = torch.where(q, torch.maximum(diag, 1e-3 * c), 1.0).reciprocal_()
-    x = torch.zeros_like(rhs)
-    res = rhs.clone()
+    minv = torch.where(q, torch.maximum(diag, 1e-3 * c), 1.0).reciprocal_().unsqueeze(1)
+    c_row = c.unsqueeze(1)
+    res = rhs.unsqueeze(1).clone()
+    x = torch.zeros_like(res)
     z = minv * res
     p = z.clone()
-    rz = torch.linalg.vecdot(res, z)
+    rz = torch.bmm(res, z.mT).clamp_min_(tiny)  # (B, 1, 1)
     bnorm = rhs.norm(dim=-1)
-    limit = rtol * bnorm
-    prev_norms = bnorm
-    active = (bnorm > 0).to(P.dtype)
+    limit = (rtol * bnorm).tolist()
+    prev = bnorm.tolist()
     it, last_check, next_check = 0, 0, check_every
     for it in range(1, max_iter + 1):
-        Sp = torch.addcmul(_rowvec_mat(_mat_vec(Q, p), Q).neg_(), c, p)
-        alpha = (rz / torch.linalg.vecdot(p, Sp).clamp_min(tiny)).mul_(active).unsqueeze(-1)
+        Sp = torch.baddbmm(torch.mul(c_row, p), torch.bmm(Q, p.mT).mT, Q, alpha=-1)
+        alpha = torch.div(rz, torch.bmm(p, Sp.mT).clamp_min_(tiny))
         x.addcmul_(alpha, p)
         res.addcmul_(alpha, Sp, value=-1)
-        z = minv * res
-        rz_new = torch.linalg.vecdot(res, z)
-        p = torch.addcmul(z, (rz_new / rz.clamp_min(tiny)).unsqueeze(-1), p)
-        rz = rz_new
+        z = torch.mul(minv, res)
+        rz_new = torch.bmm(res, z.mT)
+        p = torch.addcmul(z, torch.div(rz_new, rz), p)
+        rz = rz_new.clamp_min_(tiny)  # a frozen sample's is 0: keep 0 / rz defined
         if it == next_check:
-            norms = res.norm(dim=-1)
-            going = norms > limit
-            if not bool(going.any()):
+            norms = res.norm(dim=-1).view(-1).tolist()
+            going = [nrm > lim for nrm, lim in zip(norms, limit, strict=True)]
+            if not any(going):
                 break
-            active = going.to(P.dtype)
-            more = _predicted_iterations(norms, prev_norms, limit, it - last_check)
+            if not all(going):
+                minv = minv * torch.tensor(going, dtype=P.dtype, device=P.device).view(-1, 1, 1)
+            more = _predicted_iterations(norms, prev, limit, it - last_check)
             # the rate over the first iterations understates CG's (it accelerates): a give-up
             # needs two checks' worth of evidence
             if give_up and it >= 2 * check_every and it + more > max_iter:
                 break
             # check again when the slowest sample should be done, and at least as often
             next_check = it + (max(1, math.ceil(more)) if more < check_every else check_every)
-            last_check, prev_norms = it, norms
-    converged = res.norm(dim=-1) <= limit
-    return x, converged, it
+            last_check, prev = it, norms
+    converged = res.squeeze(1).norm(dim=-1) <= rtol * bnorm
+    return x.squeeze(1), converged, it
 
 
 def _predicted_iterations(norms, prev_norms, limit, steps) -> float:
-    """Iterations still needed by the slowest sample at its residual's recent rate."""
+    """Iterations still needed by the slowest sample at its residual's recent rate (lists)."""
     worst = 0.0
-    for now, before, lim in zip(norms.tolist(), prev_norms.tolist(), limit.tolist(), strict=True):
+    for now, before, lim in zip(norms, prev_norms, limit, strict=True):
         if now <= lim:
             continue
         if not 0 < now < before:
