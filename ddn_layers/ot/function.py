@@ -35,7 +35,6 @@ class _SinkhornFunction(torch.autograd.Function):
         out.append(sol)
         ctx.save_for_backward(sol.P)
         ctx.gamma, ctx.mode, ctx.solver = gamma, mode, solver
-        ctx.forward_iters = float(sol.iterations.float().mean())
         return sol.P
 
     @staticmethod
@@ -46,7 +45,7 @@ class _SinkhornFunction(torch.autograd.Function):
         # forward (max_iter reached) gets the exact gradient of the problem that P solves.
         r, c = P.sum(-1), P.sum(-2)
         if ctx.mode is BackwardMode.IMPLICIT:
-            dM, dr, dc = implicit_backward(P, r, c, V, ctx.gamma, ctx.solver, ctx.forward_iters)
+            dM, dr, dc = implicit_backward(P, r, c, V, ctx.gamma, ctx.solver)
         elif ctx.mode is BackwardMode.FULL:
             dM, dr, dc = full_backward(P, r, c, V, ctx.gamma)
         else:
@@ -113,11 +112,13 @@ def sinkhorn(
         max_iter: iteration limit per sample; a sample that does not converge raises a
             ConvergenceWarning naming how many did not.
         backward_mode: one of ``ddn.BackwardMode`` (implicit, full, approx, unroll).
-        implicit_solver: "auto" (by a cost model), "cholesky" or "cg" for the Schur complement.
+        implicit_solver: "cholesky" or "cg" for the Schur complement, or "auto": CG while it
+            costs less than the direct solve would (it gives up early otherwise).
         check_every: iterations between convergence checks (each check is one host sync).
         warn: set False to silence the ConvergenceWarning (``return_info`` still reports it).
         return_info: also return a :class:`~ddn_layers.SolverInfo` (per-sample iterations,
-            residual, converged; ``extra["omega"]`` the over-relaxation factor used).
+            residual, converged; ``extra["omega"]`` the over-relaxation factor used,
+            ``extra["rate"]`` the estimated rate of plain Sinkhorn, 0 where none was seen).
 
     Returns:
         P with the shape of M (and the SolverInfo if ``return_info``). float16/bfloat16 inputs
@@ -161,7 +162,9 @@ def sinkhorn(
         )
         sol = out[0]
 
-    info = SolverInfo(sol.iterations, sol.residual, sol.converged, extra={"omega": sol.omega})
+    info = SolverInfo(
+        sol.iterations, sol.residual, sol.converged, extra={"omega": sol.omega, "rate": sol.rate}
+    )
     if warn:
         n_bad = int((~sol.converged).sum())
         if n_bad:

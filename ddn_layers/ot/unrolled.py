@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ddn_layers.ot.solver import SinkhornSolution, update_omega
+from ddn_layers.ot.solver import OmegaSchedule, SinkhornSolution
 
 
 def _safe_log(x: torch.Tensor) -> torch.Tensor:
@@ -44,9 +44,8 @@ def unrolled_sinkhorn(
     active = torch.ones(B, dtype=torch.bool, device=M.device)
     iters = torch.full((B,), max_iter, dtype=torch.long, device=M.device)
     err = torch.full((B,), math.inf, dtype=M.dtype, device=M.device)
-    omega = torch.ones(B, 1, 1, dtype=M.dtype, device=M.device)
-    mu2 = torch.zeros(B, dtype=M.dtype, device=M.device)
-    best = torch.full((B,), math.inf, dtype=M.dtype, device=M.device)
+    sched = OmegaSchedule(B, torch.finfo(M.dtype).eps)
+    omega = sched.tensor(M)
     last_check = 0
     for it in range(1, max_iter + 1):
         w = omega.view(B, 1)
@@ -63,11 +62,14 @@ def unrolled_sinkhorn(
                 col = torch.where(cmask, torch.logsumexp(logP, dim=-2).exp(), 0.0)
                 e = (row - r).abs().sum(-1) + (col - c).abs().sum(-1)
                 if overrelax:
-                    finite = torch.isfinite(e)
-                    omega, mu2, best = update_omega(
-                        omega, mu2, best, e, err, finite, it - last_check
-                    )
-                    omega = torch.where(active.view(B, 1, 1), omega, 1.0)
+                    errs, on = e.tolist(), active.tolist()
+                    w_frozen = list(sched.omega)
+                    sched.update(errs, [math.isfinite(x) for x in errs], it - last_check)
+                    # frozen samples keep the factor they converged with
+                    sched.omega = [
+                        w if a else w0 for w, w0, a in zip(sched.omega, w_frozen, on, strict=True)
+                    ]
+                    omega = sched.tensor(M)
                 last_check = it
                 err = torch.where(active, e, err)
                 newly = active & (e <= tol)
@@ -76,4 +78,5 @@ def unrolled_sinkhorn(
                 if not bool(active.any()):
                     break
     P = torch.exp(logK + f.unsqueeze(-1) + g.unsqueeze(-2))
-    return SinkhornSolution(P, f.detach(), g.detach(), iters, err, ~active, omega.view(B))
+    rate = torch.tensor(sched.mu2, dtype=M.dtype, device=M.device)
+    return SinkhornSolution(P, f.detach(), g.detach(), iters, err, ~active, omega.view(B), rate)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -143,3 +144,23 @@ def test_autocast_safe():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         P = ddn.sinkhorn(M.bfloat16(), r, c, gamma=5.0)
     assert torch.isfinite(P).all()
+
+
+def test_omega_schedule_backs_off_on_blowup_and_on_non_finite_scalings():
+    """The over-relaxation factor rises to 2 / (1 + sqrt(1 - mu^2)) on steady decay, halves
+    its excess over 1 when the error grows or a scaling leaves the positive reals, and snaps
+    back to exactly 1 (plain Sinkhorn, which cannot overshoot) when the excess is small."""
+    from ddn_layers.ot.solver import OmegaSchedule
+
+    s = OmegaSchedule(2, eps=1e-16)
+    err = 1.0
+    for _ in range(2):  # plain iteration with rate 0.9 per step, 10 steps between checks
+        err *= 0.9**10
+        s.update([err, err], [True, True], 10)
+    w = s.omega[0]
+    assert w == pytest.approx(2 / (1 + (1 - 0.9) ** 0.5), rel=0.05)
+    s.update([err * 10, math.nan], [True, False], 10)  # growth / a NaN scaling
+    assert s.omega == pytest.approx([1 + (w - 1) / 2] * 2)
+    for _ in range(5):
+        s.update([err, math.nan], [True, False], 10)
+    assert s.omega[1] == 1.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.autograd import gradcheck
@@ -155,14 +157,46 @@ def test_batched_sizes_that_break_lu_solvers(B, m):
 
 @pytest.mark.parametrize("mode", ["implicit", "full"])
 def test_near_permutation_plan_gives_finite_gradient_and_warns(mode):
-    """gamma * M ~ 1e3 in float32: P is numerically block-diagonal and S singular beyond the
-    gauge (found by hypothesis). The gradient stays finite and the degeneracy is reported."""
+    """Two clusters 9 apart at gamma = 1000 in float32: P is exactly block-diagonal (the cross
+    entries underflow), so S is singular beyond the gauge (first found by hypothesis). The
+    gradient stays finite and the degeneracy is reported."""
     M = torch.tensor(
-        [[[1.5410, -0.2934, -2.1788], [0.5684, -1.0845, -1.3986],
-          [0.4033, 0.8380, -0.7193], [-0.4033, -0.5966, 0.1820]]]
-    )  # fmt: skip
-    M = torch.cat([M, M.flip(1)]).requires_grad_()
+        [[0.0, 0.3, 9.0, 9.5], [0.2, 0.0, 9.1, 9.0], [9.0, 9.3, 0.0, 0.4], [9.2, 9.0, 0.1, 0.0]]
+    )
+    M = torch.stack([M, M.flip(0)]).requires_grad_()
     with pytest.warns(ddn.IllConditionedWarning):
         P = ddn.sinkhorn(M, gamma=1000.0, tol=1e-4, max_iter=300, backward_mode=mode, warn=False)
         (P * torch.randn_like(P)).sum().backward()
     assert torch.isfinite(M.grad).all()
+
+
+def test_auto_gives_up_on_slow_cg_and_solves_directly(monkeypatch):
+    """With a budget of 12 CG iterations, a hard problem (randn costs at gamma 10: CG needs
+    ~30) makes auto abandon CG early and solve directly; an easy one (gamma 1) is solved by
+    CG within the budget. Either way auto's gradient is the direct solve's."""
+    from ddn_layers.ot import backward as bw
+
+    monkeypatch.setattr(bw, "cg_budget", lambda n, m: 12)
+    g = torch.Generator().manual_seed(5)
+    for gamma, want_cg in [(10.0, False), (1.0, True)]:
+        M = torch.randn(1, 60, 60, generator=g, dtype=torch.float64)
+        V = torch.randn(1, 60, 60, generator=g, dtype=torch.float64)
+        P = ddn.sinkhorn(M, gamma=gamma, tol=1e-9, max_iter=100_000)
+        r, c = P.sum(-1), P.sum(-2)
+        X = P * V
+        rinv, rhs = bw._schur_rhs(P, r, X.sum(-1), X.sum(-2))
+        _, ok, it = bw._solve_cg(P, c, rhs, rinv, X, 1e-10, 12, give_up=True)
+        assert bool(ok.all()) == want_cg, it
+        assert want_cg or it < 12  # gave up before it had spent the budget
+        auto = bw.implicit_backward(P, r, c, V, gamma, "auto")[0]
+        direct = bw.implicit_backward(P, r, c, V, gamma, "cholesky")[0]
+        torch.testing.assert_close(auto, direct, rtol=1e-7, atol=1e-12)
+
+
+def test_plan_has_no_entries_whose_products_are_denormal():
+    """P's tiny entries are flushed (P^T P would hold denormals, 2-3x slower to multiply)."""
+    M = torch.randn(1, 50, 60, generator=torch.Generator().manual_seed(0)) * 5
+    P = ddn.sinkhorn(M, gamma=10.0, max_iter=5000)
+    small = math.sqrt(torch.finfo(P.dtype).tiny)
+    assert bool(((P == 0) | (P >= small)).all())
+    assert bool((P == 0).any())  # the flush did something on this problem

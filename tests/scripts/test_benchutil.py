@@ -81,3 +81,19 @@ def test_write_csv_writes_header_union_and_meta(tmp_path):
     meta = json.loads(path.with_suffix(".meta.json").read_text())
     assert meta["torch"] == torch.__version__ and meta["command"].startswith("python")
     assert meta["torch_threads"] >= 1 and meta["cpu"]
+
+
+def test_cpu_clock_counts_this_threads_work_not_sleep():
+    """The cpu clock reads thread CPU time on one torch thread: a sleep costs nothing on it."""
+    threads = torch.get_num_threads()
+    try:
+        benchutil.use_clock("cpu")
+        assert torch.get_num_threads() == 1 and benchutil.clock_name() == "cpu"
+        assert benchutil.time_callable(lambda: time.sleep(0.05), repeats=1).median < 0.02
+        benchutil.use_clock("wall")
+        assert benchutil.time_callable(lambda: time.sleep(0.05), repeats=1).median >= 0.05
+        with pytest.raises(ValueError, match="clock"):
+            benchutil.use_clock("gpu")
+    finally:
+        benchutil.use_clock("wall")
+        torch.set_num_threads(threads)
