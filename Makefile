@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-fast bench lint format clean
+.PHONY: train test test-fast bench sweep plots lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,12 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_ot.py $(ARGS)
 	$(BIN)/python scripts/bench_pool.py $(ARGS)
+
+# One task trained once per backward mode (and pool), the budget in configs/sweep_$(TASK).yaml:
+# make sweep TASK=classification|matching [ARGS="--modes implicit unroll key=value ..."]
+TASK ?= classification
+sweep: $(STAMP)
+	$(BIN)/python scripts/sweep.py --task $(TASK) $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

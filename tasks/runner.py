@@ -21,7 +21,7 @@ from pytorch_lightning.callbacks import (
 )
 
 from tasks import rundir
-from tasks.callbacks import DDNProfiler
+from tasks.callbacks import DDNProfiler, StepTimer
 from tasks.layers import set_backward_mode
 from tasks.loggers import (
     build_loggers,
@@ -58,7 +58,8 @@ def _run_name_for_other_ranks(name: str) -> Iterator[None]:
 def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[pl.Callback]:
     spec = get_task(cfg.task)
     callbacks: list[pl.Callback] = [
-        DDNProfiler(cfg.ddn.profile_every_n_steps, cfg.ddn.profile_memory)
+        DDNProfiler(cfg.ddn.profile_every_n_steps, cfg.ddn.profile_memory),
+        StepTimer(),
     ]
     # Lightning 2.6 still writes last.ckpt at the end of a fast_dev_run, where it would be
     # mistaken for a run to resume; smoke runs get no checkpoint callback at all.
@@ -108,6 +109,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
     all_callbacks = build_callbacks(cfg, run_dir, bool(loggers)) + list(callbacks)
     checkpoint = next((c for c in all_callbacks if isinstance(c, ModelCheckpoint)), None)
     profiler = next(c for c in all_callbacks if isinstance(c, DDNProfiler))
+    timer = next(c for c in all_callbacks if isinstance(c, StepTimer))
     trainer = pl.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         default_root_dir=str(run_dir),
@@ -135,6 +137,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
             results["test_seconds"] = time.perf_counter() - start
         results["fit_seconds"] = fit_seconds
         results.update(profiler.summary())
+        results.update(timer.summary())
     finally:
         sync_command = finish_wandb() if loggers else None
 

@@ -1,5 +1,6 @@
 """Lightning callbacks shared by every task."""
 
 from tasks.callbacks.ddn_profiler import DDNProfiler
+from tasks.callbacks.step_timer import StepTimer
 
-__all__ = ["DDNProfiler"]
+__all__ = ["DDNProfiler", "StepTimer"]

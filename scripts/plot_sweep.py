@@ -1,0 +1,272 @@
+"""Draw a backward-mode sweep's figure and write its README from the sweep's CSV alone.
+
+    python scripts/plot_sweep.py [--csv docs/benchmarks/sweeps/classification/sweep.csv]
+
+Writes, beside the CSV: ``sweep.png`` (four panels, one bar per run: the test metric, time
+per training step, the declarative layers' forward and backward time, their backward peak
+memory and the memory the forward keeps for the backward) and ``README.md`` (the table, the
+command and the machine, from ``sweep.meta.json``). ``scripts/sweep.py`` writes the CSV and
+calls this; ``markdown_table`` is also what ``scripts/readme_tables.py`` puts in the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from benchutil import read_csv  # noqa: E402
+
+PNG = "sweep.png"
+MODE_COLORS = {
+    "implicit": "tab:blue",
+    "full": "tab:red",
+    "approx": "tab:green",
+    "unroll": "tab:orange",
+    "none": "tab:gray",
+}
+# Columns that hold numbers (everything else stays a string).
+NUMERIC = (
+    "seed",
+    "test_metric",
+    "best_val_metric",
+    "train_step_ms",
+    "fit_s",
+    "wall_s",
+    "epochs",
+    "steps",
+    "fwd_ms",
+    "bwd_ms",
+    "bwd_peak_mib",
+    "saved_mib",
+    "iters_mean",
+    "load_max",
+)
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def load_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The sweep CSV's rows, numbers as floats (nan where empty)."""
+    rows = []
+    for r in read_csv(path):
+        r = dict(r)
+        for k in NUMERIC:
+            if k in r:
+                r[k] = _float(r[k])
+        rows.append(r)
+    return rows
+
+
+def label(row: dict[str, Any]) -> str:
+    """``robust/implicit``, ``avg`` (a pool without a declarative layer) or ``implicit``."""
+    pool = row.get("pool") or ""
+    if row["mode"] == "none":
+        return pool
+    return f"{pool}/{row['mode']}" if pool else row["mode"]
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """One line per run: metric, time per step, layer time and memory (CSV values, rounded)."""
+    metric = rows[0]["metric"] if rows else "metric"
+    lines = [
+        f"| run | {metric} | step ms | layer fwd ms | layer bwd ms | bwd peak MiB | saved MiB "
+        "| solver iters |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        test = r["test_metric"]
+        lines.append(
+            f"| {label(r)} | {'-' if math.isnan(test) else f'{test:.4f}'} "
+            f"| {_fmt(r['train_step_ms'])} | {_fmt(r['fwd_ms'])} | {_fmt(r['bwd_ms'])} "
+            f"| {_fmt(r['bwd_peak_mib'])} | {_fmt(r['saved_mib'])} | {_fmt(r['iters_mean'])} |"
+        )
+    return "\n".join(lines)
+
+
+def _bars(ax, labels, values, colors, title, log=False, fmt="{:.3g}"):
+    ys = range(len(labels))
+    shown = [0.0 if math.isnan(v) else v for v in values]
+    ax.barh(ys, shown, color=colors)
+    ax.set_yticks(list(ys), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=9)
+    if log and any(v > 0 for v in shown):
+        ax.set_xscale("log")
+    for y, v in zip(ys, values, strict=True):
+        text = " n/a" if math.isnan(v) else " " + fmt.format(v)
+        ax.text(v if not math.isnan(v) and v > 0 else 0, y, text, va="center", fontsize=7)
+    ax.margins(x=0.25)
+
+
+def plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """The sweep's four panels as one PNG at ``path``."""
+    path = Path(path)
+    labels = [label(r) for r in rows]
+    colors = [MODE_COLORS.get(r["mode"], "tab:purple") for r in rows]
+    metric = rows[0]["metric"] if rows else "metric"
+    fig, axes = plt.subplots(2, 2, figsize=(11, 2.2 + 0.45 * len(rows)))
+    _bars(axes[0, 0], labels, [r["test_metric"] for r in rows], colors, metric, fmt="{:.4f}")
+    lo = min((r["test_metric"] for r in rows if not math.isnan(r["test_metric"])), default=0)
+    axes[0, 0].set_xlim(max(0.0, lo - 0.1), 1.0)
+    _bars(
+        axes[0, 1],
+        labels,
+        [r["train_step_ms"] for r in rows],
+        colors,
+        "time per training step (ms, median)",
+    )
+    layered = [r for r in rows if r["mode"] != "none"]
+    ax = axes[1, 0]
+    ys = list(range(len(layered)))
+    fwd = [r["fwd_ms"] for r in layered]
+    bwd = [r["bwd_ms"] for r in layered]
+    ax.barh([y - 0.2 for y in ys], fwd, height=0.4, color="tab:gray")
+    ax.barh(
+        [y + 0.2 for y in ys],
+        bwd,
+        height=0.4,
+        color=[MODE_COLORS.get(r["mode"], "tab:purple") for r in layered],
+    )
+    for y, f, b in zip(ys, fwd, bwd, strict=True):
+        ax.text(f, y - 0.2, f" {f:.3g}", va="center", fontsize=7)
+        ax.text(b, y + 0.2, f" {b:.3g}", va="center", fontsize=7)
+    ax.set_yticks(ys, [label(r) for r in layered], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.margins(x=0.25)
+    ax.set_title("declarative layer: forward (grey) and backward (colour) time, ms", fontsize=9)
+    ax = axes[1, 1]
+    peak = [r["bwd_peak_mib"] for r in layered]
+    saved = [r["saved_mib"] for r in layered]
+    ax.barh(
+        [y - 0.2 for y in ys],
+        peak,
+        height=0.4,
+        color=[MODE_COLORS.get(r["mode"], "tab:purple") for r in layered],
+    )
+    ax.barh([y + 0.2 for y in ys], saved, height=0.4, color="tab:gray")
+    for y, p, s in zip(ys, peak, saved, strict=True):
+        ax.text(p, y - 0.2, f" {p:.3g}", va="center", fontsize=7)
+        ax.text(s, y + 0.2, f" {s:.3g}", va="center", fontsize=7)
+    ax.set_yticks(ys, [label(r) for r in layered], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.margins(x=0.25)
+    ax.set_title(
+        "declarative layer: backward peak (colour), kept by the forward (grey), MiB", fontsize=9
+    )
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def load_meta(csv_path: str | Path) -> dict[str, Any]:
+    meta = Path(csv_path).with_suffix(".meta.json")
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def title_of(rows: list[dict[str, Any]]) -> str:
+    task = rows[0]["task"] if rows else ""
+    return f"Backward-mode sweep: {task} (same seed and budget per run)"
+
+
+def write_readme(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path) -> Path:
+    """The sweep's README: what ran, where, and the table (all from the CSV and its meta)."""
+    path = Path(path)
+    task = rows[0]["task"] if rows else "?"
+    total = meta.get("sweep_seconds")
+    lines = [
+        f"# Backward-mode sweep: {task}",
+        "",
+        "Every run trains the same model with the same seed and budget; only the backward mode"
+        + (" (and for classification the final pool)" if task == "classification" else "")
+        + " changes. Regenerate with the command below; redraw the figure and this file from the"
+        " CSV alone with `python scripts/plot_sweep.py --csv " + f"{path.parent}/sweep.csv`.",
+        "",
+        f"- Command: `{meta.get('command', '?')}`",
+        f"- Budget (config overlay): `{meta.get('config', '?')}`; every run: "
+        f"`{' '.join(meta.get('train_args', []))}`",
+        f"- Machine: {meta.get('cpu', '?')}, {meta.get('cpu_count', '?')} cores, torch "
+        f"{meta.get('torch', '?')}, Python {meta.get('python', '?')}, {meta.get('date_utc', '?')}",
+    ]
+    if total is not None:
+        lines.append(f"- Whole sweep: {total / 60:.1f} min wall ({len(rows)} runs)")
+    if meta.get("shared"):
+        others = "; ".join(meta.get("other_processes", [])[:4]) or "none seen"
+        lines.append(
+            f"- **The machine was shared** during this sweep (load average up to "
+            f"{meta.get('load_max', float('nan')):.1f}; other jobs: {others}): times are upper "
+            "bounds and noisy; accuracy and memory are unaffected."
+        )
+    elif meta:
+        lines.append(
+            f"- No other training or benchmark process ran during the sweep (load average up to "
+            f"{meta.get('load_max', float('nan')):.1f})."
+        )
+    lines += [
+        "",
+        markdown_table(rows),
+        "",
+        "`step ms`: median wall time of a training step (forward, backward, optimiser step)."
+        " Layer columns: medians over the profiled steps (`ddn/<layer>/...`, every "
+        "`ddn.profile_every_n_steps` steps, first dropped) of the declarative layer's forward"
+        " and backward wall time, the backward's peak memory (what the forward kept plus the "
+        "backward's own peak, from the torch profiler's allocation records) and what the "
+        "forward keeps for the backward; `-`: the run has no declarative layer.",
+        "",
+        f"![sweep]({PNG})",
+        "",
+    ]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def regenerate(csv_path: str | Path) -> list[Path]:
+    """Redraw ``sweep.png`` and rewrite ``README.md`` beside ``csv_path``."""
+    csv_path = Path(csv_path)
+    rows = load_rows(csv_path)
+    png = plot(rows, csv_path.parent / PNG, title_of(rows))
+    readme = write_readme(rows, load_meta(csv_path), csv_path.parent / "README.md")
+    return [png, readme]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--csv",
+        type=Path,
+        nargs="+",
+        default=[Path("docs/benchmarks/sweeps/classification/sweep.csv")],
+    )
+    args = ap.parse_args(argv)
+    for path in args.csv:
+        for written in regenerate(path):
+            print(f"wrote {written}")
+
+
+if __name__ == "__main__":
+    main()
