@@ -31,6 +31,14 @@ TASK ?= classification
 sweep: $(STAMP)
 	$(BIN)/python scripts/sweep.py --task $(TASK) $(ARGS)
 
+# Every figure under docs/benchmarks/, redrawn from the committed CSVs alone (no benchmark runs).
+SWEEP_CSVS := $(wildcard docs/benchmarks/sweeps/*/sweep.csv)
+plots: $(STAMP)
+	MPLBACKEND=Agg $(BIN)/python scripts/plot_ot.py --csv docs/benchmarks/ot/ot.csv
+	MPLBACKEND=Agg $(BIN)/python scripts/plot_pool.py --csv docs/benchmarks/pool/pool.csv
+	MPLBACKEND=Agg $(BIN)/python scripts/bench_generic.py --replot --out docs/benchmarks/generic
+	$(if $(SWEEP_CSVS),MPLBACKEND=Agg $(BIN)/python scripts/plot_sweep.py --csv $(SWEEP_CSVS))
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

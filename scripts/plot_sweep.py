@@ -205,7 +205,8 @@ def write_readme(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | P
         "Every run trains the same model with the same seed and budget; only the backward mode"
         + (" (and for classification the final pool)" if task == "classification" else "")
         + " changes. Regenerate with the command below; redraw the figure and this file from the"
-        " CSV alone with `python scripts/plot_sweep.py --csv " + f"{path.parent}/sweep.csv`.",
+        " CSV alone with `python scripts/plot_sweep.py --csv "
+        f"docs/benchmarks/sweeps/{task}/sweep.csv` (or `make plots`).",
         "",
         f"- Command: `{meta.get('command', '?')}`",
         f"- Budget (config overlay): `{meta.get('config', '?')}`; every run: "

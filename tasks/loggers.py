@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import secrets
 import subprocess
@@ -74,11 +75,13 @@ def hyperparameters(cfg: DictConfig, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _wandb_id(run_dir: Path) -> str:
-    # One W&B id per run directory, so a resumed run continues the same W&B run.
+    # One W&B id per run directory, so a resumed run continues the same W&B run. Under a
+    # `wandb agent` the id is the one the agent chose (WANDB_RUN_ID), so that the sweep
+    # controller sees its run report back.
     path = run_dir / _WANDB_ID_FILE
     if path.is_file():
         return path.read_text().strip()
-    run_id = secrets.token_hex(4)
+    run_id = os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
     if rank_zero_only.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(run_id + "\n")
