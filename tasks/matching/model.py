@@ -67,6 +67,12 @@ def standardize(points: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Ten
     return x @ inv_sqrt / math.sqrt(2.0)
 
 
+def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    """``x`` (B, K, ...) zero-padded (False for masks) along dim 1 to ``length``."""
+    pad = [0, 0] * (x.dim() - 2) + [0, length - x.shape[1]]
+    return F.pad(x, pad)
+
+
 def _mlp(*sizes: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for a, b in zip(sizes[:-1], sizes[1:], strict=True):
@@ -218,15 +224,23 @@ class MatchingNet(nn.Module):
         desc1: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Cosine similarities (B, M, N) of the final embeddings, in [-1, 1]."""
-        x0 = standardize(kpts0, mask0, self.normalize)
-        x1 = standardize(kpts1, mask1, self.normalize)
-        h0, h1 = self.embed(x0, mask0, desc0), self.embed(x1, mask1, desc1)
+        B, M, N = kpts0.shape[0], kpts0.shape[1], kpts1.shape[1]
+        # Both sets go through every layer as one batch of 2B sets padded to a common length:
+        # half the operations, which is what the time of these small tensors is made of.
+        length = max(M, N)
+        points = torch.cat([_pad(kpts0, length), _pad(kpts1, length)])
+        mask = torch.cat([_pad(mask0, length), _pad(mask1, length)])
+        desc = None
+        if desc0 is not None and desc1 is not None:
+            desc = torch.cat([_pad(desc0, length), _pad(desc1, length)])
+        h = self.embed(standardize(points, mask, self.normalize), mask, desc)
+        # Each set's context in cross-attention is the other set of its pair.
+        other = torch.cat([torch.arange(B, 2 * B), torch.arange(B)]).to(points.device)
         for self_attn, cross_attn in zip(self.self_attn, self.cross_attn, strict=True):
-            h0, h1 = self_attn(h0, h0, mask0), self_attn(h1, h1, mask1)
-            h0, h1 = cross_attn(h0, h1, mask1), cross_attn(h1, h0, mask0)
-        f0 = F.normalize(self.head(h0), dim=-1)
-        f1 = F.normalize(self.head(h1), dim=-1)
-        return f0 @ f1.transpose(1, 2)
+            h = self_attn(h, h, mask)
+            h = cross_attn(h, h[other], mask[other])
+        f = F.normalize(self.head(h), dim=-1)
+        return f[:B, :M] @ f[B:, :N].transpose(1, 2)
 
     def forward(
         self,

@@ -41,6 +41,7 @@ class MatchingModule(pl.LightningModule):
             layers=model["layers"],
             heads=model["heads"],
             knn=model["knn"],
+            radial_frame=model["radial_frame"],
             normalize=model["normalize"],
             descriptor_dim=descriptor_dim,
             gamma=model["gamma"],

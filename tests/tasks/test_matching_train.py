@@ -4,10 +4,13 @@ failing before anything is built, naming the key."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from tasks.cli import load_config
 from tasks.config import ConfigError
+from tasks.matching.module import build_module
 from tasks.registry import get_task
 from tasks.runner import run
 
@@ -55,6 +58,26 @@ def test_shipped_config_and_task_spec():
     assert load_config((), ["task=matching"]).name.startswith("matching-implicit-")
     spec = get_task("matching")
     assert spec.monitor == "val/f1" and "test/hungarian_f1" in spec.summary
+
+
+@pytest.mark.parametrize("radial_frame", [True, False])
+def test_model_keys_reach_the_network(radial_frame):
+    cfg = load_config(
+        (),
+        [
+            *TINY,
+            f"model.radial_frame={radial_frame}",
+            "model.normalize=center",
+            "model.knn=5",
+            "model.gamma=7.5",
+            "ddn.backward_mode=unroll",
+        ],
+    )
+    net = build_module(cfg, SimpleNamespace(descriptor_dim=0)).net
+    assert net.radial_frame is radial_frame and net.local.radial_frame is radial_frame
+    assert net.normalize == "center" and net.local.k == 5
+    assert len(net.self_attn) == len(net.cross_attn) == 1
+    assert net.ot.gamma == 7.5 and net.ot.backward_mode.value == "unroll"
 
 
 def test_bad_values_name_their_key():
