@@ -276,9 +276,8 @@ def targets(m, device, budget_s, log, plain_cap=1_000_000):
 
     # One stable forward iteration against one plain scaling iteration (same layouts, K
     # flushed below the smallest normal number as any careful plain implementation would):
-    # each timed at n and 2n iterations, the difference / n is the cost of an iteration, so
-    # neither side's set-up (our kernel and final plan, the plain K) is counted as iteration.
-    n_it = 200
+    # each timed at k1 and k2 iterations, the difference / (k2 - k1) is the cost of an
+    # iteration, so neither side's set-up (our kernel and final plan, the plain K) counts.
     K = torch.exp(-GAMMA * (M - M.amin(-1, keepdim=True)))
     K = torch.nn.functional.threshold(K, torch.finfo(K.dtype).tiny, 0.0)
     r = torch.full((1, m, 1), 1.0 / m, device=device)
@@ -295,30 +294,38 @@ def targets(m, device, budget_s, log, plain_cap=1_000_000):
         with torch.no_grad():
             return forward_fn("implicit", "auto", tol=1e-30, max_iter=k)(M)
 
-    # Each round times ours and plain at n and 2n iterations back to back; the round's ratio
+    # Each round times ours and plain at k1 and k2 iterations back to back; the round's ratio
     # of slopes cancels both sides' set-up and shares one machine state; median of rounds.
-    slopes, per_o, per_p = [], [], []
-    for i in range(16):  # round 0 warms up
-        t = []
-        for run, k in ((ours, 2 * n_it), (ours, n_it), (plain, 2 * n_it), (plain, n_it)):
-            synchronize(device)
-            t0 = now()
-            run(k)
-            synchronize(device)
-            t.append(now() - t0)
-        if i:
-            per_o.append((t[0] - t[1]) / n_it)
-            per_p.append((t[2] - t[3]) / n_it)
-            slopes.append(per_o[-1] / per_p[-1])
-    t_ours, t_plain = statistics.median(per_o), statistics.median(per_p)
+    # Two windows: iterations 50-150, where the error falls, and 200-400, where float32 at
+    # this size sits at its precision floor (error ~1e-6) and the over-relaxation factor
+    # swings at every check, so checks cost more there.
+    def slope_ratio(k1, k2, rounds=15):
+        slopes, per_o, per_p = [], [], []
+        for i in range(rounds + 1):  # round 0 warms up
+            t = []
+            for run, k in ((ours, k2), (ours, k1), (plain, k2), (plain, k1)):
+                synchronize(device)
+                t0 = now()
+                run(k)
+                synchronize(device)
+                t.append(now() - t0)
+            if i:
+                per_o.append((t[0] - t[1]) / (k2 - k1))
+                per_p.append((t[2] - t[3]) / (k2 - k1))
+                slopes.append(per_o[-1] / per_p[-1])
+        return [statistics.median(x) for x in (slopes, per_o, per_p)]
+
+    ratio, t_ours, t_plain = slope_ratio(50, 150)
+    ratio_floor, _, _ = slope_ratio(200, 400)
     out.append(
         (
             "one stable forward iteration / one plain scaling iteration",
-            statistics.median(slopes),
+            ratio,
             "<= 1.3",
-            f"median of 15 rounds, each the slope between {n_it} and {2 * n_it} iterations "
-            f"of both back to back: ours {t_ours * 1e6:.1f} us (checks every 10, "
-            f"over-relaxation), plain {t_plain * 1e6:.1f} us",
+            f"median of 15 rounds of back-to-back runs, slope between 50 and 150 iterations: "
+            f"ours {t_ours * 1e6:.1f} us (checks every 10, over-relaxation), plain "
+            f"{t_plain * 1e6:.1f} us; between 200 and 400 iterations (precision floor) "
+            f"{ratio_floor:.3f}",
         )
     )
 
@@ -397,6 +404,7 @@ def main(argv=None):
     ap.add_argument("--gamma", type=float, default=10.0)
     ap.add_argument("--no-pot", action="store_true", help="leave out the POT peer (slow)")
     ap.add_argument("--skip-targets", action="store_true", help="only the sweeps")
+    ap.add_argument("--only-targets", action="store_true", help="only targets.md/csv")
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run")
     args = ap.parse_args(argv)
     clock = args.clock or ("cpu" if torch.device(args.device).type == "cpu" else "wall")
@@ -426,6 +434,8 @@ def main(argv=None):
     if not args.skip_targets:
         tg = targets(args.target_size, args.device, args.budget, log, plain_cap=quick_cap)
         write_targets(out, tg, meta, args.target_size, args.device)
+    if args.only_targets:
+        return
     # sections are written as they finish, so that an interrupted long run keeps its results
     size_sweep(args.sizes, args.batch_sizes, args.device, args.budget, rows, log)
     write_csv(out / "ot.csv", rows, meta)
