@@ -8,8 +8,7 @@ ResNet case C=512, 7x7, batch 32; two kinds of input: ``randn`` (the paper's) an
 ``feature`` (a per-sample centre, inliers within about alpha of it, 10% outliers ~10 alpha
 away: with randn in 128 dimensions every point is ~11 alpha from any centre, so the
 non-convex penalties are degenerate there). For each penalty and backward mode: forward and
-backward time (median of repeats; CPU time of the one benchmark thread by default, see
-benchutil) and peak memory (benchutil: profiler records on CPU),
+backward wall time (median of repeats) and peak memory (benchutil: profiler records on CPU),
 and a torch.optim.LBFGS forward with the paper's settings as the baseline, all float32.
 
 Outputs: ``pool.csv`` (+ ``pool.meta.json``: machine, threads, command), ``targets.md``
@@ -25,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from benchutil import MIB, machine_info, peak_memory_bytes, time_within, use_clock, write_csv
+from benchutil import MIB, machine_info, peak_memory_bytes, time_within, write_csv
 
 import ddn_layers as ddn
 
@@ -268,7 +267,7 @@ def write_targets(path: Path, results: list[dict], meta: dict) -> None:
         "",
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['cpu']}, {meta['torch_threads']} torch threads, torch {meta['torch']}"
-        f", clock: {meta['clock']}, {meta['date_utc']}",
+        f", {meta['date_utc']}",
         "",
         "| target | case | measured | limit | met |",
         "|---|---|---|---|---|",
@@ -293,22 +292,12 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--budget", type=float, default=1.5, help="seconds of repeats per timing")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (wall clock only)")
-    ap.add_argument(
-        "--clock",
-        choices=["cpu", "wall"],
-        default="cpu",
-        help="cpu (default): CPU time of this thread, torch on 1 thread, immune to a shared "
-        "VM's steal time (see benchutil); wall: perf_counter with --threads",
-    )
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--skip-resnet", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, no ResNet case")
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.skip_resnet, args.budget = [4, 8], True, 0.05
-    if args.clock == "cpu" and (args.threads or 1) > 1:
-        ap.error("--clock cpu times one thread: leave out --threads or use --clock wall")
-    use_clock(args.clock)
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = machine_info()
