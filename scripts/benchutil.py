@@ -136,6 +136,38 @@ def time_within(
     return time_callable(fn, repeats=repeats, warmup=0, device=device, setup=setup)
 
 
+def paired_ratio(
+    fn_a: Callable[..., Any],
+    fn_b: Callable[..., Any],
+    *,
+    rounds: int = 21,
+    setup_a: Callable[[], Any] | None = None,
+    setup_b: Callable[[], Any] | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[float, float, float]:
+    """Median over ``rounds`` of time(a) / time(b), a and b timed back to back in each round.
+
+    Interleaving puts both sides of a ratio under the same machine state (frequency, cache and
+    memory-bus contention from other processes), which a ratio of two separately taken
+    medians does not. Returns (median ratio, median time of a, median time of b), seconds.
+    """
+    ratios, ta, tb = [], [], []
+    for i in range(rounds + 1):  # round 0 warms up
+        pair = []
+        for fn, setup in ((fn_a, setup_a), (fn_b, setup_b)):
+            args = (setup(),) if setup is not None else ()
+            synchronize(device)
+            t0 = _clock()
+            fn(*args)
+            synchronize(device)
+            pair.append(_clock() - t0)
+        if i:
+            ta.append(pair[0])
+            tb.append(pair[1])
+            ratios.append(pair[0] / max(pair[1], 1e-12))
+    return statistics.median(ratios), statistics.median(ta), statistics.median(tb)
+
+
 def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     """Peak bytes allocated on the CPU while ``fn()`` runs, above what was live before it.
 

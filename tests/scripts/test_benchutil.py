@@ -97,3 +97,22 @@ def test_cpu_clock_counts_this_threads_work_not_sleep():
     finally:
         benchutil.use_clock("wall")
         torch.set_num_threads(threads)
+
+
+def test_paired_ratio_times_both_sides_every_round():
+    calls = {"a": 0, "b": 0, "setup": 0}
+
+    def setup():
+        calls["setup"] += 1
+        return 3
+
+    def a(x):
+        calls["a"] += x
+
+    def b():
+        calls["b"] += 1
+
+    ratio, ta, tb = benchutil.paired_ratio(a, b, rounds=5, setup_a=setup)
+    # one warm-up round, then five timed; the setup output reaches a every time
+    assert calls == {"a": 18, "b": 6, "setup": 6}
+    assert ratio > 0 and ta > 0 and tb > 0
