@@ -59,7 +59,7 @@ def lbfgs_pool(x: torch.Tensor, penalty: str, alpha: float, evals: list | None =
     x = x.flatten(2)
     if p.closed_form:
         return x.mean(-1)
-    a = torch.tensor(alpha, dtype=x.dtype)
+    a = torch.tensor(alpha, dtype=x.dtype, device=x.device)
     starts = [x.mean(-1)] + ([] if p.is_convex else [x.median(-1).values])
     best_y, best_f = None, None
     for y0 in starts:
@@ -121,8 +121,9 @@ class _Counter:
 def bench_variant(x, penalty, alpha, mode, solver, budget) -> dict:
     """Forward and backward time and peak memory of one mode, on one input."""
     kw = {"backward_mode": mode, "implicit_solver": solver}
+    dev = x.device
     xg = x.clone().requires_grad_()
-    v = torch.randn(x.shape[:2], generator=torch.Generator().manual_seed(1))
+    v = torch.randn(x.shape[:2], generator=torch.Generator().manual_seed(1)).to(dev)
     check = _Counter()
 
     def forward():
@@ -133,11 +134,11 @@ def bench_variant(x, penalty, alpha, mode, solver, budget) -> dict:
 
     y, info = ddn.robust_pool(xg, penalty, alpha, return_info=True, **kw)
     check(lambda: (y.detach(), backward(y)))
-    t_fwd = time_within(forward, budget_s=budget)
-    t_bwd = time_within(backward, budget_s=budget, setup=forward)
-    fwd_peak = peak_memory_bytes(forward)
+    t_fwd = time_within(forward, budget_s=budget, device=dev)
+    t_bwd = time_within(backward, budget_s=budget, setup=forward, device=dev)
+    fwd_peak = peak_memory_bytes(forward, dev)
     y = forward()
-    bwd_peak = peak_memory_bytes(lambda: backward(y))
+    bwd_peak = peak_memory_bytes(lambda: backward(y), dev)
     return {
         "mode": mode,
         "solver": solver,
@@ -156,21 +157,24 @@ def bench_variant(x, penalty, alpha, mode, solver, budget) -> dict:
 
 
 def bench_lbfgs(x, penalty, alpha, budget) -> dict:
-    t = time_within(lambda: lbfgs_pool(x, penalty, alpha), budget_s=budget)
+    dev = x.device
+    t = time_within(lambda: lbfgs_pool(x, penalty, alpha), budget_s=budget, device=dev)
     evals = []
     y = lbfgs_pool(x, penalty, alpha, evals)
     # both solvers start non-convex penalties from the coordinate-wise median: its cost is
     # shared, and reported so that the solvers can also be compared without it
     median_ms = 0.0
     if not ddn.PENALTIES[penalty].is_convex:
-        median_ms = 1e3 * time_within(lambda: x.flatten(2).median(-1), budget_s=budget).median
+        median_ms = (
+            1e3 * time_within(lambda: x.flatten(2).median(-1), budget_s=budget, device=dev).median
+        )
     return {
         "mode": "lbfgs",
         "solver": "torch.optim.LBFGS",
         "fwd_ms": 1e3 * t.median,
         "median_start_ms": median_ms,
         "lbfgs_evals": "+".join(map(str, evals)),  # per start: mean(+median)
-        "fwd_peak_mib": peak_memory_bytes(lambda: lbfgs_pool(x, penalty, alpha)) / MIB,
+        "fwd_peak_mib": peak_memory_bytes(lambda: lbfgs_pool(x, penalty, alpha), dev) / MIB,
         "fwd_repeats": len(t.times),
         "objective": float(objective64(x, y, penalty, alpha).mean()),
         "finite": bool(torch.isfinite(y).all()),
@@ -178,13 +182,13 @@ def bench_lbfgs(x, penalty, alpha, budget) -> dict:
 
 
 def run(args) -> list[dict]:
-    cases = [(1, 128, s) for s in args.sizes]
+    cases = [(args.batch, 128, s) for s in args.sizes]
     if not args.skip_resnet:
         cases.append(RESNET)
     rows = []
     for kind in args.kinds:
         for B, C, s in cases:
-            x = make_input(kind, B, C, s, args.alpha, seed=s)
+            x = make_input(kind, B, C, s, args.alpha, seed=s).to(args.device)
             for penalty in args.penalties:
                 base = {"kind": kind, "penalty": penalty, "B": B, "C": C, "s": s, "n": s * s}
                 rows.append(base | bench_lbfgs(x, penalty, args.alpha, args.budget))
@@ -294,13 +298,15 @@ def main(argv=None) -> None:
     ap.add_argument("--budget", type=float, default=1.5, help="seconds of repeats per timing")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--skip-resnet", action="store_true")
+    ap.add_argument("--batch", type=int, default=1, help="batch of the C=128 s x s cases")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, no ResNet case")
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.skip_resnet, args.budget = [4, 8], True, 0.05
     if args.threads:
         torch.set_num_threads(args.threads)
-    meta = machine_info()
+    meta = machine_info(args.device)
     rows = run(args)
     write_csv(args.out / "pool.csv", rows, meta)
     results = targets(rows)
