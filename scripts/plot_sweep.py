@@ -154,7 +154,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.margins(x=0.25)
-    ax.set_title("declarative layer: forward (grey) and backward (colour) time, ms", fontsize=9)
+    ax.set_title("layer time: forward (grey) and backward (colour), ms", fontsize=9)
     ax = axes[1, 1]
     peak = [r["bwd_peak_mib"] for r in layered]
     saved = [r["saved_mib"] for r in layered]
@@ -173,7 +173,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     ax.set_xscale("log")
     ax.margins(x=0.25)
     ax.set_title(
-        "declarative layer: backward peak (colour), kept by the forward (grey), MiB", fontsize=9
+        "layer memory: backward peak (colour), kept by the forward (grey), MiB", fontsize=9
     )
     if title:
         fig.suptitle(title, fontsize=10)
@@ -223,7 +223,9 @@ def write_readme(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | P
             f"{meta.get('load_max', float('nan')):.1f}; other jobs: {others}): times are upper "
             "bounds and noisy; accuracy and memory are unaffected."
         )
-    elif meta:
+    if meta.get("note"):
+        lines.append(f"- Note: {meta['note']}")
+    elif meta and not meta.get("shared"):
         lines.append(
             f"- No other training or benchmark process ran during the sweep (load average up to "
             f"{meta.get('load_max', float('nan')):.1f})."

@@ -50,7 +50,7 @@ METRIC = {"classification": "test/acc", "matching": "test/f1"}
 VAL_METRIC = {"classification": "best/val/acc", "matching": "best/val/f1"}
 LAYER_STATS = ("fwd_ms", "bwd_ms", "bwd_peak_mib", "saved_mib", "iters_mean")
 # Other jobs whose presence makes the machine "shared" (the timings then are upper bounds).
-BUSY_PATTERN = "train.py|bench_"
+BUSY_PATTERN = "train.py|bench_|pytest"
 
 
 def grid(task: str, modes: list[str], pools: list[str]) -> list[tuple[str, str]]:
@@ -78,7 +78,7 @@ def other_jobs(own: set[int]) -> list[str]:
     jobs = []
     for line in out.splitlines():
         pid, _, cmd = line.partition(" ")
-        if not pid.isdigit() or int(pid) in own or "pgrep" in cmd or "sweep.py" in cmd:
+        if not pid.isdigit() or int(pid) in own or "pgrep" in cmd or "scripts/sweep.py" in cmd:
             continue
         jobs.append(cmd.strip()[:120])
     return jobs
@@ -255,7 +255,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=0.0,
         metavar="MIN",
-        help="first wait up to MIN minutes for no other train.py/bench_ job and load < 1.5",
+        help="first wait up to MIN minutes for no other train.py/bench_/pytest job and load < 1.5",
     )
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     # key=value arguments may come anywhere, also right after a list option (--modes a b k=v)
