@@ -118,6 +118,20 @@ def _bars(ax, labels, values, colors, title, log=False, fmt="{:.3g}"):
     ax.margins(x=0.25)
 
 
+def _paired_bars(ax, ys, upper, lower, labels, title) -> None:
+    """Two horizontal bars per row (``upper`` above ``lower``: (values, colours)), each
+    labelled with its value, on a log axis."""
+    for shift, (values, colour) in ((-0.2, upper), (0.2, lower)):
+        ax.barh([y + shift for y in ys], values, height=0.4, color=colour)
+        for y, v in zip(ys, values, strict=True):
+            ax.text(v, y + shift, f" {v:.3g}", va="center", fontsize=7)
+    ax.set_yticks(ys, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.margins(x=0.25)
+    ax.set_title(title, fontsize=9)
+
+
 def plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """The sweep's four panels as one PNG at ``path``."""
     path = Path(path)
@@ -136,44 +150,24 @@ def plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
         "time per training step (ms, median)",
     )
     layered = [r for r in rows if r["mode"] != "none"]
-    ax = axes[1, 0]
     ys = list(range(len(layered)))
-    fwd = [r["fwd_ms"] for r in layered]
-    bwd = [r["bwd_ms"] for r in layered]
-    ax.barh([y - 0.2 for y in ys], fwd, height=0.4, color="tab:gray")
-    ax.barh(
-        [y + 0.2 for y in ys],
-        bwd,
-        height=0.4,
-        color=[MODE_COLORS.get(r["mode"], "tab:purple") for r in layered],
+    colours = [MODE_COLORS.get(r["mode"], "tab:purple") for r in layered]
+    labels = [label(r) for r in layered]
+    _paired_bars(
+        axes[1, 0],
+        ys,
+        ([r["fwd_ms"] for r in layered], "tab:gray"),
+        ([r["bwd_ms"] for r in layered], colours),
+        labels,
+        "layer time: forward (grey) and backward (colour), ms",
     )
-    for y, f, b in zip(ys, fwd, bwd, strict=True):
-        ax.text(f, y - 0.2, f" {f:.3g}", va="center", fontsize=7)
-        ax.text(b, y + 0.2, f" {b:.3g}", va="center", fontsize=7)
-    ax.set_yticks(ys, [label(r) for r in layered], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.margins(x=0.25)
-    ax.set_title("layer time: forward (grey) and backward (colour), ms", fontsize=9)
-    ax = axes[1, 1]
-    peak = [r["bwd_peak_mib"] for r in layered]
-    saved = [r["saved_mib"] for r in layered]
-    ax.barh(
-        [y - 0.2 for y in ys],
-        peak,
-        height=0.4,
-        color=[MODE_COLORS.get(r["mode"], "tab:purple") for r in layered],
-    )
-    ax.barh([y + 0.2 for y in ys], saved, height=0.4, color="tab:gray")
-    for y, p, s in zip(ys, peak, saved, strict=True):
-        ax.text(p, y - 0.2, f" {p:.3g}", va="center", fontsize=7)
-        ax.text(s, y + 0.2, f" {s:.3g}", va="center", fontsize=7)
-    ax.set_yticks(ys, [label(r) for r in layered], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.margins(x=0.25)
-    ax.set_title(
-        "layer memory: backward peak (colour), kept by the forward (grey), MiB", fontsize=9
+    _paired_bars(
+        axes[1, 1],
+        ys,
+        ([r["bwd_peak_mib"] for r in layered], colours),
+        ([r["saved_mib"] for r in layered], "tab:gray"),
+        labels,
+        "layer memory: backward peak (colour), kept by the forward (grey), MiB",
     )
     if title:
         fig.suptitle(title, fontsize=10)
