@@ -25,6 +25,7 @@ tensor broadcastable to it.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from types import MappingProxyType
 
@@ -42,12 +43,16 @@ class Penalty(ABC):
         kappa2_zero: kappa2 vanishes wherever phi is twice differentiable, so the Hessian is
             exactly (sum kappa1) I and no linear solve is needed.
         closed_form: phi = z^2 / 2, whose minimiser is the mean: no iterations at all.
+        weights_vanish: every kappa1 can be 0 at once (a flat objective, where IRLS must
+            stay put rather than divide 0 by 0). Only a penalty that can never do so (kappa1
+            > 0 at every finite z, or scaled so) may set it False.
     """
 
     name: str = ""
     is_convex: bool = True
     kappa2_zero: bool = False
     closed_form: bool = False
+    weights_vanish: bool = True
 
     @abstractmethod
     def phi(self, z: Tensor, alpha: Tensor) -> Tensor: ...
@@ -73,9 +78,11 @@ class Penalty(ABC):
         """
         return self.kappa1(z, alpha), self.kappa2(z, alpha), self.kappa1_dalpha(z, alpha)
 
-    def irls_weights(self, z: Tensor, alpha: Tensor) -> Tensor:
-        """kappa1 times any positive factor per sample: all that one IRLS step needs."""
-        return self.kappa1(z, alpha)
+    def irls_weights_sq(self, sq: Tensor, alpha: Tensor) -> Tensor:
+        """kappa1 times any positive factor per sample, from the squared distances sq = z^2:
+        all that one IRLS step needs. sq may carry rounding below zero; no square root is
+        taken where the penalty does not need one (and none is differentiated at z = 0)."""
+        return self.kappa1(sq.clamp_min(0.0).sqrt(), alpha)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -111,11 +118,16 @@ class PseudoHuber(Penalty):
         # alpha^2 (sqrt(1+u) - 1) rewritten without the cancellation at small z
         return sq / (torch.sqrt(1.0 + sq / (alpha * alpha)) + 1.0)
 
+    weights_vanish = False
+
     def kappa1(self, z, alpha):
         return torch.rsqrt(1.0 + (z / alpha) ** 2)
 
     def kappa2(self, z, alpha):
         return -(torch.rsqrt(1.0 + (z / alpha) ** 2) ** 3) / (alpha * alpha)
+
+    def irls_weights_sq(self, sq, alpha):
+        return torch.rsqrt(sq / (alpha * alpha) + 1.0)
 
     def kappa1_dalpha(self, z, alpha):
         return (z * z) / alpha**3 * torch.rsqrt(1.0 + (z / alpha) ** 2) ** 3
@@ -129,9 +141,15 @@ class Huber(Penalty):
     def phi(self, z, alpha):
         return torch.where(z <= alpha, 0.5 * z * z, alpha * (z - 0.5 * alpha))
 
+    weights_vanish = False
+
     def kappa1(self, z, alpha):
         # alpha / max(z, alpha) is 1 inside the radius and alpha/z beyond, never 1/0
         return alpha / torch.maximum(z, alpha)
+
+    def irls_weights_sq(self, sq, alpha):
+        # alpha / max(z, alpha) up to the factor alpha
+        return torch.rsqrt(torch.maximum(sq, alpha * alpha))
 
     def kappa2(self, z, alpha):
         zc = torch.maximum(z, alpha)
@@ -147,6 +165,7 @@ class Welsch(Penalty):
 
     name = "welsch"
     is_convex = False
+    weights_vanish = False  # the nearest point's weight is scaled to exp(0)
 
     def phi(self, z, alpha):
         return -torch.expm1(-(z * z) / (2.0 * alpha * alpha))
@@ -154,8 +173,16 @@ class Welsch(Penalty):
     def _kappas(self, z, alpha, shift):
         a2 = alpha * alpha
         sq = z * z
-        e = torch.exp(-(sq - shift) / (2.0 * a2))
+        e = self._scaled_exp(sq, shift, a2) if torch.is_tensor(shift) else torch.exp(-sq / (2 * a2))
         return e / a2, -e / (a2 * a2), e / alpha**3 * (sq / a2 - 2.0)
+
+    @staticmethod
+    def _scaled_exp(sq, shift, a2):
+        # exp(-(z^2 - shift) / 2 alpha^2) <= 1, floored at sqrt(tiny): the floor is 1e-19 of
+        # the largest term in float32 (1e-154 in float64), far below rounding, and keeps the
+        # GEMMs that use these weights off denormal numbers (several times slower on CPUs)
+        floor = 0.5 * math.log(torch.finfo(sq.dtype).tiny)
+        return torch.exp(((shift - sq) / (2.0 * a2)).clamp_min(floor))
 
     def kappa1(self, z, alpha):
         return self._kappas(z, alpha, 0.0)[0]
@@ -167,17 +194,17 @@ class Welsch(Penalty):
         return self._kappas(z, alpha, 0.0)[2]
 
     @staticmethod
-    def _shift(z):
+    def _shift(sq):
         # exp(-z^2 / 2 alpha^2) underflows for every point once all lie a few alpha away (at
         # C=512 in float32 for standard normal inputs), which would make the weights 0/0.
         # Measuring z^2 from the nearest point's keeps the largest weight at exp(0).
-        return (z * z).amin(dim=-1, keepdim=True).detach()
+        return sq.amin(dim=-1, keepdim=True).detach()
 
     def scaled_kappas(self, z, alpha):
-        return self._kappas(z, alpha, self._shift(z))
+        return self._kappas(z, alpha, self._shift(z * z))
 
-    def irls_weights(self, z, alpha):
-        return torch.exp(-(z * z - self._shift(z)) / (2.0 * alpha * alpha))
+    def irls_weights_sq(self, sq, alpha):
+        return self._scaled_exp(sq, self._shift(sq), alpha * alpha)
 
 
 class TruncatedQuadratic(Penalty):
@@ -192,6 +219,9 @@ class TruncatedQuadratic(Penalty):
 
     def kappa1(self, z, alpha):
         return (z <= alpha).to(z.dtype)
+
+    def irls_weights_sq(self, sq, alpha):
+        return (sq <= alpha * alpha).to(sq.dtype)
 
     def kappa2(self, z, alpha):
         return torch.zeros_like(z)

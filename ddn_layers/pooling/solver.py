@@ -14,9 +14,11 @@ Newton finish, paid for only where it pays. The step is kept when the Hessian is
 definite and the objective does not rise; otherwise the IRLS step is taken.
 
 An IRLS step reads the points twice, both times through a batched GEMM, and never forms the
-(C, n) offsets: ||y - x_i||^2 = ||y - m||^2 - 2 (y - m).(x_i - m) + ||x_i - m||^2 about the
-mean m, with ||x_i - m||^2 computed exactly once. Centring keeps the cancellation at the scale
-of the spread of the points, not of their offset from the origin.
+(C, n) offsets: the iterates are kept centred, yc = y - m about the mean m, and
+||y - x_i||^2 = ||yc||^2 + 2 yc.m + ||x_i - m||^2 - 2 yc.x_i with ||x_i - m||^2 computed
+exactly once (the same cancellation as centring the points, at the scale of their spread,
+without a copy of them). The weights are functions of the squared distances (no square root),
+and the objective of each start is read off the distances of its last step.
 
 Each (sample, start) pair is a separate problem. It stops on its own optimality residual:
 ||grad f(y)|| / sum_i k1_i, the gradient measured in the metric of the majoriser (the length
@@ -32,6 +34,7 @@ Non-convex penalties start from the mean, the coordinate-wise median and optiona
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -92,40 +95,58 @@ def initial_points(x: Tensor, mean: Tensor, penalty: Penalty, restarts: int) -> 
     return torch.cat(starts, dim=1)
 
 
-class _Centred:
-    """The points of the active samples, with what the distance identity needs."""
+def _centred_sq_norms(x: Tensor, mean: Tensor) -> Tensor:
+    """||x_i - m||^2 (B, n) from the explicit offsets, a block of channels at a time.
+
+    The identity ||x_i||^2 - 2 m.x_i + ||m||^2 would cancel; blocks of at most ~1 MiB keep
+    the offsets in cache instead of writing and re-reading a temporary the size of x.
+    """
+    B, C, n = x.shape
+    step = max(1, (1 << 18) // max(1, B * n))
+    sq = None
+    for c0 in range(0, C, step):
+        part = (x[:, c0 : c0 + step] - mean[:, c0 : c0 + step, None]).square().sum(1)
+        sq = part if sq is None else sq + part
+    return sq
+
+
+class _Points:
+    """The points of the active samples, with their mean and centred squared norms.
+
+    The iterates are kept centred (y - mean), so that the distance identity cancels at the
+    scale of the spread of the points, not of their offset from the origin.
+    """
 
     def __init__(self, x: Tensor, mean: Tensor, sq: Tensor) -> None:
         self.x, self.mean, self.sq = x, mean, sq
 
     @classmethod
-    def of(cls, x: Tensor, mean: Tensor) -> _Centred:
-        # ||x_i - m||^2 computed once from the explicit offsets: the identity would cancel
-        return cls(x, mean, (x - mean[..., None]).square_().sum(1))
+    def of(cls, x: Tensor, mean: Tensor) -> _Points:
+        return cls(x, mean, _centred_sq_norms(x, mean))
 
-    def __getitem__(self, keep: Tensor) -> _Centred:
-        return _Centred(self.x[keep], self.mean[keep], self.sq[keep])
+    def __getitem__(self, keep: Tensor) -> _Points:
+        return _Points(self.x[keep], self.mean[keep], self.sq[keep])
 
-    def distances(self, y: Tensor) -> Tensor:
-        """||y_s - x_i|| for y (A, S, C) -> (A, S, n), by two GEMM-sized reads of x."""
-        yc = y - self.mean[:, None, :]
-        cross = torch.baddbmm(-(yc * self.mean[:, None, :]).sum(-1, keepdim=True), yc, self.x)
-        sq = yc.square().sum(-1, keepdim=True) - 2.0 * cross + self.sq[:, None, :]
-        # the floor keeps sqrt differentiable (for unroll) where a start sits on a point
-        return sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()
+    def sq_distances(self, yc: Tensor) -> Tensor:
+        """||y_s - x_i||^2 for centred yc (A, S, C) -> (A, S, n), by one GEMM-sized read of x:
+        ||yc||^2 + 2 yc.m + ||x_i - m||^2 - 2 yc.x_i. May round a little below zero where a
+        start sits on a point."""
+        base = self.sq[:, None, :] + (yc * (yc + 2.0 * self.mean[:, None, :])).sum(-1, True)
+        return torch.baddbmm(base, yc, self.x, alpha=-2.0)
 
-    def weighted_sums(self, k1: Tensor) -> Tensor:
-        """sum_i k1_i x_i for k1 (A, S, n) -> (A, S, C)."""
-        return torch.bmm(k1, self.x.mT)
+    def weighted_mean(self, k1: Tensor, s: Tensor) -> Tensor:
+        """sum_i k1_i x_i / s - m, centred, for k1 (A, S, n) and s = sum_i k1_i > 0."""
+        return torch.bmm(k1, self.x.mT) / s - self.mean[:, None, :]
 
 
-def _newton(pts: _Centred, y: Tensor, want: Tensor, penalty, alpha, solver: str):
+def _newton(pts: _Points, yc: Tensor, want: Tensor, penalty, alpha, solver: str):
     """Safeguarded Newton steps for the (sample, start) pairs in ``want`` (A, S) bool.
 
-    Returns the new points for those pairs (in ``want.nonzero()`` order) and which were taken.
+    Returns the new centred points for those pairs (in ``want.nonzero()`` order) and which
+    were taken.
     """
     a, s = want.nonzero(as_tuple=True)
-    xs, ys = pts.x[a], y[a, s]
+    xs, ys = pts.x[a] - pts.mean[a, :, None], yc[a, s]
     d = ys[:, :, None] - xs
     z = torch.linalg.vector_norm(d, dim=1)
     k1, k2, _ = penalty.scaled_kappas(z, alpha)
@@ -154,7 +175,8 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
         ones = torch.ones(B, dtype=torch.bool, device=dev)
         return Solution(mean, zeros, torch.zeros_like(f), ones, zeros, f, zeros)
 
-    Y = initial_points(x, mean, penalty, opts.restarts)  # (B, S, C)
+    pts_all = _Points.of(x, mean)
+    Y = initial_points(x, mean, penalty, opts.restarts) - mean[:, None, :]  # (B, S, C)
     S = Y.shape[1]
     use_newton = opts.newton and not penalty.kappa2_zero
     newton_cost = float(min(n, C))  # in IRLS steps: ~2 Newton steps of min(n, C)/2 each
@@ -164,32 +186,48 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
     iters = torch.zeros(B, S, dtype=torch.long, device=dev)
     newton_steps = torch.zeros_like(iters)
     res = torch.full((B, S), float("inf"), dtype=x.dtype, device=dev)
+    fval = torch.empty(B, S, dtype=x.dtype, device=dev)
 
     idx = torch.arange(B, device=dev)
-    pts_all = _Centred.of(x, mean)
     pts, ya = pts_all, Y
     iters_a, newton_a = iters.clone(), newton_steps.clone()
     done_a = torch.zeros(B, S, dtype=torch.bool, device=dev)
     prev_step = torch.full((B, S), float("inf"), dtype=x.dtype, device=dev)
     tiny = torch.finfo(x.dtype).tiny
+    log_tol = math.log(opts.tol)
+
+    def write_back():
+        # sq was taken at ya before this iteration's update, which is where every converged
+        # problem still is (and where all are when the loop ends): its objective comes free
+        with torch.no_grad():
+            fval[idx] = penalty.phi(sq.clamp_min(0.0).sqrt(), alpha).sum(-1)
+        iters[idx], newton_steps[idx], res[idx] = iters_a, newton_a, res_a
+        return Y.index_copy(0, idx, ya)
 
     for it in range(opts.max_iter + 1):
-        k1 = penalty.irls_weights(pts.distances(ya), alpha)
+        sq = pts.sq_distances(ya)
+        k1 = penalty.irls_weights_sq(sq, alpha)
         s = k1.sum(-1, keepdim=True)
-        # s = 0 only when every weight is 0 (truncated quadratic, all points beyond alpha):
-        # the objective is flat there, and y is (locally) optimal as it stands
-        y_irls = torch.where(s > 0, pts.weighted_sums(k1) / s.clamp_min(tiny), ya)
+        y_irls = pts.weighted_mean(k1, s.clamp_min(tiny))
+        if penalty.weights_vanish:
+            # s = 0 only when every weight is 0 (truncated quadratic, all points beyond
+            # alpha): the objective is flat there, and y is (locally) optimal as it stands
+            y_irls = torch.where(s > 0, y_irls, ya)
         with torch.no_grad():
-            step = torch.linalg.vector_norm(ya - y_irls, dim=-1)
-            res_a = step / (alpha + ya.abs().amax(-1))
+            step = torch.linalg.vector_norm(y_irls - ya, dim=-1)
+            scale = torch.linalg.vector_norm(ya + pts.mean[:, None, :], ord=math.inf, dim=-1)
+            res_a = step / (scale + alpha)
             done_a = done_a | (res_a <= opts.tol)
             if use_newton:
-                # IRLS steps still needed at the observed rate. A step that does not shrink
-                # is a jump between basins (non-convex penalties), not a slow finish, and
-                # there the Hessian is rarely positive definite: no Newton then
+                # IRLS steps still needed at the observed rate r: res r^k <= tol. Worth a
+                # Newton step when k > newton_cost. A step that does not shrink (r >= 1) is
+                # a jump between basins (non-convex penalties), not a slow finish, and there
+                # the Hessian is rarely positive definite: no Newton then. Converged
+                # problems (res <= tol) never qualify
+                # (in logs: rate^k underflows, and through denormals, slowly)
                 rate = step / prev_step
-                need = torch.log(opts.tol / res_a) / torch.log(rate.clamp(1e-30, 1 - 1e-7))
-                slow = ~done_a & (rate > 0) & (rate < 1) & (need > newton_cost)
+                rate = torch.where(rate < 1, rate, 0.0).log_().mul_(newton_cost)
+                slow = rate.add_(res_a.log()) > log_tol
                 prev_step = step
         if it == opts.max_iter:
             break
@@ -200,27 +238,23 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
             y_next = y_next.index_put(pick, torch.where(take[:, None], y_new, y_irls[pick]))
             newton_a = newton_a.index_put(pick, newton_a[pick] + take.long())
         ya = torch.where(done_a[..., None], ya, y_next)
-        iters_a = iters_a + (~done_a).long()
+        iters_a += ~done_a
 
         if (it + 1) % opts.check_every == 0:
             keep = ~done_a.all(-1)
             n_keep = int(keep.sum())
             # dropping samples copies the points of the rest: worth it once at most half
             # remain (a frozen sample otherwise costs only its share of the GEMMs)
-            if n_keep == 0 or 2 * n_keep <= keep.numel():
-                Y = Y.index_copy(0, idx, ya)
-                iters[idx], newton_steps[idx], res[idx] = iters_a, newton_a, res_a
-                if n_keep == 0:
-                    break
+            if n_keep == 0:
+                break
+            if 2 * n_keep <= keep.numel():
+                Y = write_back()
                 idx, pts, ya = idx[keep], pts[keep], ya[keep]
                 iters_a, newton_a, done_a = iters_a[keep], newton_a[keep], done_a[keep]
                 prev_step = prev_step[keep]
-    if idx.numel() > 0:
-        Y = Y.index_copy(0, idx, ya)
-        iters[idx], newton_steps[idx], res[idx] = iters_a, newton_a, res_a
+    # the loop always leaves by a break: at max_iter, or with every problem converged
+    Y = write_back() + mean[:, None, :]
 
-    with torch.no_grad():
-        fval = penalty.phi(pts_all.distances(Y), alpha).sum(-1)  # (B, S)
     best = fval.argmin(dim=1)  # ties go to the earlier start: the mean first
     rows = torch.arange(B, device=dev)
     converged = res[rows, best] <= opts.tol
