@@ -45,6 +45,17 @@ def check_tensor(
     return x
 
 
+def check_finite_by(reduced: torch.Tensor, x: torch.Tensor, name: str) -> None:
+    """ValueError naming ``name`` if x holds NaN or inf, given a sum-like reduction of x.
+
+    NaN or inf anywhere in x makes such a reduction non-finite, so a finite one (which the
+    caller computes anyway, e.g. a mean) proves x finite for free; only a non-finite one (NaN
+    or inf in x, or a sum that overflowed) pays for the element-wise check.
+    """
+    if not math.isfinite(float(reduced.detach().sum())):
+        check_tensor(x, name)
+
+
 def check_positive(value: object, name: str) -> float:
     """A finite real number > 0 (a Python number, or a one-element tensor)."""
     if isinstance(value, torch.Tensor):

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ddn_layers.checks import ConvergenceWarning
+from ddn_layers.checks import ConvergenceWarning, check_finite_by
 from ddn_layers.pooling.linalg import choose_solver, hessian_solve
 from ddn_layers.pooling.penalties import Penalty
 
@@ -96,18 +96,10 @@ def initial_points(x: Tensor, mean: Tensor, penalty: Penalty, restarts: int) -> 
 
 
 def _centred_sq_norms(x: Tensor, mean: Tensor) -> Tensor:
-    """||x_i - m||^2 (B, n) from the explicit offsets, a block of channels at a time.
-
-    The identity ||x_i||^2 - 2 m.x_i + ||m||^2 would cancel; blocks of at most ~1 MiB keep
-    the offsets in cache instead of writing and re-reading a temporary the size of x.
-    """
-    B, C, n = x.shape
-    step = max(1, (1 << 18) // max(1, B * n))
-    sq = None
-    for c0 in range(0, C, step):
-        part = (x[:, c0 : c0 + step] - mean[:, c0 : c0 + step, None]).square().sum(1)
-        sq = part if sq is None else sq + part
-    return sq
+    """||x_i - m||^2 (B, n) from the explicit offsets (the identity ||x_i||^2 - 2 m.x_i +
+    ||m||^2 would cancel). The offsets are squared in place unless autograd needs them."""
+    d = x - mean[..., None]
+    return (d * d if d.requires_grad else d.square_()).sum(1)
 
 
 class _Points:
@@ -167,6 +159,7 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
     B, C, n = x.shape
     dev = x.device
     mean = x.mean(-1)
+    check_finite_by(mean, x, "x")
     if penalty.closed_form:
         zeros = torch.zeros(B, dtype=torch.long, device=dev)
         with torch.no_grad():
@@ -192,20 +185,24 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
     pts, ya = pts_all, Y
     iters_a, newton_a = iters.clone(), newton_steps.clone()
     done_a = torch.zeros(B, S, dtype=torch.bool, device=dev)
-    prev_step = torch.full((B, S), float("inf"), dtype=x.dtype, device=dev)
+    # NaN until measured: comparisons with it are False
+    prev_step = torch.full((B, S), math.nan, dtype=x.dtype, device=dev)
+    prev_rate = prev_step.clone()
     tiny = torch.finfo(x.dtype).tiny
     log_tol = math.log(opts.tol)
 
     def write_back():
-        # sq was taken at ya before this iteration's update, which is where every converged
-        # problem still is (and where all are when the loop ends): its objective comes free
+        # sq was taken at ya before this iteration's update, which is where every problem
+        # that stopped on a measured residual still is: its objective comes free. Those that
+        # stopped on a predicted one in this iteration have moved since
+        d2 = sq if stale is None else torch.where(stale[..., None], pts.sq_distances(ya), sq)
         with torch.no_grad():
-            fval[idx] = penalty.phi(sq.clamp_min(0.0).sqrt(), alpha).sum(-1)
+            fval[idx] = penalty.phi(d2.clamp_min(0.0).sqrt(), alpha).sum(-1)
         iters[idx], newton_steps[idx], res[idx] = iters_a, newton_a, res_a
         return Y.index_copy(0, idx, ya)
 
     for it in range(opts.max_iter + 1):
-        sq = pts.sq_distances(ya)
+        sq, stale = pts.sq_distances(ya), None
         k1 = penalty.irls_weights_sq(sq, alpha)
         s = k1.sum(-1, keepdim=True)
         y_irls = pts.weighted_mean(k1, s.clamp_min(tiny))
@@ -217,19 +214,26 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
             step = torch.linalg.vector_norm(y_irls - ya, dim=-1)
             scale = torch.linalg.vector_norm(ya + pts.mean[:, None, :], ord=math.inf, dim=-1)
             res_a = step / (scale + alpha)
-            done_a = done_a | (res_a <= opts.tol)
+            measured = done_a | (res_a <= opts.tol)
+            # The residual of the step about to be taken, predicted from the contraction of
+            # the last two (the larger: one ratio alone can be a jump between basins): a
+            # problem predicted below tol / 4 takes the step and stops, sparing the
+            # evaluation that would only confirm it. Its residual is that prediction
+            rate = step / prev_step
+            estimate = res_a * torch.maximum(rate, prev_rate)
+            predicted = ~measured & (estimate <= 0.25 * opts.tol)
+            prev_step, prev_rate = step, rate
             if use_newton:
                 # IRLS steps still needed at the observed rate r: res r^k <= tol. Worth a
                 # Newton step when k > newton_cost. A step that does not shrink (r >= 1) is
                 # a jump between basins (non-convex penalties), not a slow finish, and there
                 # the Hessian is rarely positive definite: no Newton then. Converged
-                # problems (res <= tol) never qualify
-                # (in logs: rate^k underflows, and through denormals, slowly)
-                rate = step / prev_step
-                rate = torch.where(rate < 1, rate, 0.0).log_().mul_(newton_cost)
-                slow = rate.add_(res_a.log()) > log_tol
-                prev_step = step
+                # problems (res <= tol) never qualify. In logs: r^k underflows (through
+                # denormals, slowly)
+                log_rate = torch.where(rate < 1, rate, 0.0).log_().mul_(newton_cost)
+                slow = log_rate.add_(res_a.log()) > log_tol
         if it == opts.max_iter:
+            done_a = measured
             break
         y_next = y_irls
         if use_newton and bool(slow.any()):
@@ -237,8 +241,10 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
             pick = slow.nonzero(as_tuple=True)
             y_next = y_next.index_put(pick, torch.where(take[:, None], y_new, y_irls[pick]))
             newton_a = newton_a.index_put(pick, newton_a[pick] + take.long())
-        ya = torch.where(done_a[..., None], ya, y_next)
-        iters_a += ~done_a
+        ya = torch.where(measured[..., None], ya, y_next)
+        iters_a += ~measured
+        res_a = torch.where(predicted, estimate, res_a)
+        done_a, stale = measured | predicted, predicted
 
         if (it + 1) % opts.check_every == 0:
             keep = ~done_a.all(-1)
@@ -251,7 +257,7 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
                 Y = write_back()
                 idx, pts, ya = idx[keep], pts[keep], ya[keep]
                 iters_a, newton_a, done_a = iters_a[keep], newton_a[keep], done_a[keep]
-                prev_step = prev_step[keep]
+                prev_step, prev_rate = prev_step[keep], prev_rate[keep]
     # the loop always leaves by a break: at max_iter, or with every problem converged
     Y = write_back() + mean[:, None, :]
 
