@@ -156,3 +156,34 @@ def test_module_records_solver_info_and_reads_mode_changes():
     pool(x).sum().backward()
     assert torch.isfinite(x.grad).all()
     assert "penalty=pseudo-huber, alpha=0.5" in repr(pool)
+
+
+@pytest.mark.parametrize("penalty", ["pseudo-huber", "huber", "welsch"])
+def test_a_predicted_stop_is_a_true_one(penalty):
+    """randn in 512 dimensions contracts fast: problems stop on the predicted residual of the
+    step they take. Measured afresh at the returned y, the next IRLS step (the residual's
+    definition, in float64) is below tol, and the recorded objective is the one at y."""
+    x = torch.randn(8, 512, 49)
+    y, info = ddn.robust_pool(x, penalty, 1.0, return_info=True)
+    assert info.converged.all()
+    x64, y64 = x.double(), y.double()
+    z = torch.linalg.vector_norm(y64[:, :, None] - x64, dim=1)
+    p = ddn.PENALTIES[penalty]
+    k1 = p.scaled_kappas(z, torch.tensor(1.0, dtype=F64))[0]
+    step = torch.linalg.vector_norm((k1[:, None, :] * x64).sum(-1) / k1.sum(-1, True) - y64, dim=-1)
+    res = step / (1.0 + y64.abs().amax(-1))
+    assert (res <= 1e-6).all(), res.max()
+    f = p.phi(z, torch.tensor(1.0, dtype=F64)).sum(-1)
+    torch.testing.assert_close(info.extra["objective"].double(), f, rtol=1e-5, atol=0)
+
+
+def test_welsch_weights_never_denormal():
+    """Weights under sqrt(tiny) are raised to it: denormal operands slow CPU GEMMs ~25x, and
+    the floor is 1e-19 of the largest weight in float32, far below rounding."""
+    p = ddn.PENALTIES["welsch"]
+    sq = torch.tensor([[0.0, 50.0, 200.0, 1e4]])
+    w = p.irls_weights_sq(sq, torch.tensor(1.0))
+    tiny = torch.finfo(torch.float32).tiny
+    assert w[0, 0] == 1 and (w >= tiny**0.5 * 0.99).all()
+    k1, k2, _ = p.scaled_kappas(sq.sqrt(), torch.tensor(1.0))
+    assert (k1.abs() >= tiny).all() and (k2.abs() >= tiny).all()
