@@ -8,8 +8,11 @@ ResNet case C=512, 7x7, batch 32; two kinds of input: ``randn`` (the paper's) an
 ``feature`` (a per-sample centre, inliers within about alpha of it, 10% outliers ~10 alpha
 away: with randn in 128 dimensions every point is ~11 alpha from any centre, so the
 non-convex penalties are degenerate there). For each penalty and backward mode: forward and
-backward wall time (median of repeats) and peak memory (benchutil: profiler records on CPU),
-and a torch.optim.LBFGS forward with the paper's settings as the baseline, all float32.
+backward time (median of repeats; on a CPU the CPU time of the benchmark thread with torch on
+one thread, see ``--clock``) and peak memory (benchutil: profiler records on CPU), and a
+torch.optim.LBFGS forward with the paper's settings as the baseline, all float32. In the
+cases of the forward target the forward is also timed against L-BFGS round by round, and the
+target reads that paired ratio.
 
 Outputs: ``pool.csv`` (+ ``pool.meta.json``: machine, threads, command), ``targets.md``
 (each target of issue 3, measured side by side in this run); ``plot_pool.py`` draws the PNGs.
@@ -24,7 +27,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from benchutil import MIB, machine_info, peak_memory_bytes, time_within, write_csv
+from benchutil import (
+    MIB,
+    machine_info,
+    paired_ratio,
+    peak_memory_bytes,
+    time_within,
+    use_clock,
+    write_csv,
+)
 
 import ddn_layers as ddn
 
@@ -35,6 +46,9 @@ VARIANTS = [("implicit", "auto"), ("implicit", "cholesky"), ("implicit", "woodbu
     (m, "auto") for m in MODES[1:]
 ]
 RESNET = (32, 512, 7)  # batch, channels, map side
+# the cases of the forward-time target: there the forward is also timed against L-BFGS
+# back to back, round by round (benchutil.paired_ratio)
+FWD_TARGET_CASES = (RESNET, (1, 128, 64))
 
 
 def make_input(kind: str, B: int, C: int, s: int, alpha: float, seed: int) -> torch.Tensor:
@@ -118,8 +132,9 @@ class _Counter:
         return out
 
 
-def bench_variant(x, penalty, alpha, mode, solver, budget) -> dict:
-    """Forward and backward time and peak memory of one mode, on one input."""
+def bench_variant(x, penalty, alpha, mode, solver, budget, pair_lbfgs=False) -> dict:
+    """Forward and backward time and peak memory of one mode, on one input; with
+    ``pair_lbfgs``, also the forward's time over L-BFGS's, paired round by round."""
     kw = {"backward_mode": mode, "implicit_solver": solver}
     dev = x.device
     xg = x.clone().requires_grad_()
@@ -139,7 +154,11 @@ def bench_variant(x, penalty, alpha, mode, solver, budget) -> dict:
     fwd_peak = peak_memory_bytes(forward, dev)
     y = forward()
     bwd_peak = peak_memory_bytes(lambda: backward(y), dev)
-    return {
+    paired = {}
+    if pair_lbfgs:
+        lbfgs = lambda: lbfgs_pool(x, penalty, alpha)  # noqa: E731
+        paired["fwd_over_lbfgs_paired"] = paired_ratio(forward, lbfgs, rounds=11, device=dev)[0]
+    return paired | {
         "mode": mode,
         "solver": solver,
         "fwd_ms": 1e3 * t_fwd.median,
@@ -192,9 +211,11 @@ def run(args) -> list[dict]:
             for penalty in args.penalties:
                 base = {"kind": kind, "penalty": penalty, "B": B, "C": C, "s": s, "n": s * s}
                 rows.append(base | bench_lbfgs(x, penalty, args.alpha, args.budget))
+                pair = (B, C, s) in FWD_TARGET_CASES and not ddn.PENALTIES[penalty].closed_form
                 for mode, solver in VARIANTS:
                     if mode in args.modes:
-                        r = bench_variant(x, penalty, args.alpha, mode, solver, args.budget)
+                        first = pair and (mode, solver) == ("implicit", "auto")
+                        r = bench_variant(x, penalty, args.alpha, mode, solver, args.budget, first)
                         rows.append(base | r)
                         print(
                             f"{kind:7s} B={B:2d} C={C:3d} s={s:2d} {penalty:19s} "
@@ -251,7 +272,7 @@ def targets(rows: list[dict]) -> list[dict]:
                 lb = _get(rows, mode="lbfgs", **key)
                 if not (ours and lb):
                     continue
-                r = ours["fwd_ms"] / lb["fwd_ms"]
+                r = ours.get("fwd_over_lbfgs_paired") or ours["fwd_ms"] / lb["fwd_ms"]
                 rel = (ours["objective"] - lb["objective"]) / abs(lb["objective"])
                 case = f"B={B} C={C} s={s} {kind} {pen}"
                 add("forward time / L-BFGS", case, r, 1 / 5, r <= 1 / 5)
@@ -301,9 +322,21 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=1, help="batch of the C=128 s x s cases")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, no ResNet case")
+    ap.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default=None,
+        help="cpu: CPU time of the benchmark thread, torch on one thread (default on CPU: "
+        "time spent waiting for a CPU (other processes, steal) does not count); wall: "
+        "perf_counter",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.skip_resnet, args.budget = [4, 8], True, 0.05
+    clock = args.clock or ("cpu" if torch.device(args.device).type == "cpu" else "wall")
+    if clock == "cpu" and (torch.device(args.device).type != "cpu" or (args.threads or 1) > 1):
+        ap.error("--clock cpu times one CPU thread: use it on --device cpu without --threads")
+    use_clock(clock)
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = machine_info(args.device)
