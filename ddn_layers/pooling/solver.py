@@ -23,10 +23,12 @@ and the objective of each start is read off the distances of its last step.
 Each (sample, start) pair is a separate problem. It stops on its own optimality residual:
 ||grad f(y)|| / sum_i k1_i, the gradient measured in the metric of the majoriser (the length
 of the next IRLS step), relative to alpha + max_c |y_c| (the penalty's length scale, and the
-scale that bounds the rounding of y). Converged problems are frozen at once. Every
-``check_every`` iterations (a host sync) the solver stops if all have converged, and drops the
-samples whose starts all have once at most half the batch is left (dropping copies the
-points of the rest, which pays only then).
+scale that bounds the rounding of y); or, one evaluation sooner, when the step it is about to
+take is predicted to leave a residual below tol / 4 (its residual times the larger of its last
+two contraction ratios; it takes that step, and the prediction is its recorded residual).
+Converged problems are frozen at once. Every ``check_every`` iterations (a host sync) the
+solver stops if all have converged, and drops the samples whose starts all have once at most
+half the batch is left (dropping copies the points of the rest, which pays only then).
 
 Non-convex penalties start from the mean, the coordinate-wise median and optionally the
 ``restarts`` input points nearest that median, and keep the start of lowest objective.
@@ -195,8 +197,8 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
         # sq was taken at ya before this iteration's update, which is where every problem
         # that stopped on a measured residual still is: its objective comes free. Those that
         # stopped on a predicted one in this iteration have moved since
-        d2 = sq if stale is None else torch.where(stale[..., None], pts.sq_distances(ya), sq)
         with torch.no_grad():
+            d2 = sq if stale is None else torch.where(stale[..., None], pts.sq_distances(ya), sq)
             fval[idx] = penalty.phi(d2.clamp_min(0.0).sqrt(), alpha).sum(-1)
         iters[idx], newton_steps[idx], res[idx] = iters_a, newton_a, res_a
         return Y.index_copy(0, idx, ya)
