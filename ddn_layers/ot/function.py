@@ -112,6 +112,13 @@ def sinkhorn(
         max_iter: iteration limit per sample; a sample that does not converge raises a
             ConvergenceWarning naming how many did not.
         backward_mode: one of ``ddn.BackwardMode`` (implicit, full, approx, unroll).
+            ``approx`` ignores the constraints: the derivative of P with Sinkhorn's scalings
+            held fixed, dJ/dM = -gamma P o V, dJ/dr = (P o V) 1 / r, dJ/dc = (P o V)^T 1 / c
+            (then the normalisation below). It lacks the exact gradient's removal of the row
+            and column means of P o V, so it is close only at small gamma, and for a loss on
+            log P (an assignment NLL) it is constant in M and training diverges
+            (docs/benchmarks/approx_ot.md). Its r and c gradients are a convention of this
+            project; the paper approximates only the M gradient.
         implicit_solver: "cholesky" or "cg" for the Schur complement, or "auto": CG while it
             costs less than the direct solve would (it gives up early otherwise).
         check_every: iterations between convergence checks (each check is one host sync).

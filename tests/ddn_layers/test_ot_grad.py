@@ -123,6 +123,52 @@ def test_approx_is_close_when_few_iterations_are_needed():
     assert cos > 0.93
 
 
+def test_approx_is_the_gradient_with_the_scalings_held_fixed():
+    """What ``approx`` computes (DESIGN.md: constraints ignored): the derivative of
+    P = diag(r_hat o u) exp(-gamma M) diag(c_hat o v) with Sinkhorn's scalings u, v held
+    constant, for M and for r, c alike (r_hat, c_hat the normalised marginals)."""
+    gamma = 3.0
+    M, r, c = problem(2, 6, 5, seed=4)
+    W = torch.randn(2, 6, 5, dtype=M.dtype, generator=torch.Generator().manual_seed(1))
+    P, gM, gr, gc = _grads("approx", M, r, c, W, gamma=gamma, **TIGHT)
+    Mv, rv, cv = (t.detach().clone().requires_grad_() for t in (M, r, c))
+    r_hat, c_hat = rv / rv.sum(-1, keepdim=True), cv / cv.sum(-1, keepdim=True)
+    frozen = (
+        P
+        * torch.exp(-gamma * (Mv - M))
+        * (r_hat / r_hat.detach()).unsqueeze(-1)
+        * (c_hat / c_hat.detach()).unsqueeze(-2)
+    )
+    (frozen * W).sum().backward()
+    for got, want in ((gM, Mv.grad), (gr, rv.grad), (gc, cv.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_approx_gradient_of_a_log_likelihood_is_constant():
+    """Why training the matching task with ``approx`` collapses (docs/benchmarks/approx_ot.md):
+    for J = -sum w log P over chosen entries, approx's dJ/dM is gamma w there and 0 elsewhere
+    at every M, the gradient of a linear function without a minimum; the exact gradient has
+    zero row and column sums (P ignores constants added to a row or column of M)."""
+    gamma = 10.0
+    chosen = torch.zeros(1, 5, 6, dtype=torch.bool)
+    chosen[0, [0, 1, 2, 4], [3, 0, 5, 1]] = True
+    w = torch.where(chosen, 0.25, 0.0).double()
+    grads = {}
+    for seed in (0, 1):
+        M, r, c = problem(1, 5, 6, seed=seed)
+        for mode in ("approx", "implicit"):
+            Mv = M.clone().requires_grad_()
+            P = ddn.sinkhorn(Mv, r, c, gamma=gamma, backward_mode=mode, **TIGHT)
+            (-(w * P.clamp_min(1e-300).log()).sum()).backward()
+            grads[mode, seed] = Mv.grad
+    for seed in (0, 1):
+        torch.testing.assert_close(grads["approx", seed], gamma * w, rtol=1e-9, atol=1e-12)
+        exact = grads["implicit", seed]
+        for sums in (exact.sum(-1), exact.sum(-2)):
+            torch.testing.assert_close(sums, torch.zeros_like(sums), rtol=0, atol=1e-10)
+        assert float(exact[~chosen].min()) < -0.01  # the costs of other pairs raised; approx: 0
+
+
 def test_implicit_float32_close_to_float64_full():
     """float32 implicit within 1e-4 of the float64 full gradient (scripts/bench_ot.py checks
     the same at m = n = 500)."""
