@@ -44,6 +44,7 @@ from benchutil import (
 )
 
 import ddn_layers as ddn
+from ddn_layers.ot.solver import solve_sinkhorn
 
 GAMMA, TOL, MAX_ITER = 10.0, 1e-6, 20_000
 VARIANTS = [
@@ -137,13 +138,20 @@ def measure(mode, solver, M, V, device, budget_s, **kw):
 
 
 def unroll_fits(mode, B, m, n, iters_hint):
-    """Budget ~100 (m x n) float32 buffers per unrolled iteration. The profiler counts about
-    two (1.91 MiB an iteration at 500 x 500), but the process grows far beyond that while it
-    is timed and profiled: unrolling to convergence at 500 x 500 was OOM-killed three times
-    (17 and 24 GiB resident at 1150 iterations, 23 GiB at 210)."""
-    if mode not in ("unroll", "pot"):
-        return True
-    return 100 * 4 * B * m * n * max(iters_hint, 1) < UNROLL_BUDGET_BYTES
+    """Whether an autograd-recorded solve to convergence fits UNROLL_BUDGET_BYTES.
+
+    ``unroll`` keeps two (m x n) buffers an iteration by the profiler's count; the process
+    grows by about 3.3 MiB an iteration at 500 x 500 float32 (allocator slack: 1.2 GiB
+    resident at the 210 iterations it needs), so 8 buffers an iteration is budgeted. POT's
+    log-domain Sinkhorn has no acceleration (about 5x our iterations: 5205 against 1100 to
+    1e-6 in float64 at 500 x 500) and keeps more per iteration: 100 buffers of our iterations
+    are budgeted (runs of it at 500 x 500 were OOM-killed at 17-24 GiB).
+    """
+    if mode == "unroll":
+        return 8 * 4 * B * m * n * max(iters_hint, 1) < UNROLL_BUDGET_BYTES
+    if mode == "pot":
+        return 100 * 4 * B * m * n * max(iters_hint, 1) < UNROLL_BUDGET_BYTES
+    return True
 
 
 def size_sweep(sizes, batch_sizes, device, budget_s, rows, log):
@@ -300,11 +308,18 @@ def targets(m, device, budget_s, log, plain_cap=1_000_000):
     # Two windows: iterations 50-150, where the error falls, and 200-400, where float32 at
     # this size sits at its precision floor (error ~1e-6) and the over-relaxation factor
     # swings at every check, so checks cost more there.
-    def slope_ratio(k1, k2, rounds=15):
+    # The same stable iteration without the over-relaxation: the price of stability alone
+    # (the relaxed one adds two fused updates per iteration and needs ~5x fewer iterations)
+    ru = torch.full((1, m), 1.0 / m, device=device)
+
+    def ours_unrelaxed(k):
+        return solve_sinkhorn(M, ru, ru, GAMMA, 1e-30, k, overrelax=False)
+
+    def slope_ratio(k1, k2, fn=ours, rounds=15):
         slopes, per_o, per_p = [], [], []
         for i in range(rounds + 1):  # round 0 warms up
             t = []
-            for run, k in ((ours, k2), (ours, k1), (plain, k2), (plain, k1)):
+            for run, k in ((fn, k2), (fn, k1), (plain, k2), (plain, k1)):
                 synchronize(device)
                 t0 = now()
                 run(k)
@@ -318,6 +333,7 @@ def targets(m, device, budget_s, log, plain_cap=1_000_000):
 
     ratio, t_ours, t_plain = slope_ratio(50, 150)
     ratio_floor, _, _ = slope_ratio(200, 400)
+    ratio_unrelaxed, t_unrelaxed, _ = slope_ratio(50, 150, ours_unrelaxed)
     out.append(
         (
             "one stable forward iteration / one plain scaling iteration",
@@ -326,7 +342,8 @@ def targets(m, device, budget_s, log, plain_cap=1_000_000):
             f"median of 15 rounds of back-to-back runs, slope between 50 and 150 iterations: "
             f"ours {t_ours * 1e6:.1f} us (checks every 10, over-relaxation), plain "
             f"{t_plain * 1e6:.1f} us; between 200 and 400 iterations (precision floor) "
-            f"{ratio_floor:.3f}",
+            f"{ratio_floor:.3f}; without over-relaxation {ratio_unrelaxed:.3f} "
+            f"({t_unrelaxed * 1e6:.1f} us)",
         )
     )
 

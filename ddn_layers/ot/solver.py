@@ -286,8 +286,11 @@ def solve_sinkhorn(
         stats = [
             torch.linalg.vector_norm(torch.addcmul(neg_r, u, Kv), 1, dim=(-2, -1)),
             torch.linalg.vector_norm(torch.addcmul(neg_c, v, Ku), 1, dim=(-2, -1)),
-            *torch.aminmax(u.reshape(-1, m), dim=-1),
-            *torch.aminmax(v.reshape(-1, n), dim=-1),
+            # (amin and amax: aminmax along a dim is up to 4x slower on CPU in torch 2.14)
+            u.reshape(-1, m).amin(-1),
+            u.reshape(-1, m).amax(-1),
+            v.reshape(-1, n).amin(-1),
+            v.reshape(-1, n).amax(-1),
         ]
         errs, finite, big, done = [], [], [], []
         for e_r, e_c, u_lo, u_hi, v_lo, v_hi in zip(*torch.stack(stats).tolist(), strict=True):

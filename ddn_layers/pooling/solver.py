@@ -214,7 +214,8 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
             y_irls = torch.where(s > 0, y_irls, ya)
         with torch.no_grad():
             step = torch.linalg.vector_norm(y_irls - ya, dim=-1)
-            scale = torch.linalg.vector_norm(ya + pts.mean[:, None, :], ord=math.inf, dim=-1)
+            # (abs + amax: vector_norm with ord=inf is 4x slower on CPU in torch 2.14)
+            scale = (ya + pts.mean[:, None, :]).abs_().amax(-1)
             res_a = step / (scale + alpha)
             measured = done_a | (res_a <= opts.tol)
             # The residual of the step about to be taken, predicted from the contraction of
