@@ -123,10 +123,11 @@ class _Points:
 
     def sq_distances(self, yc: Tensor) -> Tensor:
         """||y_s - x_i||^2 for centred yc (A, S, C) -> (A, S, n), by one GEMM-sized read of x:
-        ||yc||^2 + 2 yc.m + ||x_i - m||^2 - 2 yc.x_i. May round a little below zero where a
-        start sits on a point."""
+        ||yc||^2 + 2 yc.m + ||x_i - m||^2 - 2 yc.x_i, floored at 0 (near a point the identity
+        rounds below zero by up to ~eps |yc| |m|, which is not small against alpha^2 when
+        alpha is small: pseudo-huber's weight would be 1/sqrt(1 + sq / alpha^2) of a negative)."""
         base = self.sq[:, None, :] + (yc * (yc + 2.0 * self.mean[:, None, :])).sum(-1, True)
-        return torch.baddbmm(base, yc, self.x, alpha=-2.0)
+        return torch.baddbmm(base, yc, self.x, alpha=-2.0).clamp_min(0.0)
 
     def weighted_mean(self, k1: Tensor, s: Tensor) -> Tensor:
         """sum_i k1_i x_i / s - m, centred, for k1 (A, S, n) and s = sum_i k1_i > 0."""
@@ -199,7 +200,7 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
         # stopped on a predicted one in this iteration have moved since
         with torch.no_grad():
             d2 = sq if stale is None else torch.where(stale[..., None], pts.sq_distances(ya), sq)
-            fval[idx] = penalty.phi(d2.clamp_min(0.0).sqrt(), alpha).sum(-1)
+            fval[idx] = penalty.phi(d2.sqrt(), alpha).sum(-1)
         iters[idx], newton_steps[idx], res[idx] = iters_a, newton_a, res_a
         return Y.index_copy(0, idx, ya)
 

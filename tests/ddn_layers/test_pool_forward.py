@@ -187,3 +187,16 @@ def test_welsch_weights_never_denormal():
     assert w[0, 0] == 1 and (w >= tiny**0.5 * 0.99).all()
     k1, k2, _ = p.scaled_kappas(sq.sqrt(), torch.tensor(1.0))
     assert (k1.abs() >= tiny).all() and (k2.abs() >= tiny).all()
+
+
+def test_iterate_reaching_a_point_far_from_the_mean_stays_finite():
+    """Found by hypothesis: C = 1, alpha = 0.01, one point ~30 away from the mean. Next to
+    a point the distance identity rounds below zero by ~eps |y - m| |m| (1e-4 here), which
+    against alpha^2 = 1e-4 made pseudo-huber's weight the root of a negative number."""
+    x = torch.tensor([[[2.109431266784668, 0.3538479804992676, 98.07019805908203]]])
+    for mode in ("implicit", "unroll"):
+        xg = x.clone().requires_grad_()
+        y, info = ddn.robust_pool(xg, "pseudo-huber", 0.01, backward_mode=mode, return_info=True)
+        (g,) = torch.autograd.grad(y.sum(), xg)
+        assert info.converged.all() and torch.isfinite(y).all() and torch.isfinite(g).all()
+        torch.testing.assert_close(y, x[:, :, 0], rtol=0, atol=1e-4)
