@@ -44,9 +44,12 @@ class OmegaSchedule:
     omega* = 2 / (1 + sqrt(1 - mu^2)). Sinkhorn's error decays sublinearly before it reaches its
     asymptotic rate, so the estimate only ever grows; an error that does not improve on the best
     seen (or a scaling that left the positive reals) halves omega - 1 and the estimate instead.
-    Such a setback near the precision floor (error below 1e3 eps) means the error is rounding
+    Such a setback near the precision floor (error below 300 eps) means the error is rounding
     noise that omega amplifies: the sample then finishes with the plain iteration (in float32
-    at 500 x 500, gamma 10, this takes tol = 1e-6 in 210 iterations instead of 1150).
+    at 500 x 500, gamma 10, this takes tol = 1e-6 in 210 iterations instead of 1150). Higher,
+    the rule catches slowly converging problems that merely improve by less than 10% a check:
+    at 1000 eps float32 50 x 50 took 6430 iterations instead of 540, batch 16 at 100 x 100
+    4350 instead of 350, and gamma 50 problems did not converge in 20000.
 
     The state is a handful of scalars per sample, kept on the host as Python floats: the solver
     already brings each check's errors to the host for its decisions, and a few float
@@ -60,7 +63,7 @@ class OmegaSchedule:
         self.best = [math.inf] * batch
         self.prev = [math.inf] * batch
         self.plain = [False] * batch  # settled at the precision floor: no more over-relaxation
-        self.floor = 1e3 * eps
+        self.floor = 300 * eps
 
     def keep(self, rows: list[int]) -> None:
         """Restrict the state to the samples at positions ``rows`` (the ones still active)."""
