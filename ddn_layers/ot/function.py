@@ -175,10 +175,17 @@ def sinkhorn(
     if warn:
         n_bad = int((~sol.converged).sum())
         if n_bad:
+            stalled = bool((sol.iterations[~sol.converged] < max_iter).any())
+            hint = (
+                "an unrolled solve stopped where its error stalled at the precision floor: "
+                "raise tol or use float64"
+                if stalled
+                else "raise max_iter or lower gamma"
+            )
             warnings.warn(
                 f"sinkhorn: {n_bad} of {sol.converged.numel()} sample(s) did not reach "
                 f"tol={tol:g} within max_iter={max_iter} (largest marginal error "
-                f"{float(sol.residual.max()):.3g}); raise max_iter or lower gamma",
+                f"{float(sol.residual.max()):.3g}); {hint}",
                 ConvergenceWarning,
                 stacklevel=2,
             )
