@@ -166,8 +166,9 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
     if penalty.closed_form:
         zeros = torch.zeros(B, dtype=torch.long, device=dev)
         with torch.no_grad():
-            # sum_i ||x_i - m||^2 / 2 = n/2 sum_c var_c: a reduction, no (C, n) temporary
-            f = 0.5 * x.shape[-1] * x.var(dim=-1, correction=0).sum(-1)
+            # sum_i ||x_i - m||^2 / 2 from the centred offsets: x.var along the points is
+            # 13x slower on CPU (9.5 against 0.73 ms at B=32, C=512, 7x7), for the same value
+            f = 0.5 * _centred_sq_norms(x, mean).sum(-1)
         ones = torch.ones(B, dtype=torch.bool, device=dev)
         return Solution(mean, zeros, torch.zeros_like(f), ones, zeros, f, zeros)
 
