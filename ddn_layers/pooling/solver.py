@@ -24,8 +24,9 @@ Each (sample, start) pair is a separate problem. It stops on its own optimality 
 ||grad f(y)|| / sum_i k1_i, the gradient measured in the metric of the majoriser (the length
 of the next IRLS step), relative to alpha + max_c |y_c| (the penalty's length scale, and the
 scale that bounds the rounding of y); or, one evaluation sooner, when the step it is about to
-take is predicted to leave a residual below tol / 4 (its residual times the larger of its last
-two contraction ratios; it takes that step, and the prediction is its recorded residual).
+take is predicted to leave a residual below tol / 10 (its residual times the larger of its last
+two contraction ratios, both of IRLS steps; it takes that step, and the prediction is its
+recorded residual).
 Converged problems are frozen at once. Every ``check_every`` iterations (a host sync) the
 solver stops if all have converged, and drops the samples whose starts all have once at most
 half the batch is left (dropping copies the points of the rest, which pays only then).
@@ -222,11 +223,11 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
             measured = done_a | (res_a <= opts.tol)
             # The residual of the step about to be taken, predicted from the contraction of
             # the last two (the larger: one ratio alone can be a jump between basins): a
-            # problem predicted below tol / 4 takes the step and stops, sparing the
+            # problem predicted below tol / 10 takes the step and stops, sparing the
             # evaluation that would only confirm it. Its residual is that prediction
             rate = step / prev_step
             estimate = res_a * torch.maximum(rate, prev_rate)
-            predicted = ~measured & (estimate <= 0.25 * opts.tol)
+            predicted = ~measured & (estimate <= 0.1 * opts.tol)
             prev_step, prev_rate = step, rate
             if use_newton:
                 # IRLS steps still needed at the observed rate r: res r^k <= tol. Worth a
@@ -246,6 +247,10 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
             pick = slow.nonzero(as_tuple=True)
             y_next = y_next.index_put(pick, torch.where(take[:, None], y_new, y_irls[pick]))
             newton_a = newton_a.index_put(pick, newton_a[pick] + take.long())
+            # the next step ratio would measure Newton's progress, not the IRLS rate that the
+            # predicted stop extrapolates: forget the last step where Newton was taken
+            newton_now = torch.zeros_like(measured).index_put(pick, take)
+            prev_step = torch.where(newton_now, math.nan, prev_step)
         ya = torch.where(measured[..., None], ya, y_next)
         iters_a += ~measured
         res_a = torch.where(predicted, estimate, res_a)
