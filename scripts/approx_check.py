@@ -185,27 +185,14 @@ def train_trace(mode: str, steps: int, seed: int) -> list[str]:
 
     from tasks.matching.config import MatchingRun
     from tasks.matching.data import MatchingData
-    from tasks.matching.model import MatchingNet
+    from tasks.matching.module import build_module
 
     torch.manual_seed(seed)
     cfg = OmegaConf.structured(MatchingRun)
+    cfg.ddn.backward_mode = mode
     data = MatchingData(cfg.data)
     data.setup()
-    mc = cfg.model
-    net = MatchingNet(
-        dim=mc.dim,
-        layers=mc.layers,
-        heads=mc.heads,
-        knn=mc.knn,
-        normalize=mc.normalize,
-        radial_frame=mc.radial_frame,
-        descriptor_dim=data.descriptor_dim,
-        gamma=mc.gamma,
-        ot_tol=mc.ot_tol,
-        ot_max_iter=mc.ot_max_iter,
-        dustbin_init=mc.dustbin_init,
-        backward_mode=mode,
-    )
+    net = build_module(cfg, data).net  # the task's own network, as train.py builds it
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr)
     lines = [
         f"`{mode}`:",
