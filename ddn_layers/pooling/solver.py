@@ -239,7 +239,6 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
                 log_rate = torch.where(rate < 1, rate, 0.0).log_().mul_(newton_cost)
                 slow = log_rate.add_(res_a.log()) > log_tol
         if it == opts.max_iter:
-            done_a = measured
             break
         y_next = y_irls
         if use_newton and bool(slow.any()):
