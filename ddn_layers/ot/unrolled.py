@@ -92,7 +92,18 @@ def unrolled_sinkhorn(
                 active = active & ~newly
                 if not bool(active.any()):
                     break
+    if bool(active.any()):
+        # An unconverged sample may end inside an over-relaxed overshoot, where f + g is large
+        # enough for exp to overflow (gamma 1000, costs of 1e3: P = inf). One plain column
+        # update makes every column of P sum to its marginal (P finite); its error is
+        # measured again below.
+        g_plain = log_c - torch.logsumexp(logK + f.unsqueeze(-1), dim=-2)
+        g = torch.where(active.unsqueeze(-1) & cmask, g_plain, g)
     P = torch.exp(logK + f.unsqueeze(-1) + g.unsqueeze(-2))
+    if bool(active.any()):
+        with torch.no_grad():
+            e = (P.sum(-1) - r).abs().sum(-1) + (P.sum(-2) - c).abs().sum(-1)
+            err = torch.where(active, e, err)
     rate = torch.tensor(sched.mu2, dtype=M.dtype, device=M.device)
     converged = ~active & (err <= tol)  # a stalled sample stopped unconverged
     return SinkhornSolution(P, f.detach(), g.detach(), iters, err, converged, omega.view(B), rate)
