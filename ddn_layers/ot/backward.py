@@ -122,50 +122,75 @@ def _solve_cg(P, c, rhs, rinv, scratch, rtol, max_iter, check_every=5, give_up=F
 
     S is singular (null vector: the non-padded columns) but the system is consistent, so CG
     needs no gauge: the residual stays in the range of S, and the null-space part of b does
-    not change the gradient. One iteration is two matrix-vector products with
-    Q = diag(r)^-1/2 P (S p = c o p - Q^T Q p) and eleven small operations. At m = n = 500
-    on a CPU the interpreter's cost per operation is as large as the products, so vectors
-    are kept as rows (B, 1, n) that every product and dot product takes without reshaping,
-    and the loop has no per-iteration bookkeeping: a sample whose residual met the tolerance
-    is frozen by zeroing its preconditioner (z = 0, so p = 0 and its step does nothing).
+    not change the gradient. The Jacobi preconditioner is applied as a change of variables,
+    S' = D^-1/2 S D^-1/2 with D = diag(S), folded into Q' = diag(r)^-1/2 P D^-1/2 once, so
+    that an iteration is plain CG on S' x = D^-1/2 rhs (b = D^-1/2 x): S' p = c' o p -
+    Q'^T Q' p, two matrix-vector products and seven small operations.
+
+    At m = n = 500 on a CPU the interpreter's cost per operation is as large as a product, so
+    the loop is written for the fewest operations: vectors are rows (B, 1, n) that every
+    product takes without reshaping; x and the residual share one buffer, as do p and -S'p,
+    so one fused update advances both; dot products add a tiny floor in the same call (keeps
+    0 / 0 out of a frozen sample's step sizes); no per-iteration bookkeeping. A sample whose
+    residual met the tolerance is frozen at a check: its residual and direction are zeroed,
+    after which every step it takes is exactly zero.
 
     ``give_up``: stop early, unconverged, once the residual's observed rate of decrease
     predicts that some sample would need more than ``max_iter`` iterations (the caller then
-    solves directly, having spent little).
+    solves directly, having spent little). The tolerance applies to the residual of the
+    scaled system, relative to its right-hand side.
     """
+    B, n = c.shape
     tiny = torch.finfo(P.dtype).tiny
     q = c > 0
     # diag(S) = c - diag(P^T diag(1/r) P), floored: a near-permutation plan makes it tiny
     # relative to c
     diag = c - _rowvec_mat(rinv, torch.mul(P, P, out=scratch))
-    Q = torch.mul(P, rinv.sqrt().unsqueeze(-1), out=scratch)
-    minv = torch.where(q, torch.maximum(diag, 1e-3 * c), 1.0).reciprocal_().unsqueeze(1)
-    c_row = c.unsqueeze(1)
-    res = rhs.unsqueeze(1).clone()
-    x = torch.zeros_like(res)
-    z = minv * res
-    p = z.clone()
-    rz = torch.bmm(res, z.mT).clamp_min_(tiny)  # (B, 1, 1)
-    bnorm = rhs.norm(dim=-1)
-    limit = (rtol * bnorm).tolist()
-    prev = bnorm.tolist()
+    dis = torch.where(q, torch.maximum(diag, 1e-3 * c), 1.0).rsqrt_()  # D^-1/2
+    Q = torch.mul(P, rinv.sqrt().unsqueeze(-1), out=scratch).mul_(dis.unsqueeze(-2))
+    neg_c = (c * dis * dis).neg_().unsqueeze(1)  # -c' (B, 1, n)
+    floor = torch.full((B, 1, 1), tiny, dtype=P.dtype, device=P.device)
+    # Every iterate lives in a buffer allocated once and updated in place (out=), and each
+    # transposed view is made once: views and allocations cost as much as the small
+    # operations themselves at this size.
+    # (pairs stacked in front, so that each is a contiguous (B, 1, n) batch for bmm)
+    xr = torch.zeros(2, B, 1, n, dtype=P.dtype, device=P.device)  # [x; residual]
+    x, res = xr
+    res.copy_((dis * rhs).unsqueeze(1))
+    pq = torch.empty_like(xr)  # [p; -S'p]
+    p, neg_sp = pq
+    p.copy_(res)
+    p_t, neg_sp_t, res_t = p.mT, neg_sp.mT, res.mT
+    qp = P.new_empty(B, Q.shape[1], 1)
+    qp_t = qp.mT
+    cp = torch.empty_like(p)
+    rr, rr_new, psp, alpha, beta = (torch.empty_like(floor) for _ in range(5))
+    torch.baddbmm(floor, res, res_t, out=rr)  # (B, 1, 1)
+    norms = _norms(rr, tiny)
+    limit = [rtol * nrm for nrm in norms]
+    prev = norms
     it, last_check, next_check = 0, 0, check_every
     for it in range(1, max_iter + 1):
-        Sp = torch.baddbmm(torch.mul(c_row, p), torch.bmm(Q, p.mT).mT, Q, alpha=-1)
-        alpha = torch.div(rz, torch.bmm(p, Sp.mT).clamp_min_(tiny))
-        x.addcmul_(alpha, p)
-        res.addcmul_(alpha, Sp, value=-1)
-        z = torch.mul(minv, res)
-        rz_new = torch.bmm(res, z.mT)
-        p = torch.addcmul(z, torch.div(rz_new, rz), p)
-        rz = rz_new.clamp_min_(tiny)  # a frozen sample's is 0: keep 0 / rz defined
+        torch.mul(neg_c, p, out=cp)
+        torch.bmm(Q, p_t, out=qp)
+        torch.baddbmm(cp, qp_t, Q, out=neg_sp)
+        torch.baddbmm(floor, p, neg_sp_t, alpha=-1, out=psp)
+        torch.div(rr, psp, out=alpha)
+        xr.addcmul_(alpha, pq)  # x += alpha p, res -= alpha S'p
+        torch.baddbmm(floor, res, res_t, out=rr_new)
+        torch.div(rr_new, rr, out=beta)
+        torch.addcmul(res, beta, p, out=p)
+        rr, rr_new = rr_new, rr
         if it == next_check:
-            norms = res.norm(dim=-1).view(-1).tolist()
+            norms = _norms(rr, tiny)
             going = [nrm > lim for nrm, lim in zip(norms, limit, strict=True)]
             if not any(going):
                 break
             if not all(going):
-                minv = minv * torch.tensor(going, dtype=P.dtype, device=P.device).view(-1, 1, 1)
+                keep = torch.tensor(going, device=P.device).view(-1, 1, 1)
+                res.mul_(keep)
+                p.mul_(keep)
+                torch.where(keep, rr, floor, out=rr)
             more = _predicted_iterations(norms, prev, limit, it - last_check)
             # the rate over the first iterations understates CG's (it accelerates): a give-up
             # needs two checks' worth of evidence
@@ -174,8 +199,14 @@ def _solve_cg(P, c, rhs, rinv, scratch, rtol, max_iter, check_every=5, give_up=F
             # check again when the slowest sample should be done, and at least as often
             next_check = it + (max(1, math.ceil(more)) if more < check_every else check_every)
             last_check, prev = it, norms
-    converged = res.squeeze(1).norm(dim=-1) <= rtol * bnorm
-    return x.squeeze(1), converged, it
+    limit_t = torch.tensor(limit, dtype=P.dtype, device=P.device)
+    converged = res.squeeze(1).norm(dim=-1) <= limit_t
+    return x.squeeze(1) * dis, converged, it
+
+
+def _norms(rr: torch.Tensor, tiny: float) -> list[float]:
+    """Residual norms from the floored squared norms rr = tiny + res.res (host floats)."""
+    return [math.sqrt(max(v - tiny, 0.0)) for v in rr.view(-1).tolist()]
 
 
 def _predicted_iterations(norms, prev_norms, limit, steps) -> float:

@@ -182,6 +182,43 @@ def _log_domain_block(
     return f, g
 
 
+# |a| and |b| below which _relaxed_block folds a scale back into its vector: the scaled
+# vectors then stay within a factor 1e4 * 50 of the true scalings (|1 - omega| >= 0.02)
+_RESCALE_BELOW = 1e-4
+
+
+def _times(x: torch.Tensor, s: float, zero: torch.Tensor, one: torch.Tensor) -> torch.Tensor:
+    """s * x for a host float s, as ``addcmul``'s scalar ``value``: ``x * s`` would first wrap
+    s in a tensor and convert it (three dispatches, ~4x the time of the product itself)."""
+    return torch.addcmul(zero, x, one, value=s)
+
+
+def _relaxed_block(K, u, v, Kv, a, b, r_col, c_row, w, steps, zero, one):
+    """``steps`` over-relaxed iterations at one factor ``w`` shared by the batch, each at the
+    cost of a plain one: two matrix-vector products and two fused vector operations.
+
+    The scalings are kept as scaled vectors with host scales, u = a u~ and v = b v~ (and
+    K v = b K v~, K^T u = a K^T u~). The update u <- w r / K v + (1 - w) u is then
+    u~ <- u~ + (w / (a' b)) r / K v~ with a' = (1 - w) a: a single ``addcdiv`` (likewise for
+    v). A scale is folded back into its vector once it falls below 1e-4 (the scaled vector
+    grows as 1 / |1 - w| a step). Returns u~, K^T u~, v~, K v~, a, b.
+    """
+    kw = 1.0 - w
+    Ku = None
+    for _ in range(steps):
+        if abs(a) < _RESCALE_BELOW:
+            u, a = _times(u, a, zero, one), 1.0
+        if abs(b) < _RESCALE_BELOW:
+            v, Kv, b = _times(v, b, zero, one), _times(Kv, b, zero, one), 1.0
+        a *= kw
+        u = torch.addcdiv(u, r_col, Kv, value=w / (a * b))
+        Ku = torch.bmm(u.mT, K)
+        b *= kw
+        v = torch.addcdiv(v, c_row, Ku, value=w / (a * b))
+        Kv = torch.bmm(K, v.mT)
+    return u, Ku, v, Kv, a, b
+
+
 @torch.no_grad()
 def solve_sinkhorn(
     M: torch.Tensor,
@@ -255,16 +292,33 @@ def solve_sinkhorn(
     small_s, big_s = math.exp(-tau), math.exp(tau)
     Kv = k_v(K, v, pr_col)
     it = 0
+    # In the over-relaxed iteration at one factor for the batch, u, v, Kv and Ku are scaled:
+    # the true ones are su * u, sv * v, sv * Kv and su * Ku (see _relaxed_block); the check
+    # reads them through the scales, and they are unscaled only where a true value is needed.
+    su = sv = 1.0
+    zero = torch.zeros((), dtype=dtype, device=device)
+    one = torch.ones((), dtype=dtype, device=device)
+
+    def unscaled(x, s):
+        return x if s == 1.0 else _times(x, s, zero, one)
+
     while it < max_iter and idx:
-        u_safe, v_safe = u, v  # every update below is out of place
-        steps = min(check_every, max_iter - it)
         relaxed = overrelax and any(w != 1.0 for w in sched.omega)
+        uniform = relaxed and not padded and len(set(sched.omega)) == 1
+        if not uniform:
+            u, v, Kv, su, sv = unscaled(u, su), unscaled(v, sv), unscaled(Kv, sv), 1.0, 1.0
+        u_safe, v_safe, su_safe, sv_safe = u, v, su, sv  # every update is out of place
+        steps = min(check_every, max_iter - it)
         # Over-relaxed: u <- w r / Kv + (1 - w) u, per-sample w. This is the linear form of
         # the geometric update u^(1-w) (r / Kv)^w (the same first-order behaviour at the fixed
         # point, hence the same rate) at one fused operation instead of four; an overshoot to
         # u <= 0 is caught at the check and undone. The loop is written out per case: at
         # m = n = 500 on a CPU each Python-level call costs a tenth of a matrix-vector product.
-        if relaxed and not padded:
+        if uniform:
+            u, Ku, v, Kv, su, sv = _relaxed_block(
+                K, u, v, Kv, su, sv, r_col, c_row, sched.omega[0], steps, zero, one
+            )
+        elif relaxed and not padded:
             for _ in range(steps):
                 u = torch.div(r_col, Kv).lerp_(u, keep_w)
                 Ku = torch.bmm(u.mT, K)
@@ -286,18 +340,24 @@ def solve_sinkhorn(
 
         # --- check: two errors and the range of the scalings, brought to the host at once ---
         # u * Kv and v * Ku are the row and column sums of the current P (Ku is from this u).
+        # (through the scales: su * u * sv * Kv; the ranges are scaled on the host below)
         stats = [
-            torch.linalg.vector_norm(torch.addcmul(neg_r, u, Kv), 1, dim=(-2, -1)),
-            torch.linalg.vector_norm(torch.addcmul(neg_c, v, Ku), 1, dim=(-2, -1)),
-            # (amin and amax: aminmax along a dim is up to 4x slower on CPU in torch 2.14)
-            u.reshape(-1, m).amin(-1),
-            u.reshape(-1, m).amax(-1),
-            v.reshape(-1, n).amin(-1),
-            v.reshape(-1, n).amax(-1),
+            torch.linalg.vector_norm(torch.addcmul(neg_r, u, Kv, value=su * sv), 1, dim=(-2, -1)),
+            torch.linalg.vector_norm(torch.addcmul(neg_c, v, Ku, value=su * sv), 1, dim=(-2, -1)),
         ]
+        if len(idx) == 1:
+            # one sample: both extremes of a vector in one reduction over all of it (the
+            # four reductions along a dim cost half of a check at m = n = 500)
+            stats += [t.view(1) for t in (*torch.aminmax(u), *torch.aminmax(v))]
+        else:
+            # (amin and amax: aminmax along a dim is up to 4x slower on CPU in torch 2.14)
+            stats += [u.reshape(-1, m).amin(-1), u.reshape(-1, m).amax(-1)]
+            stats += [v.reshape(-1, n).amin(-1), v.reshape(-1, n).amax(-1)]
         errs, finite, big, done = [], [], [], []
         for e_r, e_c, u_lo, u_hi, v_lo, v_hi in zip(*torch.stack(stats).tolist(), strict=True):
             e = e_r + e_c
+            u_lo, u_hi = (su * u_lo, su * u_hi) if su > 0 else (su * u_hi, su * u_lo)
+            v_lo, v_hi = (sv * v_lo, sv * v_hi) if sv > 0 else (sv * v_hi, sv * v_lo)
             # every comparison with a NaN is False, so NaN anywhere fails `ok`
             ok = u_lo > 0 and v_lo > 0 and u_hi < math.inf and v_hi < math.inf
             ok = ok and math.isfinite(e)
@@ -315,7 +375,10 @@ def solve_sinkhorn(
         # omega = 1 it is an over/underflow of the scaling domain, which an exact log-domain
         # block resolves.
         overflow = [not ok and w == 1.0 for ok, w in zip(finite, w_before, strict=True)]
+        if not all(finite) or any(done) or any(big):  # these read the true scalings
+            u, v, Kv, su, sv = unscaled(u, su), unscaled(v, sv), unscaled(Kv, sv), 1.0, 1.0
         if not all(finite):
+            u_safe, v_safe = unscaled(u_safe, su_safe), unscaled(v_safe, sv_safe)
             bad_t = torch.tensor([not ok for ok in finite], device=device).view(-1, 1, 1)
             u = torch.where(bad_t, u_safe, u)
             v = torch.where(bad_t, v_safe, v)  # `big` holds for these: absorbed below
@@ -361,10 +424,12 @@ def solve_sinkhorn(
         # a factor that moved by less than 1e-3 keeps its tensor: one allocation fewer a check
         # (after a compaction the batch changed: always rebuild)
         moved = (abs(w - w0) > 1e-3 for w, w0 in zip(sched.omega, w_before, strict=True))
-        if any(done) or any(moved):
+        # (only the per-sample update reads it: padded, or factors that differ in a batch)
+        if (padded or len(idx) > 1) and (any(done) or any(moved)):
             keep_w = sched.keep_weight(u)
 
     if idx:  # not converged within max_iter: report where they stand
+        u, v, Kv = unscaled(u, su), unscaled(v, sv), unscaled(Kv, sv)
         Ku = kt_u(K, u, pc_row)  # the loop's may predate an absorption or a compaction
         err = torch.linalg.vector_norm(torch.addcmul(neg_r, u, Kv), 1, dim=(-2, -1))
         err += torch.linalg.vector_norm(torch.addcmul(neg_c, v, Ku), 1, dim=(-2, -1))
