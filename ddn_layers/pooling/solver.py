@@ -207,7 +207,9 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
         return Y.index_copy(0, idx, ya)
 
     for it in range(opts.max_iter + 1):
-        sq, stale = pts.sq_distances(ya), None
+        # a convex penalty's one start is the mean, yc = 0: its distances are the centred ones
+        sq = pts.sq[:, None, :] if it == 0 and S == 1 else pts.sq_distances(ya)
+        stale = None
         k1 = penalty.irls_weights_sq(sq, alpha)
         s = k1.sum(-1, keepdim=True)
         y_irls = pts.weighted_mean(k1, s.clamp_min(tiny))
@@ -225,11 +227,15 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
             # the last two (the larger: one ratio alone can be a jump between basins): a
             # problem predicted below tol / 10 takes the step and stops, sparing the
             # evaluation that would only confirm it. Its residual is that prediction
-            rate = step / prev_step
-            estimate = res_a * torch.maximum(rate, prev_rate)
-            predicted = ~measured & (estimate <= 0.1 * opts.tol)
-            prev_step, prev_rate = step, rate
-            if use_newton:
+            # (no step ratio at the first iteration: neither this nor the Newton test applies)
+            predicted = None
+            if it > 0:
+                rate = step / prev_step
+                estimate = res_a * torch.maximum(rate, prev_rate)
+                predicted = ~measured & (estimate <= 0.1 * opts.tol)
+                prev_rate = rate
+            prev_step = step
+            if use_newton and it > 0:
                 # IRLS steps still needed at the observed rate r: res r^k <= tol. Worth a
                 # Newton step when k > newton_cost. A step that does not shrink (r >= 1) is
                 # a jump between basins (non-convex penalties), not a slow finish, and there
@@ -241,7 +247,7 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
         if it == opts.max_iter:
             break
         y_next = y_irls
-        if use_newton and bool(slow.any()):
+        if use_newton and it > 0 and bool(slow.any()):
             y_new, take = _newton(pts, ya, slow, penalty, alpha, solver)
             pick = slow.nonzero(as_tuple=True)
             y_next = y_next.index_put(pick, torch.where(take[:, None], y_new, y_irls[pick]))
@@ -252,8 +258,11 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
             prev_step = torch.where(newton_now, math.nan, prev_step)
         ya = torch.where(measured[..., None], ya, y_next)
         iters_a += ~measured
-        res_a = torch.where(predicted, estimate, res_a)
-        done_a, stale = measured | predicted, predicted
+        if predicted is None:
+            done_a = measured
+        else:
+            res_a = torch.where(predicted, estimate, res_a)
+            done_a, stale = measured | predicted, predicted
 
         if (it + 1) % opts.check_every == 0:
             keep = ~done_a.all(-1)
