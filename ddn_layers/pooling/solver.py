@@ -114,6 +114,8 @@ class _Points:
 
     def __init__(self, x: Tensor, mean: Tensor, sq: Tensor) -> None:
         self.x, self.mean, self.sq = x, mean, sq
+        # (A, 1, C) terms of every iteration, formed once
+        self.mean2, self.neg_mean = 2.0 * mean[:, None, :], -mean[:, None, :]
 
     @classmethod
     def of(cls, x: Tensor, mean: Tensor) -> _Points:
@@ -127,12 +129,12 @@ class _Points:
         ||yc||^2 + 2 yc.m + ||x_i - m||^2 - 2 yc.x_i, floored at 0 (near a point the identity
         rounds below zero by up to ~eps |yc| |m|, which is not small against alpha^2 when
         alpha is small: pseudo-huber's weight would be 1/sqrt(1 + sq / alpha^2) of a negative)."""
-        base = self.sq[:, None, :] + (yc * (yc + 2.0 * self.mean[:, None, :])).sum(-1, True)
+        base = self.sq[:, None, :] + (yc * (yc + self.mean2)).sum(-1, True)
         return torch.baddbmm(base, yc, self.x, alpha=-2.0).clamp_min(0.0)
 
     def weighted_mean(self, k1: Tensor, s: Tensor) -> Tensor:
         """sum_i k1_i x_i / s - m, centred, for k1 (A, S, n) and s = sum_i k1_i > 0."""
-        return torch.bmm(k1, self.x.mT) / s - self.mean[:, None, :]
+        return torch.baddbmm(self.neg_mean, k1 / s, self.x.mT)
 
 
 def _newton(pts: _Points, yc: Tensor, want: Tensor, penalty, alpha, solver: str):
@@ -194,7 +196,6 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
     prev_step = torch.full((B, S), math.nan, dtype=x.dtype, device=dev)
     prev_rate = prev_step.clone()
     tiny = torch.finfo(x.dtype).tiny
-    log_tol = math.log(opts.tol)
 
     def write_back():
         # sq was taken at ya before this iteration's update, which is where every problem
@@ -212,7 +213,7 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
         stale = None
         k1 = penalty.irls_weights_sq(sq, alpha)
         s = k1.sum(-1, keepdim=True)
-        y_irls = pts.weighted_mean(k1, s.clamp_min(tiny))
+        y_irls = pts.weighted_mean(k1, s.clamp_min(tiny) if penalty.weights_vanish else s)
         if penalty.weights_vanish:
             # s = 0 only when every weight is 0 (truncated quadratic, all points beyond
             # alpha): the objective is flat there, and y is (locally) optimal as it stands
@@ -241,13 +242,12 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
             prev_step = step
             if use_newton and it > 0:
                 # IRLS steps still needed at the observed rate r: res r^k <= tol. Worth a
-                # Newton step when k > newton_cost. A step that does not shrink (r >= 1) is
-                # a jump between basins (non-convex penalties), not a slow finish, and there
-                # the Hessian is rarely positive definite: no Newton then. Converged
-                # problems (res <= tol) never qualify. In logs: r^k underflows (through
-                # denormals, slowly)
-                log_rate = torch.where(rate < 1, rate, 0.0).log_().mul_(newton_cost)
-                slow = log_rate.add_(res_a.log()) > log_tol
+                # Newton step when k > newton_cost, i.e. r > (tol / res)^(1 / newton_cost)
+                # (r^k itself would underflow, through denormals, slowly). A step that does
+                # not shrink (r >= 1) is a jump between basins (non-convex penalties), not a
+                # slow finish, and there the Hessian is rarely positive definite: no Newton
+                # then. Converged problems (res <= tol: a threshold >= 1) never qualify
+                slow = (rate > (opts.tol / res_a).pow_(1.0 / newton_cost)) & (rate < 1)
         if it == opts.max_iter:
             break
         y_next = y_irls
