@@ -241,3 +241,29 @@ def test_unrolled_solve_ending_unconverged_mid_overshoot_gives_a_finite_plan():
     torch.testing.assert_close(info.residual, err, rtol=1e-4, atol=1e-7)
     bad = int((~info.converged).sum())
     assert bad == 0 or any(issubclass(w.category, ddn.ConvergenceWarning) for w in caught)
+
+
+@pytest.mark.parametrize("w", [1.03, 1.5, 1.95])
+def test_relaxed_block_on_scaled_vectors_matches_the_relaxed_update(w):
+    """The shared-factor block keeps u = a u~, v = b v~ and folds a scale back below 1e-4
+    (every ~3 steps at w = 1.03, never at 1.95): unscaled, it is the over-relaxed update
+    u <- w r / K v + (1 - w) u written out, in float64 (to 1e-8: at w = 1.95 the iteration
+    amplifies the different rounding of the two forms to ~3e-10 in 12 steps; an algebra slip
+    would be of order one)."""
+    from ddn_layers.ot.solver import _relaxed_block
+
+    g = torch.Generator().manual_seed(0)
+    K = torch.rand(2, 7, 5, generator=g, dtype=torch.float64) + 0.1
+    r = torch.rand(2, 7, 1, generator=g, dtype=torch.float64) + 0.5
+    c = torch.rand(2, 1, 5, generator=g, dtype=torch.float64) + 0.5
+    u = torch.rand(2, 7, 1, generator=g, dtype=torch.float64) + 0.5
+    v = torch.rand(2, 1, 5, generator=g, dtype=torch.float64) + 0.5
+    zero, one = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
+    ut, Kut, vt, Kvt, a, b = _relaxed_block(K, u, v, K @ v.mT, 1.0, 1.0, r, c, w, 12, zero, one)
+    for _ in range(12):
+        u = w * r / (K @ v.mT) + (1 - w) * u
+        v = w * c / (u.mT @ K) + (1 - w) * v
+    torch.testing.assert_close(a * ut, u, rtol=1e-8, atol=0)
+    torch.testing.assert_close(b * vt, v, rtol=1e-8, atol=0)
+    torch.testing.assert_close(a * Kut, u.mT @ K, rtol=1e-8, atol=0)
+    torch.testing.assert_close(b * Kvt, K @ v.mT, rtol=1e-8, atol=0)
