@@ -201,7 +201,12 @@ class Welsch(Penalty):
         return sq.amin(dim=-1, keepdim=True).detach()
 
     def scaled_kappas(self, z, alpha):
-        return self._kappas(z, alpha, self._shift(z * z))
+        # times alpha^2 as well: unscaled, kappa2 = -e / alpha^4, whose derivative in alpha
+        # (unroll differentiates the Newton step) is ~e / alpha^5 and overflows float32 at
+        # alpha = 1e-5 (inf * 0 = NaN in the gradient of a learnable alpha)
+        a2, sq = alpha * alpha, z * z
+        e = self._scaled_exp(sq, self._shift(sq), a2)
+        return e, -e / a2, e / alpha * (sq / a2 - 2.0)
 
     def irls_weights_sq(self, sq, alpha):
         return self._scaled_exp(sq, self._shift(sq), alpha * alpha)

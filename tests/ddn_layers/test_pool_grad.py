@@ -191,3 +191,19 @@ def test_learnable_alpha_gets_the_implicit_gradient_in_the_module():
     # d/d log(alpha) = alpha d/d alpha
     fd = (plus - minus) / (2 * eps)
     torch.testing.assert_close(pool.log_alpha.grad, fd, rtol=1e-5, atol=1e-8)
+
+
+def test_unroll_welsch_alpha_gradient_finite_at_small_alpha():
+    """Found by fuzzing the property test: Welsch at alpha = 1e-5 in float32, points ~10
+    alpha apart, learnable alpha, ``unroll``. Autograd through the Newton step differentiated
+    kappa2 = -e / alpha^4, whose derivative overflowed (inf * 0 = NaN). The scaled kappas now
+    carry a factor alpha^2; the gradient matches the implicit one."""
+    x = torch.tensor([[[6.6135e-04, 2.6692e-04, 6.1677e-05, 6.2132e-04, -4.5191e-04, -1.6613e-04]]])
+    grads = {}
+    for mode in ("unroll", "implicit"):
+        xg, a = x.clone().requires_grad_(), torch.tensor(1e-5, requires_grad=True)
+        y = ddn.robust_pool(xg, "welsch", a, backward_mode=mode)
+        grads[mode] = torch.autograd.grad(y.sum(), (xg, a))
+        assert all(torch.isfinite(g).all() for g in grads[mode])
+    torch.testing.assert_close(grads["unroll"][0], grads["implicit"][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(grads["unroll"][1], grads["implicit"][1], atol=1e-6, rtol=0)
