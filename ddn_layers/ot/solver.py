@@ -35,6 +35,13 @@ _LIMITS = {torch.float32: (-60.0, 15.0), torch.float64: (-600.0, 100.0)}
 _OMEGA_MAX = 1.95
 
 
+def backed_off(w: float, mu2: float) -> tuple[float, float]:
+    """An over-relaxation factor and rate estimate after a setback: omega - 1 and mu^2 halved
+    (a factor below 1.02 becomes the plain iteration's 1)."""
+    w = 1.0 + (w - 1.0) / 2
+    return (1.0 if w < 1.02 else w), mu2 / 2
+
+
 class OmegaSchedule:
     """Each sample's over-relaxation factor, adapted from its observed error decay.
 
@@ -96,9 +103,7 @@ class OmegaSchedule:
                 w = 1.0
             elif blowup:
                 self.best[i] = err if ok else self.best[i]
-                mu2 /= 2
-                w = 1.0 + (w - 1.0) / 2
-                w = 1.0 if w < 1.02 else w
+                w, mu2 = backed_off(w, mu2)
             else:
                 self.best[i] = min(self.best[i], err) if ok else self.best[i]
                 w = 2.0 / (1.0 + math.sqrt(1.0 - mu2)) if mu2 > 0.05 else 1.0

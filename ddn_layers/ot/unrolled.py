@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ddn_layers.ot.solver import OmegaSchedule, SinkhornSolution
+from ddn_layers.ot.solver import OmegaSchedule, SinkhornSolution, backed_off
 
 
 def _safe_log(x: torch.Tensor) -> torch.Tensor:
@@ -88,9 +88,7 @@ def unrolled_sinkhorn(
                         # through them overflowed (NaN); plain iterations reached 0.83.
                         stuck[i] = stuck[i] + 1 if on[i] and not x < b else 0
                         if stuck[i] >= 2 and sched.omega[i] > 1.0:
-                            w = 1.0 + (sched.omega[i] - 1.0) / 2
-                            sched.omega[i] = 1.0 if w < 1.02 else w
-                            sched.mu2[i] /= 2
+                            sched.omega[i], sched.mu2[i] = backed_off(sched.omega[i], sched.mu2[i])
                             stuck[i] = 0
                     omega = sched.tensor(M)
                     stalled = torch.tensor([k >= 3 for k in stall], device=M.device)
