@@ -170,10 +170,10 @@ class Welsch(Penalty):
     def phi(self, z, alpha):
         return -torch.expm1(-(z * z) / (2.0 * alpha * alpha))
 
-    def _kappas(self, z, alpha, shift):
+    def _kappas(self, z, alpha):
         a2 = alpha * alpha
         sq = z * z
-        e = self._scaled_exp(sq, shift, a2) if torch.is_tensor(shift) else torch.exp(-sq / (2 * a2))
+        e = torch.exp(-sq / (2 * a2))
         return e / a2, -e / (a2 * a2), e / alpha**3 * (sq / a2 - 2.0)
 
     @staticmethod
@@ -185,13 +185,13 @@ class Welsch(Penalty):
         return torch.exp(((shift - sq) / (2.0 * a2)).clamp_min(floor))
 
     def kappa1(self, z, alpha):
-        return self._kappas(z, alpha, 0.0)[0]
+        return self._kappas(z, alpha)[0]
 
     def kappa2(self, z, alpha):
-        return self._kappas(z, alpha, 0.0)[1]
+        return self._kappas(z, alpha)[1]
 
     def kappa1_dalpha(self, z, alpha):
-        return self._kappas(z, alpha, 0.0)[2]
+        return self._kappas(z, alpha)[2]
 
     @staticmethod
     def _shift(sq):
