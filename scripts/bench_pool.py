@@ -38,6 +38,7 @@ from benchutil import (
 )
 
 import ddn_layers as ddn
+from ddn_layers.pooling.median import coordinate_median
 
 KINDS = ("randn", "feature")
 MODES = ("implicit", "full", "approx", "unroll")
@@ -180,18 +181,22 @@ def bench_lbfgs(x, penalty, alpha, budget) -> dict:
     t = time_within(lambda: lbfgs_pool(x, penalty, alpha), budget_s=budget, device=dev)
     evals = []
     y = lbfgs_pool(x, penalty, alpha, evals)
-    # both solvers start non-convex penalties from the coordinate-wise median: its cost is
-    # shared, and reported so that the solvers can also be compared without it
-    median_ms = 0.0
+    # both solvers start non-convex penalties from the coordinate-wise median, L-BFGS (the
+    # paper's code) with torch.median, ours with ddn_layers' own (a selection network where it
+    # is faster): both costs are reported, so that the solvers can also be compared without
+    median_ms = ours_median_ms = 0.0
     if not ddn.PENALTIES[penalty].is_convex:
-        median_ms = (
-            1e3 * time_within(lambda: x.flatten(2).median(-1), budget_s=budget, device=dev).median
+        flat = x.flatten(2)
+        median_ms = 1e3 * time_within(lambda: flat.median(-1), budget_s=budget, device=dev).median
+        ours_median_ms = (
+            1e3 * time_within(lambda: coordinate_median(flat), budget_s=budget, device=dev).median
         )
     return {
         "mode": "lbfgs",
         "solver": "torch.optim.LBFGS",
         "fwd_ms": 1e3 * t.median,
         "median_start_ms": median_ms,
+        "ours_median_start_ms": ours_median_ms,
         "lbfgs_evals": "+".join(map(str, evals)),  # per start: mean(+median)
         "fwd_peak_mib": peak_memory_bytes(lambda: lbfgs_pool(x, penalty, alpha), dev) / MIB,
         "fwd_repeats": len(t.times),
@@ -277,9 +282,9 @@ def targets(rows: list[dict]) -> list[dict]:
                 case = f"B={B} C={C} s={s} {kind} {pen}"
                 add("forward time / L-BFGS", case, r, 1 / 5, r <= 1 / 5)
                 if lb["median_start_ms"] > 0:
-                    med = lb["median_start_ms"]
-                    r = max(ours["fwd_ms"] - med, 0.0) / max(lb["fwd_ms"] - med, 1e-9)
-                    add("  the same, shared median start excluded", case, r, 1 / 5, r <= 1 / 5)
+                    mine, theirs = lb["ours_median_start_ms"], lb["median_start_ms"]
+                    r = max(ours["fwd_ms"] - mine, 0.0) / max(lb["fwd_ms"] - theirs, 1e-9)
+                    add("  the same, both median starts excluded", case, r, 1 / 5, r <= 1 / 5)
                 add("objective - L-BFGS's (relative)", case, rel, 1e-6, rel <= 1e-6)
     bad = [r for r in rows if not r.get("finite", True)]
     add("non-finite y or gradient", "all rows", len(bad), 0, not bad)

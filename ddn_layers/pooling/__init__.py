@@ -4,9 +4,10 @@
 sum_i phi(||y - x_i||; alpha) over the points of each sample; ``RobustPool2d`` is its module.
 
 Files, one job each: ``penalties`` (Table 1), ``linalg`` (structured Hessian solves),
-``solver`` (batched IRLS + safeguarded Newton forward), ``backward`` (implicit, full and
-approx vector-Jacobian products), ``function`` (the autograd.Function and the functional),
-``module`` (``RobustPool2d``), ``options`` (argument checks).
+``solver`` (batched IRLS + safeguarded Newton forward), ``median`` (its median start),
+``backward`` (implicit, full and approx vector-Jacobian products), ``function`` (the
+autograd.Function and the functional), ``module`` (``RobustPool2d``), ``options`` (argument
+checks).
 """
 
 from ddn_layers.pooling.function import robust_pool
