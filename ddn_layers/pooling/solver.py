@@ -21,12 +21,15 @@ without a copy of them). The weights are functions of the squared distances (no 
 and the objective of each start is read off the distances of its last step.
 
 Each (sample, start) pair is a separate problem. It stops on its own optimality residual:
-||grad f(y)|| / sum_i k1_i, the gradient measured in the metric of the majoriser (the length
-of the next IRLS step), relative to alpha + max_c |y_c| (the penalty's length scale, and the
-scale that bounds the rounding of y); or, one evaluation sooner, when the step it is about to
-take is predicted to leave a residual below tol / 10 (its residual times the larger of its last
-two contraction ratios, both of IRLS steps; it takes that step, and the prediction is its
-recorded residual).
+max_c |grad f(y)|_c / sum_i k1_i, the gradient measured in the metric of the majoriser (the
+largest coordinate of the next IRLS step), relative to alpha + max_c |y_c| (the penalty's
+length scale, and the scale that bounds the rounding of y). A per-coordinate measure, so that
+its rounding floor is a few ulps of y whatever C: the 2-norm of the step, used before, floors
+at about sqrt(C) ulps, above the float32 tol 1e-6 from C ~ 2048 with |y| ~ alpha, and such
+problems ran to max_iter. Or it stops one evaluation sooner, when the step it is about to
+take is predicted to leave a residual below tol / 10 (the 2-norm of the step, which bounds its
+largest coordinate, times the larger of its last two contraction ratios, both of IRLS steps;
+it takes that step, and the prediction is its recorded residual).
 Converged problems are frozen at once. Every ``check_every`` iterations (a host sync) the
 solver stops if all have converged, and drops the samples whose starts all have once at most
 half the batch is left (dropping copies the points of the rest, which pays only then).
@@ -221,10 +224,13 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
             # alpha): the objective is flat there, and y is (locally) optimal as it stands
             y_irls = torch.where(s > 0, y_irls, ya)
         with torch.no_grad():
-            step = torch.linalg.vector_norm(y_irls - ya, dim=-1)
-            # (abs + amax: vector_norm with ord=inf is 4x slower on CPU in torch 2.14)
-            scale = (ya + pts.mean[:, None, :]).abs_().amax(-1)
-            res_a = step / (scale + alpha)
+            delta = y_irls - ya
+            # the 2-norm of the step gives the contraction rate; the residual is its largest
+            # coordinate (abs + amax: vector_norm with ord=inf is 4x slower on CPU in torch
+            # 2.14), whose rounding floor does not grow with C as the 2-norm's does
+            step = torch.linalg.vector_norm(delta, dim=-1)
+            scale = (ya + pts.mean[:, None, :]).abs_().amax(-1) + alpha
+            res_a = delta.abs_().amax(-1) / scale
             measured = done_a | (res_a <= opts.tol)
             # The residual of the step about to be taken, predicted from the contraction of
             # the last two (the larger: one ratio alone can be a jump between basins): a
@@ -238,7 +244,8 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
                 # jump between: it predicts from that one (re-measured in float64 on 2382
                 # random problems, the next residual was at most 1.7x the prediction)
                 one = it == 1 and penalty.is_convex
-                estimate = res_a * (rate if one else torch.maximum(rate, prev_rate))
+                # (from the 2-norm of the step, which bounds the next step's largest coordinate)
+                estimate = step / scale * (rate if one else torch.maximum(rate, prev_rate))
                 predicted = ~measured & (estimate <= 0.1 * opts.tol)
                 prev_rate = rate
             prev_step = step
