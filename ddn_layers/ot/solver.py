@@ -206,30 +206,76 @@ def _times(x: torch.Tensor, s: float, zero: torch.Tensor, one: torch.Tensor) -> 
     return torch.addcmul(zero, x, one, value=s)
 
 
-def _relaxed_block(K, u, v, Kv, a, b, r_col, c_row, w, steps, zero, one):
+def _relaxed_block(K, u, v, Kv, a, b, r_col, c_row, w, steps, zero, one, out):
     """``steps`` over-relaxed iterations at one factor ``w`` shared by the batch, each at the
-    cost of a plain one: two matrix-vector products and two fused vector operations.
+    cost of a plain one: two matrix-vector products and two fused vector operations, all in
+    place in the buffers ``out`` = (u~, v~, K v~, K^T u~), which are returned with the scales.
 
     The scalings are kept as scaled vectors with host scales, u = a u~ and v = b v~ (and
     K v = b K v~, K^T u = a K^T u~). The update u <- w r / K v + (1 - w) u is then
     u~ <- u~ + (w / (a' b)) r / K v~ with a' = (1 - w) a: a single ``addcdiv`` (likewise for
     v). A scale is folded back into its vector once it falls below 1e-4 (the scaled vector
-    grows as 1 / |1 - w| a step). Returns u~, K^T u~, v~, K v~, a, b.
+    grows as 1 / |1 - w| a step). In place, an iteration allocates nothing: 3-5 us less than
+    the out-of-place form at m = n = 500 on a CPU (10% of an iteration). The block starts from
+    copies of u, v, K v, which stay as they were.
     """
+    uu, vv, kv, ku = out
+    uu.copy_(u)
+    vv.copy_(v)
+    kv.copy_(Kv)
+    ut, vt = uu.mT, vv.mT
     kw = 1.0 - w
-    Ku = None
     for _ in range(steps):
         if abs(a) < _RESCALE_BELOW:
-            u, a = _times(u, a, zero, one), 1.0
+            torch.addcmul(zero, uu, one, value=a, out=uu)
+            a = 1.0
         if abs(b) < _RESCALE_BELOW:
-            v, Kv, b = _times(v, b, zero, one), _times(Kv, b, zero, one), 1.0
+            torch.addcmul(zero, vv, one, value=b, out=vv)
+            torch.addcmul(zero, kv, one, value=b, out=kv)
+            b = 1.0
         a *= kw
-        u = torch.addcdiv(u, r_col, Kv, value=w / (a * b))
-        Ku = torch.bmm(u.mT, K)
+        uu.addcdiv_(r_col, kv, value=w / (a * b))
+        torch.bmm(ut, K, out=ku)
         b *= kw
-        v = torch.addcdiv(v, c_row, Ku, value=w / (a * b))
-        Kv = torch.bmm(K, v.mT)
-    return u, Ku, v, Kv, a, b
+        vv.addcdiv_(c_row, ku, value=w / (a * b))
+        torch.bmm(K, vt, out=kv)
+    return uu, ku, vv, kv, a, b
+
+
+def _plain_block(K, Kv, r_col, c_row, steps, out):
+    """``steps`` plain scaling iterations from K v, in place in the buffers ``out`` (as in
+    ``_relaxed_block``); returns u, K^T u, v, K v."""
+    uu, vv, kv, ku = out
+    kv.copy_(Kv)
+    ut, vt = uu.mT, vv.mT
+    for _ in range(steps):
+        torch.div(r_col, kv, out=uu)
+        torch.bmm(ut, K, out=ku)
+        torch.div(c_row, ku, out=vv)
+        torch.bmm(K, vt, out=kv)
+    return uu, ku, vv, kv
+
+
+class _BlockBuffers:
+    """Two sets of (u~, v~, K v~, K^T u~) buffers for the in-place blocks, used in turn: a
+    block writes into the set the previous block did not, so the iterate a block started from
+    (kept to restore at the check) is never overwritten by it. Reallocated when the active
+    batch shrinks."""
+
+    def __init__(self) -> None:
+        self.sets: list[tuple[torch.Tensor, ...]] = []
+        self.turn = 0
+
+    def take(self, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.sets or self.sets[0][0].shape != u.shape:
+            self.sets = [
+                tuple(
+                    torch.empty_like(x, memory_format=torch.contiguous_format) for x in (u, v, u, v)
+                )
+                for _ in range(2)
+            ]
+        self.turn ^= 1
+        return self.sets[self.turn]
 
 
 @torch.no_grad()
@@ -310,6 +356,7 @@ def solve_sinkhorn(
     # the true ones are su * u, sv * v, sv * Kv and su * Ku (see _relaxed_block); the check
     # reads them through the scales, and they are unscaled only where a true value is needed.
     su = sv = 1.0
+    buffers = _BlockBuffers()
     zero = torch.zeros((), dtype=dtype, device=device)
     one = torch.ones((), dtype=dtype, device=device)
 
@@ -330,7 +377,19 @@ def solve_sinkhorn(
         # m = n = 500 on a CPU each Python-level call costs a tenth of a matrix-vector product.
         if uniform:
             u, Ku, v, Kv, su, sv = _relaxed_block(
-                K, u, v, Kv, su, sv, r_col, c_row, sched.omega[0], steps, zero, one
+                K,
+                u,
+                v,
+                Kv,
+                su,
+                sv,
+                r_col,
+                c_row,
+                sched.omega[0],
+                steps,
+                zero,
+                one,
+                buffers.take(u, v),
             )
         elif relaxed and not padded:
             for _ in range(steps):
@@ -339,11 +398,7 @@ def solve_sinkhorn(
                 v = torch.div(c_row, Ku).lerp_(v, keep_w)
                 Kv = torch.bmm(K, v.mT)  # for the check, then for the next row update
         elif not padded:
-            for _ in range(steps):
-                u = torch.div(r_col, Kv)
-                Ku = torch.bmm(u.mT, K)
-                v = torch.div(c_row, Ku)
-                Kv = torch.bmm(K, v.mT)
+            u, Ku, v, Kv = _plain_block(K, Kv, r_col, c_row, steps, buffers.take(u, v))
         else:
             for _ in range(steps):
                 u = torch.div(r_col, Kv).lerp_(u, keep_w) if relaxed else torch.div(r_col, Kv)

@@ -250,7 +250,7 @@ def test_relaxed_block_on_scaled_vectors_matches_the_relaxed_update(w):
     u <- w r / K v + (1 - w) u written out, in float64 (to 1e-8: at w = 1.95 the iteration
     amplifies the different rounding of the two forms to ~3e-10 in 12 steps; an algebra slip
     would be of order one)."""
-    from ddn_layers.ot.solver import _relaxed_block
+    from ddn_layers.ot.solver import _BlockBuffers, _relaxed_block
 
     g = torch.Generator().manual_seed(0)
     K = torch.rand(2, 7, 5, generator=g, dtype=torch.float64) + 0.1
@@ -259,7 +259,12 @@ def test_relaxed_block_on_scaled_vectors_matches_the_relaxed_update(w):
     u = torch.rand(2, 7, 1, generator=g, dtype=torch.float64) + 0.5
     v = torch.rand(2, 1, 5, generator=g, dtype=torch.float64) + 0.5
     zero, one = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
-    ut, Kut, vt, Kvt, a, b = _relaxed_block(K, u, v, K @ v.mT, 1.0, 1.0, r, c, w, 12, zero, one)
+    u0, v0 = u.clone(), v.clone()
+    out = _BlockBuffers().take(u, v)
+    ut, Kut, vt, Kvt, a, b = _relaxed_block(
+        K, u, v, K @ v.mT, 1.0, 1.0, r, c, w, 12, zero, one, out
+    )
+    assert torch.equal(u, u0) and torch.equal(v, v0)  # in place, but in the buffers only
     for _ in range(12):
         u = w * r / (K @ v.mT) + (1 - w) * u
         v = w * c / (u.mT @ K) + (1 - w) * v
