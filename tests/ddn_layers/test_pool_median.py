@@ -64,3 +64,14 @@ def test_coordinate_median_gradient_goes_to_a_point_holding_the_median():
     assert torch.equal(x.grad.sum(-1), torch.ones_like(m))
     picked = (x.grad * x.detach()).sum(-1)
     assert torch.equal(picked, m.detach())
+
+
+def test_robust_pool_gives_the_same_result_with_the_network_median(monkeypatch):
+    import ddn_layers as ddn
+    import ddn_layers.pooling.solver as solver
+
+    x = torch.randn(8, 512, 7, 7)
+    assert med._network_pays(49, 8 * 512)
+    ours = ddn.robust_pool(x, "welsch", 1.0, restarts=2)
+    monkeypatch.setattr(solver, "coordinate_median", lambda t: t.median(-1).values)
+    assert torch.equal(ddn.robust_pool(x, "welsch", 1.0, restarts=2), ours)
