@@ -376,20 +376,9 @@ def solve_sinkhorn(
         # u <= 0 is caught at the check and undone. The loop is written out per case: at
         # m = n = 500 on a CPU each Python-level call costs a tenth of a matrix-vector product.
         if uniform:
+            out = buffers.take(u, v)
             u, Ku, v, Kv, su, sv = _relaxed_block(
-                K,
-                u,
-                v,
-                Kv,
-                su,
-                sv,
-                r_col,
-                c_row,
-                sched.omega[0],
-                steps,
-                zero,
-                one,
-                buffers.take(u, v),
+                K, u, v, Kv, su, sv, r_col, c_row, sched.omega[0], steps, zero, one, out
             )
         elif relaxed and not padded:
             for _ in range(steps):
