@@ -200,10 +200,11 @@ def _log_domain_block(
 _RESCALE_BELOW = 1e-4
 
 
-def _times(x: torch.Tensor, s: float, zero: torch.Tensor, one: torch.Tensor) -> torch.Tensor:
-    """s * x for a host float s, as ``addcmul``'s scalar ``value``: ``x * s`` would first wrap
-    s in a tensor and convert it (three dispatches, ~4x the time of the product itself)."""
-    return torch.addcmul(zero, x, one, value=s)
+def _times(x: torch.Tensor, s: float, zero: torch.Tensor, one: torch.Tensor, out=None):
+    """s * x for a host float s (into ``out`` if given), as ``addcmul``'s scalar ``value``:
+    ``x * s`` would first wrap s in a tensor and convert it (three dispatches, ~4x the time of
+    the product itself)."""
+    return torch.addcmul(zero, x, one, value=s, out=out)
 
 
 def _relaxed_block(K, u, v, Kv, a, b, r_col, c_row, w, steps, zero, one, out):
@@ -227,11 +228,11 @@ def _relaxed_block(K, u, v, Kv, a, b, r_col, c_row, w, steps, zero, one, out):
     kw = 1.0 - w
     for _ in range(steps):
         if abs(a) < _RESCALE_BELOW:
-            torch.addcmul(zero, uu, one, value=a, out=uu)
+            _times(uu, a, zero, one, out=uu)
             a = 1.0
         if abs(b) < _RESCALE_BELOW:
-            torch.addcmul(zero, vv, one, value=b, out=vv)
-            torch.addcmul(zero, kv, one, value=b, out=kv)
+            _times(vv, b, zero, one, out=vv)
+            _times(kv, b, zero, one, out=kv)
             b = 1.0
         a *= kw
         uu.addcdiv_(r_col, kv, value=w / (a * b))
