@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -98,7 +99,7 @@ def robust_pool(
         implicit_solver: for the Hessian solves of ``implicit`` (and the Newton steps):
             ``cholesky`` (C x C), ``woodbury`` (n x n) or ``auto`` (the smaller).
         tol: stop a sample when ||grad f|| / sum kappa1 <= tol * (alpha + max|y|), measured,
-            or predicted below tol / 10 for the step it then takes (see solver.py); default
+            or predicted below tol / 4 for the step it then takes (see solver.py); default
             1e-6 in float32 (and half precision), 1e-12 in float64.
         max_iter: iterations per start; not converging is a ``ConvergenceWarning``.
         newton: where IRLS contracts so slowly that Newton steps are cheaper (see
@@ -128,6 +129,8 @@ def robust_pool(
         restarts=restarts, implicit_solver=implicit_solver,
         check_every=check_every,
     )  # fmt: skip
+    if not return_info:
+        opts = dataclasses.replace(opts, objective=False)
     a = check_alpha(alpha, dtype, x3.device)
     xc = x3.to(dtype).contiguous()
 

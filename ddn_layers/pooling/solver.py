@@ -26,10 +26,14 @@ largest coordinate of the next IRLS step), relative to alpha + max_c |y_c| (the 
 length scale, and the scale that bounds the rounding of y). A per-coordinate measure, so that
 its rounding floor is a few ulps of y whatever C: the 2-norm of the step, used before, floors
 at about sqrt(C) ulps, above the float32 tol 1e-6 from C ~ 2048 with |y| ~ alpha, and such
-problems ran to max_iter. Or it stops one evaluation sooner, when the step it is about to
-take is predicted to leave a residual below tol / 10 (the 2-norm of the step, which bounds its
-largest coordinate, times the larger of its last two contraction ratios, both of IRLS steps;
-it takes that step, and the prediction is its recorded residual).
+problems ran to max_iter. Or it stops one evaluation sooner, when the step it is about to take
+is predicted to leave a residual below tol / 4: this residual times the larger of the last two
+contraction ratios (ratios of the 2-norms of successive IRLS steps). It takes that step, and
+the prediction is its recorded residual. On random problems (C = 1 ... 2048, n = 1 ... 1024,
+every penalty, alpha 0.01 ... 30; 3912 such predictions in float32 and float64,
+scripts/check_pool_prediction.py, results in docs/benchmarks/pool/prediction.md) the residual
+then measured never exceeded 0.69 tol; from predictions at tol / 2 it reached 1.1 tol, from
+those at tol 3.9 tol.
 Converged problems are frozen at once. Every ``check_every`` iterations (a host sync) the
 solver stops if all have converged, and drops the samples whose starts all have once at most
 half the batch is left (dropping copies the points of the rest, which pays only then).
@@ -53,6 +57,9 @@ from ddn_layers.pooling.linalg import choose_solver, hessian_solve
 from ddn_layers.pooling.median import coordinate_median
 from ddn_layers.pooling.penalties import Penalty
 
+PREDICTED_STOP = 0.25
+"""A step predicted to leave a residual below PREDICTED_STOP * tol is the last one (see above)."""
+
 START_NAMES = ("mean", "median")
 """Start indices 0 and 1; index 2 + k is the k-th input point nearest the median."""
 
@@ -65,6 +72,10 @@ class SolveOptions:
     restarts: int
     implicit_solver: str
     check_every: int
+    predict_below: float = PREDICTED_STOP
+    """0 turns the predicted stop off (scripts/check_pool_prediction.py measures it so)."""
+    objective: bool = True
+    """False: a single start's objective is not evaluated (``Solution.objective`` is NaN)."""
 
 
 @dataclass
@@ -161,11 +172,13 @@ def _newton(pts: _Points, yc: Tensor, want: Tensor, penalty, alpha, solver: str)
     return y_new, take
 
 
-def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Solution:
+def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions, trace=None) -> Solution:
     """Minimise for every sample of x (B, C, n); differentiable iff autograd is enabled.
 
     Runs under whatever grad mode the caller chose: ``no_grad`` for the implicit modes,
     enabled for ``unroll`` (then autograd follows every step of the winning start).
+    ``trace(it, residual, estimate, measured)``, if given, sees every iteration's (A, S)
+    residuals, predicted next residuals (None at it = 0) and measured-converged flags.
     """
     B, C, n = x.shape
     dev = x.device
@@ -191,7 +204,10 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
     iters = torch.zeros(B, S, dtype=torch.long, device=dev)
     newton_steps = torch.zeros_like(iters)
     res = torch.full((B, S), float("inf"), dtype=x.dtype, device=dev)
-    fval = torch.empty(B, S, dtype=x.dtype, device=dev)
+    # with one start the objective only informs (return_info); at a predicted stop it costs
+    # a GEMM-sized read of the points
+    need_fval = S > 1 or opts.objective
+    fval = torch.full((B, S), math.nan, dtype=x.dtype, device=dev)
 
     idx = torch.arange(B, device=dev)
     pts, ya = pts_all, Y
@@ -206,9 +222,12 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
         # sq was taken at ya before this iteration's update, which is where every problem
         # that stopped on a measured residual still is: its objective comes free. Those that
         # stopped on a predicted one in this iteration have moved since
-        with torch.no_grad():
-            d2 = sq if stale is None else torch.where(stale[..., None], pts.sq_distances(ya), sq)
-            fval[idx] = penalty.phi(d2.sqrt(), alpha).sum(-1)
+        if need_fval:
+            with torch.no_grad():
+                d2 = sq
+                if stale is not None:
+                    d2 = torch.where(stale[..., None], pts.sq_distances(ya), sq)
+                fval[idx] = penalty.phi(d2.sqrt(), alpha).sum(-1)
         iters[idx], newton_steps[idx], res[idx] = iters_a, newton_a, res_a
         return Y.index_copy(0, idx, ya)
 
@@ -234,21 +253,21 @@ def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions) -> Sol
             measured = done_a | (res_a <= opts.tol)
             # The residual of the step about to be taken, predicted from the contraction of
             # the last two (the larger: one ratio alone can be a jump between basins): a
-            # problem predicted below tol / 10 takes the step and stops, sparing the
-            # evaluation that would only confirm it. Its residual is that prediction
+            # problem predicted below opts.predict_below * tol takes the step and stops, sparing
+            # the evaluation that would only confirm it. Its residual is that prediction
             # (no step ratio at the first iteration: neither this nor the Newton test applies)
             predicted = None
             if it > 0:
                 rate = step / prev_step
                 # At the second iteration a convex penalty has one ratio, and no basins to
-                # jump between: it predicts from that one (re-measured in float64 on 2382
-                # random problems, the next residual was at most 1.7x the prediction)
+                # jump between: it predicts from that one
                 one = it == 1 and penalty.is_convex
-                # (from the 2-norm of the step, which bounds the next step's largest coordinate)
-                estimate = step / scale * (rate if one else torch.maximum(rate, prev_rate))
-                predicted = ~measured & (estimate <= 0.1 * opts.tol)
+                estimate = res_a * (rate if one else torch.maximum(rate, prev_rate))
+                predicted = ~measured & (estimate <= opts.predict_below * opts.tol)
                 prev_rate = rate
             prev_step = step
+            if trace is not None:
+                trace(it, res_a, estimate if it > 0 else None, measured)
             if use_newton and it > 0:
                 # IRLS steps still needed at the observed rate r: res r^k <= tol. Worth a
                 # Newton step when k > newton_cost, i.e. r > (tol / res)^(1 / newton_cost)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -175,6 +176,46 @@ def test_a_predicted_stop_is_a_true_one(penalty):
     res = step / (1.0 + y64.abs().amax(-1))
     assert (res <= 1e-6).all(), res.max()
     f = p.phi(z, torch.tensor(1.0, dtype=F64)).sum(-1)
+    torch.testing.assert_close(info.extra["objective"].double(), f, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("penalty", ["pseudo-huber", "huber"])
+def test_the_predicted_stop_saves_evaluations_and_changes_nothing_else(penalty):
+    """On the same problems, the solver with its predicted stop turned off evaluates more
+    iterations and reaches the same y (to tol): the stop is exercised, and harmless."""
+    from ddn_layers.pooling.options import solve_options
+    from ddn_layers.pooling.solver import solve
+
+    x = torch.randn(8, 512, 49, generator=torch.Generator().manual_seed(4))
+    opts = solve_options(
+        dtype=torch.float32, device=x.device, tol=None, max_iter=100, newton=True,
+        restarts=0, implicit_solver="auto", check_every=None,
+    )  # fmt: skip
+    off = dataclasses.replace(opts, predict_below=0.0)
+    a = torch.tensor(1.0)
+    evals = {}
+    sols = {}
+    for name, o in (("on", opts), ("off", off)):
+        count = [0]
+        sols[name] = solve(
+            x, a, ddn.PENALTIES[penalty], o, trace=lambda *_, c=count: c.__setitem__(0, c[0] + 1)
+        )
+        evals[name] = count[0]
+    assert evals["on"] < evals["off"], evals
+    assert sols["on"].converged.all() and sols["off"].converged.all()
+    scale = 1.0 + x.abs().amax()
+    torch.testing.assert_close(sols["on"].y, sols["off"].y, rtol=0, atol=2e-6 * float(scale))
+
+
+def test_the_objective_is_evaluated_only_when_asked():
+    """Without return_info a single start's objective is skipped (a GEMM at a predicted stop);
+    y is bit for bit the same either way."""
+    x = torch.randn(4, 64, 49, generator=torch.Generator().manual_seed(2))
+    y = ddn.robust_pool(x, "huber", 1.0)
+    y2, info = ddn.robust_pool(x, "huber", 1.0, return_info=True)
+    assert torch.equal(y, y2)
+    z = torch.linalg.vector_norm(y2.double()[:, :, None] - x.double(), dim=1)
+    f = ddn.PENALTIES["huber"].phi(z, torch.tensor(1.0, dtype=F64)).sum(-1)
     torch.testing.assert_close(info.extra["objective"].double(), f, rtol=1e-5, atol=0)
 
 
