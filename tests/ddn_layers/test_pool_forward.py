@@ -219,6 +219,22 @@ def test_the_objective_is_evaluated_only_when_asked():
     torch.testing.assert_close(info.extra["objective"].double(), f, rtol=1e-5, atol=0)
 
 
+def test_centring_in_blocks_is_the_whole_sum(monkeypatch):
+    """On a CPU the centred squared norms are summed a block of channels at a time (no
+    (B, C, n) temporary); with blocks of 3 channels they are the one-piece sum, and the
+    pooled result is the same to float32 tol."""
+    from ddn_layers.pooling import solver
+
+    x = torch.randn(3, 301, 7, dtype=F64, generator=torch.Generator().manual_seed(8)) + 5.0
+    m = x.mean(-1)
+    whole = ((x - m[..., None]) ** 2).sum(1)
+    y = ddn.robust_pool(x.float(), "welsch", 2.0)
+    monkeypatch.setattr(solver, "CENTRING_BLOCK", 64)  # 64 // (3 * 7) = 3 channels a block
+    torch.testing.assert_close(solver._centred_sq_norms(x, m), whole, rtol=1e-13, atol=0)
+    y_blocks = ddn.robust_pool(x.float(), "welsch", 2.0)
+    torch.testing.assert_close(y_blocks, y, rtol=0, atol=1e-5 * float(x.abs().max()))
+
+
 def test_welsch_weights_never_denormal():
     """Weights under sqrt(tiny) are raised to it: denormal operands slow CPU GEMMs ~25x, and
     the floor is 1e-19 of the largest weight in float32, far below rounding."""
