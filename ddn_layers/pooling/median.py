@@ -8,11 +8,14 @@ merge exchange sort (TAOCP 5.2.2, Algorithm M, which takes any n) pruned to the 
 that the median's output depends on, 578 of them for 49 points, 4.3 ms there.
 
 Which one runs is a cost estimate, in microseconds, of this project's 2-core Xeon VM (torch
-2.14.1, one thread): the network costs ``ops * (1.5 + 0.00036 * rows)`` (dispatch, then
-lanes), ``torch.median`` ``rows * (0.2 + 0.017 * n)``. Both were measured on shapes from
-(128, 16) to (16384, 196) and the estimate picked the faster one on each. The network is
-used only on a CPU (on a GPU one kernel per row beats hundreds of launches) and for n <= 256
-(its program is built in Python once per n and cached).
+2.14.1, one thread): the network costs ``ops * (1.5 * blocks + 0.00036 * rows)`` (dispatch per
+block of 16384 rows, then lanes), ``torch.median`` ``rows * (0.2 + 0.017 * n)``. Both were
+measured on shapes from (128, 16) to (16384, 196) and the estimate picked the faster one on
+each. The network is used only on a CPU (on a GPU one kernel per row beats hundreds of
+launches) and for n <= 256 (its program is built in Python once per n and cached). The
+network's registers hold a block of 16384 rows at a time, in one buffer reused from block to
+block: at 128 x 2048 rows of 49 (ResNet-50 features, batch 128) a buffer for all rows (54 MB)
+page-faulted on every call, 116 ms against 67-74 ms in blocks.
 
 Both return the lower median, the ((n - 1) // 2)-th smallest value, as torch.median does.
 """
@@ -25,6 +28,8 @@ import torch
 from torch import Tensor
 
 MAX_NETWORK_POINTS = 256
+NETWORK_BLOCK_ROWS = 16384
+"""Rows whose registers are held at once (3.3 MB for 49 points): the ResNet case in one."""
 
 
 def _merge_exchange(n: int) -> list[tuple[int, int]]:
@@ -94,19 +99,30 @@ def _network_pays(n: int, rows: int) -> bool:
     if n > MAX_NETWORK_POINTS:
         return False
     ops = len(median_program(n)[0])
-    return ops * (1.5 + 0.00036 * rows) < rows * (0.2 + 0.017 * n)
+    blocks = -(-rows // NETWORK_BLOCK_ROWS)
+    return ops * (1.5 * blocks + 0.00036 * rows) < rows * (0.2 + 0.017 * n)
 
 
 def _network_median(x: Tensor) -> Tensor:
     n = x.shape[-1]
     ops, registers, out = median_program(n)
     flat = x.reshape(-1, n)
-    buf = x.new_empty(registers, flat.shape[0])
-    buf[:n].copy_(flat.T)
-    regs = buf.unbind(0)
-    for is_min, a, b, o in ops:
-        (torch.minimum if is_min else torch.maximum)(regs[a], regs[b], out=regs[o])
-    return regs[out].reshape(x.shape[:-1])
+    rows = flat.shape[0]
+    # the registers hold one block of rows at a time, in one buffer reused block after block:
+    # registers x all rows would be a fresh, page-faulting allocation at large batches (54 MB
+    # at 128 x 2048 rows of 49), and a block's registers stay in cache between operations
+    block = min(rows, NETWORK_BLOCK_ROWS)
+    buf = x.new_empty(registers, block)
+    result = x.new_empty(rows)
+    for r0 in range(0, rows, block):
+        part = flat[r0 : r0 + block]
+        k = part.shape[0]
+        regs = buf[:, :k].unbind(0)
+        buf[:n, :k].copy_(part.T)
+        for is_min, a, b, o in ops:
+            (torch.minimum if is_min else torch.maximum)(regs[a], regs[b], out=regs[o])
+        result[r0 : r0 + k] = regs[out]
+    return result.reshape(x.shape[:-1])
 
 
 def coordinate_median(x: Tensor) -> Tensor:
