@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -195,7 +196,13 @@ def _newton(pts: _Points, yc: Tensor, want: Tensor, penalty, alpha, solver: str)
     return y_new, take
 
 
-def solve(x: Tensor, alpha: Tensor, penalty: Penalty, opts: SolveOptions, trace=None) -> Solution:
+def solve(
+    x: Tensor,
+    alpha: Tensor,
+    penalty: Penalty,
+    opts: SolveOptions,
+    trace: Callable[[int, Tensor, Tensor | None, Tensor], None] | None = None,
+) -> Solution:
     """Minimise for every sample of x (B, C, n); differentiable iff autograd is enabled.
 
     Runs under whatever grad mode the caller chose: ``no_grad`` for the implicit modes,
