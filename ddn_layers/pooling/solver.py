@@ -138,9 +138,8 @@ def _centred_sq_norms(x: Tensor, mean: Tensor) -> Tensor:
         d = x - mean[..., None]
         return (d * d if d.requires_grad else d.square_()).sum(1)
     out = None
-    for c in range(0, C, width):
-        d = x[:, c : c + width] - mean[:, c : c + width, None]
-        part = d.square_().sum(1)
+    for xb, mb in zip(x.split(width, 1), mean[..., None].split(width, 1), strict=True):
+        part = (xb - mb).square_().sum(1)
         out = part if out is None else out.add_(part)
     return out
 
