@@ -153,8 +153,9 @@ class _Points:
 
     def __init__(self, x: Tensor, mean: Tensor, sq: Tensor) -> None:
         self.x, self.mean, self.sq = x, mean, sq
-        # (A, 1, C) terms of every iteration, formed once
+        # (A, 1, C) and (A, 1, n) terms of every iteration, formed once
         self.mean2, self.neg_mean = 2.0 * mean[:, None, :], -mean[:, None, :]
+        self.sq3 = sq[:, None, :]
 
     @classmethod
     def of(cls, x: Tensor, mean: Tensor) -> _Points:
@@ -168,7 +169,7 @@ class _Points:
         ||yc||^2 + 2 yc.m + ||x_i - m||^2 - 2 yc.x_i, floored at 0 (near a point the identity
         rounds below zero by up to ~eps |yc| |m|, which is not small against alpha^2 when
         alpha is small: pseudo-huber's weight would be 1/sqrt(1 + sq / alpha^2) of a negative)."""
-        base = self.sq[:, None, :] + (yc * (yc + self.mean2)).sum(-1, True)
+        base = self.sq3 + (yc * (yc + self.mean2)).sum(-1, True)
         return torch.baddbmm(base, yc, self.x, alpha=-2.0).clamp_min(0.0)
 
     def weighted_mean(self, k1: Tensor, s: Tensor) -> Tensor:
@@ -262,7 +263,7 @@ def solve(
 
     for it in range(opts.max_iter + 1):
         # a convex penalty's one start is the mean, yc = 0: its distances are the centred ones
-        sq = pts.sq[:, None, :] if it == 0 and S == 1 else pts.sq_distances(ya)
+        sq = pts.sq3 if it == 0 and S == 1 else pts.sq_distances(ya)
         stale = None
         k1 = penalty.irls_weights_sq(sq, alpha)
         s = k1.sum(-1, keepdim=True)
@@ -277,7 +278,7 @@ def solve(
             # coordinate (abs + amax: vector_norm with ord=inf is 4x slower on CPU in torch
             # 2.14), whose rounding floor does not grow with C as the 2-norm's does
             step = torch.linalg.vector_norm(delta, dim=-1)
-            scale = (ya + pts.mean[:, None, :]).abs_().amax(-1) + alpha
+            scale = (ya - pts.neg_mean).abs_().amax(-1) + alpha
             res_a = delta.abs_().amax(-1) / scale
             measured = done_a | (res_a <= opts.tol)
             # The residual of the step about to be taken, predicted from the contraction of
