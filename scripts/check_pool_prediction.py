@@ -19,6 +19,7 @@ on a 2-d subspace, or feature-like (bench_pool.make_input); 0 or 2 restarts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import random
 import warnings
@@ -26,9 +27,10 @@ import warnings
 import torch
 from bench_pool import make_input
 
-from ddn_layers.pooling.options import DEFAULT_TOL
+from ddn_layers.pooling.module import _OPTION_DEFAULTS
+from ddn_layers.pooling.options import DEFAULT_TOL, solve_options
 from ddn_layers.pooling.penalties import PENALTIES
-from ddn_layers.pooling.solver import PREDICTED_STOP, SolveOptions, solve
+from ddn_layers.pooling.solver import PREDICTED_STOP, solve
 
 KINDS = ("randn", "offset", "duplicated", "subspace", "feature")
 THRESHOLDS = (0.1, PREDICTED_STOP, 0.5, 1.0)
@@ -58,11 +60,12 @@ def random_problem(rng: random.Random, seed: int, dtype: torch.dtype):
 def pairs_of(x, alpha, penalty, restarts, tol) -> tuple[torch.Tensor, torch.Tensor]:
     """(prediction, residual measured one iteration later), for every problem and iteration
     where the solver made a prediction and had not yet converged."""
-    opts = SolveOptions(
-        tol=tol, max_iter=100, newton=True, restarts=restarts, implicit_solver="auto",
-        # no stop on a prediction, and no dropped samples (the trace's rows stay aligned)
-        check_every=101, predict_below=0.0,
-    )  # fmt: skip
+    # robust_pool's defaults, but no stop on a prediction and no dropped samples (the trace's
+    # rows stay aligned)
+    opts = solve_options(
+        dtype=x.dtype, device=x.device, **_OPTION_DEFAULTS | {"tol": tol, "restarts": restarts}
+    )
+    opts = dataclasses.replace(opts, check_every=opts.max_iter + 1, predict_below=0.0)
     preds, actual, last = [], [], [None]
 
     def trace(it, residual, estimate, measured):

@@ -183,14 +183,12 @@ def test_a_predicted_stop_is_a_true_one(penalty):
 def test_the_predicted_stop_saves_evaluations_and_changes_nothing_else(penalty):
     """On the same problems, the solver with its predicted stop turned off evaluates more
     iterations and reaches the same y (to tol): the stop is exercised, and harmless."""
+    from ddn_layers.pooling.module import _OPTION_DEFAULTS
     from ddn_layers.pooling.options import solve_options
     from ddn_layers.pooling.solver import solve
 
     x = torch.randn(8, 512, 49, generator=torch.Generator().manual_seed(4))
-    opts = solve_options(
-        dtype=torch.float32, device=x.device, tol=None, max_iter=100, newton=True,
-        restarts=0, implicit_solver="auto", check_every=None,
-    )  # fmt: skip
+    opts = solve_options(dtype=torch.float32, device=x.device, **_OPTION_DEFAULTS)
     off = dataclasses.replace(opts, predict_below=0.0)
     a = torch.tensor(1.0)
     evals = {}
