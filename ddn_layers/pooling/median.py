@@ -17,7 +17,19 @@ network's registers hold a block of 16384 rows at a time, in one buffer reused f
 block: at 128 x 2048 rows of 49 (ResNet-50 features, batch 128) a buffer for all rows (54 MB)
 page-faulted on every call, 116 ms against 67-74 ms in blocks.
 
-Both return the lower median, the ((n - 1) // 2)-th smallest value, as torch.median does.
+Long rows (n >= 2048, 8 rows and more) are selected by counting instead. ``torch.median``
+spends about 17 ns a point there, whatever the values (a clamped copy with only a few distinct
+values costs the same), while counting the points at or below a threshold, one float
+comparison and a sum over all rows, costs about 0.2 ns a point. Thresholds from a strided
+sample of 256 points per row bracket the median's rank; regula falsi on the counts narrows
+the bracket until one end counts exactly k or k + 1 points, k = (n - 1) // 2; then the
+median is the smallest point above the lower end, or the largest at or below the upper end.
+Every step keeps count(x <= lo) <= k < count(x <= hi), so the value is exact whatever the
+thresholds were; a row not settled after ``COUNTING_STEPS`` steps (about 1 in 50 at 128 rows of
+4096) goes to torch.median. At C = 128, s = 64 (128 rows of 4096) this takes 2.5-3.5 ms
+against torch.median's 7.6-8.3 ms; at 1024 such rows, 45-57 against 61-65 ms.
+
+All three return the lower median, the ((n - 1) // 2)-th smallest value, as torch.median does.
 """
 
 from __future__ import annotations
@@ -30,6 +42,12 @@ from torch import Tensor
 MAX_NETWORK_POINTS = 256
 NETWORK_BLOCK_ROWS = 16384
 """Rows whose registers are held at once (3.3 MB for 49 points): the ResNet case in one."""
+COUNTING_MIN_POINTS = 2048
+COUNTING_MIN_ROWS = 8
+"""Below these, torch.median wins: at 1024 points the two tie, and counting's fixed cost is
+about 0.3 ms (one row of 4096: 0.25 against 0.02 ms)."""
+COUNTING_SAMPLE = 256
+COUNTING_STEPS = 8
 
 
 def _merge_exchange(n: int) -> list[tuple[int, int]]:
@@ -125,17 +143,96 @@ def _network_median(x: Tensor) -> Tensor:
     return result.reshape(x.shape[:-1])
 
 
+def _counting_pays(x: Tensor) -> bool:
+    n = x.shape[-1]
+    return (
+        x.dtype in (torch.float32, torch.float64)
+        and COUNTING_MIN_POINTS <= n < 1 << 24  # counts summed in float32 stay exact
+        and x.numel() // n >= COUNTING_MIN_ROWS
+    )
+
+
+def _counting_median(x: Tensor, steps: int | None = None) -> Tensor:
+    n = x.shape[-1]
+    flat = x.reshape(-1, n)
+    k = (n - 1) // 2
+    big = torch.finfo(x.dtype).max
+    mn, mx = torch.aminmax(flat, dim=-1, keepdim=True)
+    if bool(mn.min() < -big / 4) or bool(mx.max() > big / 4):
+        # the masked extremes below add +-big to excluded points, which must then stay
+        # beyond every kept one
+        return x.median(-1).values
+    buf = torch.empty_like(flat)
+
+    def count_le(t: Tensor) -> Tensor:
+        # a float mask: comparisons written to bool run 3-5 times slower on a CPU
+        return torch.le(flat, t, out=buf).sum(-1, keepdim=True)
+
+    def min_above(t: Tensor) -> Tensor:
+        return torch.le(flat, t, out=buf).mul_(big).add_(flat).amin(-1, keepdim=True)
+
+    def max_at_or_below(t: Tensor) -> Tensor:
+        return torch.gt(flat, t, out=buf).mul_(-big).add_(flat).amax(-1, keepdim=True)
+
+    # a bracket from the sample: about 2.5 standard deviations of the sample median's rank
+    # either side; where the sample missed, that end moves to the row's extreme
+    sample = flat[:, :: max(n // COUNTING_SAMPLE, 1)]
+    m = sample.shape[-1]
+    d = int(2.5 * (m / 4) ** 0.5) + 1
+    lo = sample.kthvalue(max((m - 1) // 2 - d, 0) + 1, -1, keepdim=True).values
+    hi = sample.kthvalue(min((m - 1) // 2 + d, m - 1) + 1, -1, keepdim=True).values
+    clo, chi = count_le(lo), count_le(hi)
+    missed_lo, missed_hi = clo > k, chi <= k
+    if bool((missed_lo | missed_hi).any()):
+        lo = torch.where(missed_lo, mn, lo)
+        clo = torch.where(missed_lo, count_le(mn), clo)
+        hi = torch.where(missed_hi, mx, hi)
+        chi = torch.where(missed_hi, torch.full_like(chi, n), chi)
+    # invariant from here on: clo = count(x <= lo) <= k < chi = count(x <= hi), except
+    # clo > k where lo is the row's minimum and holds rank k itself
+    for _ in range(COUNTING_STEPS if steps is None else steps):
+        todo = (clo < k) & (chi > k + 1)
+        if not bool(todo.any()):
+            break
+        t = torch.lerp(lo, hi, (k + 0.5 - clo) / (chi - clo))
+        c = count_le(t)
+        up, down = todo & (c > k), todo & (c <= k)
+        hi, chi = torch.where(up, t, hi), torch.where(up, c, chi)
+        lo, clo = torch.where(down, t, lo), torch.where(down, c, clo)
+    above = min_above(lo)
+    value = torch.where(clo > k, lo, above)  # clo == k: the smallest point above lo
+    settled = clo >= k
+    from_hi = (chi == k + 1) & ~settled
+    if bool(from_hi.any()):
+        value = torch.where(from_hi, max_at_or_below(hi), value)
+        settled = settled | from_hi
+    if not bool(settled.all()):
+        # one value repeated across rank k leaves no threshold between its copies: it is
+        # the smallest point above lo when that point already counts past k
+        settled = settled | (count_le(above) > k)
+        rows = (~settled[:, 0]).nonzero()[:, 0]
+        if len(rows):
+            value[rows] = flat[rows].median(-1, keepdim=True).values
+    return value.reshape(x.shape[:-1])
+
+
 def coordinate_median(x: Tensor) -> Tensor:
     """The lower median along the last dimension: x (..., n) -> (...), n >= 1, finite x.
 
     Differentiable as torch.median is (the gradient goes to one point holding the median).
     """
     n = x.shape[-1]
-    if x.device.type != "cpu" or n < 3 or not _network_pays(n, x.numel() // n):
+    if x.device.type != "cpu" or n < 3:
+        return x.median(-1).values
+    if _network_pays(n, x.numel() // n):
+        select = _network_median
+    elif _counting_pays(x):
+        select = _counting_median
+    else:
         return x.median(-1).values
     if not (torch.is_grad_enabled() and x.requires_grad):
-        return _network_median(x)
+        return select(x)
     with torch.no_grad():
-        value = _network_median(x)
+        value = select(x)
         at = (x == value[..., None]).to(torch.uint8).argmax(-1, keepdim=True)
     return x.gather(-1, at)[..., 0]

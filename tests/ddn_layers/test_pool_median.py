@@ -86,3 +86,71 @@ def test_robust_pool_gives_the_same_result_with_the_network_median(monkeypatch):
     ours = ddn.robust_pool(x, "welsch", 1.0, restarts=2)
     monkeypatch.setattr(solver, "coordinate_median", lambda t: t.median(-1).values)
     assert torch.equal(ddn.robust_pool(x, "welsch", 1.0, restarts=2), ours)
+
+
+def _long_rows(n: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(16, n, generator=g, dtype=dtype)
+    centre = 3 * torch.randn(16, 1, generator=g, dtype=dtype)
+    far = torch.rand(16, n, generator=g) < 0.1
+    biased = x.clone()
+    biased[:, :: n // med.COUNTING_SAMPLE] += 1e3  # every sampled point far above the rest
+    return [
+        x,
+        torch.where(far, 100 * x, centre + 0.3 * x),  # feature-like: 10% far outliers
+        x.clamp_min(0),  # ReLU: half the points 0, the median 0 or just above
+        (x - 1.5).clamp_min(0),  # most points 0
+        x.exp() * 1e3,  # skewed
+        x * 1e-30,
+        torch.randint(0, 5, (16, n), generator=g).to(dtype),  # few values, many ties
+        torch.full((9, n), -2.5, dtype=dtype),
+        torch.arange(n, 0, -1, dtype=dtype).expand(8, n),
+        biased,  # the sample misses the median's rank: the bracket's ends are repaired
+        -biased,
+    ]
+
+
+@pytest.mark.parametrize("n", [2048, 2049, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_counting_gives_torch_median(n, dtype):
+    for x in _long_rows(n, dtype):
+        assert med._counting_pays(x)
+        assert torch.equal(med._counting_median(x), x.median(-1).values), x
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2])
+def test_counting_with_too_few_steps_still_gives_torch_median(steps):
+    """Rows left unsettled take one step along the data, then torch.median: never a guess."""
+    for x in _long_rows(2048, torch.float32):
+        assert torch.equal(med._counting_median(x, steps=steps), x.median(-1).values)
+
+
+def test_counting_near_the_largest_float_gives_torch_median():
+    big = torch.finfo(torch.float32).max
+    x = torch.randn(8, 2048) * 1e37
+    x[:, 0] = -big  # the masked extremes would no longer exclude points: torch.median
+    x[3, 5] = big
+    assert torch.equal(med._counting_median(x), x.median(-1).values)
+
+
+def test_the_choice_of_selection():
+    assert med._counting_pays(torch.empty(1, 128, 4096))  # C = 128, s = 64
+    assert not med._counting_pays(torch.empty(1, 4, 4096))  # few rows: torch.median
+    assert not med._counting_pays(torch.empty(128, 1024))
+    assert not med._counting_pays(torch.empty(128, 4096, dtype=torch.float16))
+    assert not med._network_pays(4096, 128)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_coordinate_median_on_the_counting_path_matches_torch(requires_grad):
+    x = torch.randn(2, 16, 2048, dtype=torch.float64)
+    ref = x.clone().requires_grad_(requires_grad)
+    ours = x.clone().requires_grad_(requires_grad)
+    expected = ref.median(-1).values
+    got = med.coordinate_median(ours)
+    assert torch.equal(got, expected)
+    if requires_grad:
+        w = torch.randn_like(got)
+        (expected * w).sum().backward()
+        (got * w).sum().backward()
+        assert torch.equal(ours.grad, ref.grad)
