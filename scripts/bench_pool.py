@@ -182,8 +182,9 @@ def bench_lbfgs(x, penalty, alpha, budget) -> dict:
     evals = []
     y = lbfgs_pool(x, penalty, alpha, evals)
     # both solvers start non-convex penalties from the coordinate-wise median, L-BFGS (the
-    # paper's code) with torch.median, ours with ddn_layers' own (a selection network where it
-    # is faster): both costs are reported, so that the solvers can also be compared without
+    # paper's code) with torch.median, ours with ddn_layers' own (a selection network for many
+    # short rows, counting for long ones, where faster): both costs are reported, so that the
+    # solvers can also be compared without them
     median_ms = ours_median_ms = 0.0
     if not ddn.PENALTIES[penalty].is_convex:
         flat = x.flatten(2)
