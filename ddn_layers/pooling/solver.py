@@ -77,7 +77,7 @@ class SolveOptions:
     predict_below: float = PREDICTED_STOP
     """0 turns the predicted stop off (scripts/check_pool_prediction.py measures it so)."""
     objective: bool = True
-    """False: a single start's objective is not evaluated (``Solution.objective`` is NaN)."""
+    """False: a single start's objective, or the closed form's, is not evaluated (NaN)."""
 
 
 @dataclass
@@ -219,8 +219,12 @@ def solve(
         zeros = torch.zeros(B, dtype=torch.long, device=dev)
         with torch.no_grad():
             # sum_i ||x_i - m||^2 / 2 from the centred offsets: x.var along the points is
-            # 13x slower on CPU (9.5 against 0.73 ms at B=32, C=512, 7x7), for the same value
-            f = 0.5 * _centred_sq_norms(x, mean).sum(-1)
+            # 13x slower on CPU (9.5 against 0.73 ms at B=32, C=512, 7x7), for the same value.
+            # Only return_info shows it, and it costs more than the mean itself
+            if opts.objective:
+                f = 0.5 * _centred_sq_norms(x, mean).sum(-1)
+            else:
+                f = torch.full((B,), math.nan, dtype=x.dtype, device=dev)
         ones = torch.ones(B, dtype=torch.bool, device=dev)
         return Solution(mean, zeros, torch.zeros_like(f), ones, zeros, f, zeros)
 
