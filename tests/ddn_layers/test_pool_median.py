@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ddn_layers.pooling.median as med
 
@@ -154,3 +156,35 @@ def test_coordinate_median_on_the_counting_path_matches_torch(requires_grad):
         (expected * w).sum().backward()
         (got * w).sum().backward()
         assert torch.equal(ours.grad, ref.grad)
+
+
+def test_robust_pool_gives_the_same_result_with_the_counting_median(monkeypatch):
+    import ddn_layers as ddn
+    import ddn_layers.pooling.solver as solver
+
+    x = torch.randn(2, 8, 48, 48)  # 16 rows of 2304 points: counting
+    assert med._counting_pays(x.flatten(2))
+    ours = ddn.robust_pool(x, "welsch", 1.0, restarts=2)
+    monkeypatch.setattr(solver, "coordinate_median", lambda t: t.median(-1).values)
+    assert torch.equal(ddn.robust_pool(x, "welsch", 1.0, restarts=2), ours)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    rows=st.integers(med.COUNTING_MIN_ROWS, 24),
+    n=st.integers(med.COUNTING_MIN_POINTS, 2600),
+    distinct=st.sampled_from([2, 7, 100, None]),  # None: continuous
+    log_scale=st.floats(-30, 30),
+    double=st.booleans(),
+    steps=st.sampled_from([None, 0, 1, 3]),
+)
+def test_counting_is_torch_median_on_random_rows(seed, rows, n, distinct, log_scale, double, steps):
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.float64 if double else torch.float32
+    if distinct is None:
+        x = torch.randn(rows, n, generator=g, dtype=dtype)
+    else:
+        x = torch.randint(0, distinct, (rows, n), generator=g).to(dtype)
+    x = x * 10.0**log_scale
+    assert torch.equal(med._counting_median(x, steps=steps), x.median(-1).values)
