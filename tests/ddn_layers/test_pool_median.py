@@ -53,10 +53,22 @@ def test_the_cost_estimate_picks_the_network_only_for_many_short_rows():
     assert med._network_pays(49, 128 * 2048)
 
 
+PATHS = {"network": (8, 512, 49), "counting": (2, 16, 2048)}
+
+
+def _path(shape: tuple[int, ...]) -> str:
+    """Which selection coordinate_median takes for x of this shape on a CPU."""
+    x = torch.empty(shape)
+    if med._network_pays(shape[-1], x.numel() // shape[-1]):
+        return "network"
+    return "counting" if med._counting_pays(x) else "torch"
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_coordinate_median_on_the_network_path_matches_torch(requires_grad):
-    x = torch.randn(8, 512, 49, dtype=torch.float64)
-    assert med._network_pays(49, 8 * 512)
+def test_coordinate_median_matches_torch(path, requires_grad):
+    assert _path(PATHS[path]) == path
+    x = torch.randn(*PATHS[path], dtype=torch.float64)
     ref = x.clone().requires_grad_(requires_grad)
     ours = x.clone().requires_grad_(requires_grad)
     expected = ref.median(-1).values
@@ -77,17 +89,6 @@ def test_coordinate_median_gradient_goes_to_a_point_holding_the_median():
     assert torch.equal(x.grad.sum(-1), torch.ones_like(m))
     picked = (x.grad * x.detach()).sum(-1)
     assert torch.equal(picked, m.detach())
-
-
-def test_robust_pool_gives_the_same_result_with_the_network_median(monkeypatch):
-    import ddn_layers as ddn
-    import ddn_layers.pooling.solver as solver
-
-    x = torch.randn(8, 512, 7, 7)
-    assert med._network_pays(49, 8 * 512)
-    ours = ddn.robust_pool(x, "welsch", 1.0, restarts=2)
-    monkeypatch.setattr(solver, "coordinate_median", lambda t: t.median(-1).values)
-    assert torch.equal(ddn.robust_pool(x, "welsch", 1.0, restarts=2), ours)
 
 
 def _long_rows(n: int, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -143,27 +144,13 @@ def test_the_choice_of_selection():
     assert not med._network_pays(4096, 128)
 
 
-@pytest.mark.parametrize("requires_grad", [False, True])
-def test_coordinate_median_on_the_counting_path_matches_torch(requires_grad):
-    x = torch.randn(2, 16, 2048, dtype=torch.float64)
-    ref = x.clone().requires_grad_(requires_grad)
-    ours = x.clone().requires_grad_(requires_grad)
-    expected = ref.median(-1).values
-    got = med.coordinate_median(ours)
-    assert torch.equal(got, expected)
-    if requires_grad:
-        w = torch.randn_like(got)
-        (expected * w).sum().backward()
-        (got * w).sum().backward()
-        assert torch.equal(ours.grad, ref.grad)
-
-
-def test_robust_pool_gives_the_same_result_with_the_counting_median(monkeypatch):
+@pytest.mark.parametrize("shape", [(8, 512, 7, 7), (2, 8, 48, 48)], ids=list(PATHS))
+def test_robust_pool_gives_the_same_result_with_its_median(monkeypatch, shape):
     import ddn_layers as ddn
     import ddn_layers.pooling.solver as solver
 
-    x = torch.randn(2, 8, 48, 48)  # 16 rows of 2304 points: counting
-    assert med._counting_pays(x.flatten(2))
+    x = torch.randn(*shape)
+    assert _path(x.flatten(2).shape) != "torch"
     ours = ddn.robust_pool(x, "welsch", 1.0, restarts=2)
     monkeypatch.setattr(solver, "coordinate_median", lambda t: t.median(-1).values)
     assert torch.equal(ddn.robust_pool(x, "welsch", 1.0, restarts=2), ours)
