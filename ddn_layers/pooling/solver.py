@@ -232,6 +232,11 @@ def solve(
     Y = initial_points(x, mean, penalty, opts.restarts) - mean[:, None, :]  # (B, S, C)
     S = Y.shape[1]
     use_newton = opts.newton and not penalty.kappa2_zero
+    # the Newton test reads the IRLS rate from the last step ratio; for a non-convex penalty
+    # the first ratio is often the jump from a start into a basin, not the rate of a slow
+    # finish (randn welsch at the ResNet case: Newton tried at it = 1 on 6 of 64 problems,
+    # every step rejected), so it waits for a second ratio, as the predicted stop does
+    newton_from = 1 if penalty.is_convex else 2
     newton_cost = float(min(n, C))  # in IRLS steps: ~2 Newton steps of min(n, C)/2 each
     solver = choose_solver(opts.implicit_solver, n, C, penalty.kappa2_zero)
 
@@ -303,7 +308,7 @@ def solve(
             prev_step = step
             if trace is not None:
                 trace(it, res_a, estimate if it > 0 else None, measured)
-            if use_newton and it > 0:
+            if use_newton and it >= newton_from:
                 # IRLS steps still needed at the observed rate r: res r^k <= tol. Worth a
                 # Newton step when k > newton_cost, i.e. r > (tol / res)^(1 / newton_cost)
                 # (r^k itself would underflow, through denormals, slowly). A step that does
@@ -314,7 +319,7 @@ def solve(
         if it == opts.max_iter:
             break
         y_next = y_irls
-        if use_newton and it > 0 and bool(slow.any()):
+        if use_newton and it >= newton_from and bool(slow.any()):
             y_new, take = _newton(pts, ya, slow, penalty, alpha, solver)
             pick = slow.nonzero(as_tuple=True)
             y_next = y_next.index_put(pick, torch.where(take[:, None], y_new, y_irls[pick]))
