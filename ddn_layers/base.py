@@ -44,8 +44,18 @@ class DeclarativeLayer(nn.Module):
 
     def __init__(self, backward_mode: BackwardMode | str = BackwardMode.IMPLICIT) -> None:
         super().__init__()
-        self.backward_mode = BackwardMode.parse(backward_mode)
+        self.backward_mode = backward_mode
         self.last_info: SolverInfo | None = None
+
+    @property
+    def backward_mode(self) -> BackwardMode:
+        return self._backward_mode
+
+    @backward_mode.setter
+    def backward_mode(self, mode: BackwardMode | str) -> None:
+        # a run-wide switch may assign a plain string: parse (and reject) it here, at once,
+        # rather than at the next forward
+        self._backward_mode = BackwardMode.parse(mode)
 
     def extra_repr(self) -> str:
         return f"backward_mode={self.backward_mode.value}"

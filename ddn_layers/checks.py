@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -62,8 +63,8 @@ def check_positive(value: object, name: str) -> float:
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
         v = float(value.detach())
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        v = float(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        v = float(value)  # Python and NumPy numbers alike
     else:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     if not math.isfinite(v) or v <= 0:

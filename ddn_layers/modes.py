@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+import torch
+
 
 class BackwardMode(str, Enum):
     """How a declarative layer computes its backward pass.
@@ -39,3 +41,21 @@ class BackwardMode(str, Enum):
             except ValueError:
                 pass
         raise ValueError(f"{name} must be one of {cls.choices()}, got {value!r}")
+
+
+def first_derivatives_only(layer: str, mode: BackwardMode, instead: str) -> None:
+    """RuntimeError if a backward that gives first derivatives only runs under create_graph.
+
+    Autograd runs a backward with grad mode on exactly when its caller asked for the graph
+    of the gradient (``create_graph=True``: a gradient penalty, a Hessian-vector product). A
+    gradient computed without a graph would then enter that graph as a constant, and every
+    second derivative through the layer would come back zero without a word
+    (``once_differentiable`` raises only when the incoming gradient itself requires grad,
+    which that of ``y.sum()`` does not). ``instead`` names the modes that do differentiate
+    twice.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{layer}: backward_mode={mode.value} gives first derivatives only, but this "
+            f"backward runs with create_graph=True, which differentiates them again; {instead}"
+        )

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from torch.func import grad
 
 from ddn_layers.base import SolverInfo
@@ -25,7 +24,7 @@ from ddn_layers.generic.problem import (
     check_solution,
 )
 from ddn_layers.generic.solvers import newton_cg
-from ddn_layers.modes import BackwardMode
+from ddn_layers.modes import BackwardMode, first_derivatives_only
 
 _BACKWARDS = {
     BackwardMode.IMPLICIT: implicit_grads,
@@ -185,10 +184,14 @@ class _ArgminFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, v: Tensor):
-        y, lam, *xs = ctx.saved_tensors
         problem, opts = ctx.problem, ctx.opts
+        first_derivatives_only(
+            "argmin",
+            opts.mode,
+            "backward_mode='unroll' differentiates twice (with a differentiable solver)",
+        )
+        y, lam, *xs = ctx.saved_tensors
         need = [i for i, n in enumerate(ctx.needs_input_grad[3:]) if n]
         out: list[Tensor | None] = [None] * len(xs)
         if need:

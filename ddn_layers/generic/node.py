@@ -178,14 +178,6 @@ class DeclarativeNode(DeclarativeLayer):
         )
         self.options = dict(options)
 
-    @property
-    def backward_mode(self) -> BackwardMode:
-        return self._backward_mode
-
-    @backward_mode.setter
-    def backward_mode(self, mode: BackwardMode | str) -> None:
-        self._backward_mode = BackwardMode.parse(mode)
-
     def forward(self, *inputs: Tensor) -> Tensor:
         opts = _OPTION_DEFAULTS | self.options | {"backward_mode": self.backward_mode}
         y, self.last_info = _call(self.problem, inputs, return_info=True, **opts)

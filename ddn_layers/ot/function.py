@@ -15,7 +15,7 @@ from ddn_layers.checks import (
     check_tensor,
     compute_dtype,
 )
-from ddn_layers.modes import BackwardMode
+from ddn_layers.modes import BackwardMode, first_derivatives_only
 from ddn_layers.ot.backward import (
     IMPLICIT_SOLVERS,
     approx_backward,
@@ -39,6 +39,13 @@ class _SinkhornFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, V):
+        if ctx.mode is not BackwardMode.FULL:
+            # implicit's solves write into preallocated buffers (out=), which autograd cannot
+            # follow; approx differentiated again would approximate dP/dM a second time, not
+            # differentiate its own first derivative
+            first_derivatives_only(
+                "sinkhorn", ctx.mode, "backward_mode='full' or 'unroll' differentiates twice"
+            )
         (P,) = ctx.saved_tensors
         # The marginals P actually has (equal to r, c within tol once converged): the system
         # matrix [[diag(P 1), P], [P^T, diag(P^T 1)]] is then PSD for any P, so a truncated
@@ -62,7 +69,7 @@ def _check_marginal(x, name: str, B: int | None, size: int, dim_name: str, dtype
             f"{name} must have {size} entries ({dim_name} of M), got shape {tuple(x.shape)}"
         )
     if x.dim() == 2 and (B is None or x.shape[0] != B):
-        want = f"({size},)" if B is None else f"({size},) or ({B}, {size})"
+        want = f"({size},) when M is 2-D" if B is None else f"({size},) or ({B}, {size})"
         raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
     if bool((x < 0).any()):
         raise ValueError(f"{name} must be non-negative (zeros mark padding)")
@@ -150,10 +157,6 @@ def sinkhorn(
     m, n = M.shape[-2:]
     in_dtype = M.dtype
     dtype = compute_dtype(in_dtype)
-    if r is not None and r.dim() == 2 and not batched:
-        raise ValueError(f"r must have shape ({m},) when M is 2-D, got {tuple(r.shape)}")
-    if c is not None and c.dim() == 2 and not batched:
-        raise ValueError(f"c must have shape ({n},) when M is 2-D, got {tuple(c.shape)}")
     rr = _check_marginal(r, "r", B, m, "rows", dtype, M.device)
     cc = _check_marginal(c, "c", B, n, "columns", dtype, M.device)
     Mb = (M if batched else M.unsqueeze(0)).to(dtype)
@@ -211,6 +214,7 @@ class OptimalTransport(DeclarativeLayer):
         backward_mode: BackwardMode | str = BackwardMode.IMPLICIT,
         implicit_solver: str = "auto",
         check_every: int = 10,
+        warn: bool = True,
     ) -> None:
         super().__init__(backward_mode)
         self.gamma = check_positive(gamma, "gamma")
@@ -218,6 +222,9 @@ class OptimalTransport(DeclarativeLayer):
         self.max_iter = check_int(max_iter, "max_iter", 1)
         self.implicit_solver = check_choice(implicit_solver, "implicit_solver", IMPLICIT_SOLVERS)
         self.check_every = check_int(check_every, "check_every", 1)
+        if not isinstance(warn, bool):
+            raise ValueError(f"warn must be True or False, got {warn!r}")
+        self.warn = warn
 
     def forward(self, M, r=None, c=None):
         P, self.last_info = sinkhorn(
@@ -230,6 +237,7 @@ class OptimalTransport(DeclarativeLayer):
             backward_mode=self.backward_mode,
             implicit_solver=self.implicit_solver,
             check_every=self.check_every,
+            warn=self.warn,
             return_info=True,
         )
         return P

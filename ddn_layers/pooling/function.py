@@ -7,11 +7,10 @@ import warnings
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ddn_layers.base import SolverInfo
 from ddn_layers.checks import IllConditionedWarning, compute_dtype
-from ddn_layers.modes import BackwardMode
+from ddn_layers.modes import BackwardMode, first_derivatives_only
 from ddn_layers.pooling import backward as bw
 from ddn_layers.pooling.options import check_alpha, check_input, solve_options
 from ddn_layers.pooling.penalties import Penalty, get_penalty
@@ -31,8 +30,10 @@ class _RobustPoolFunction(torch.autograd.Function):
         return sol.y, *record, sol.newton_steps
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, v: Tensor, *_unused):
+        first_derivatives_only(
+            "robust_pool", ctx.mode, "backward_mode='unroll' differentiates twice"
+        )
         x, y, alpha = ctx.saved_tensors
         need_x, need_alpha = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         penalty = ctx.penalty
@@ -92,10 +93,12 @@ def robust_pool(
         alpha: the penalty's scale (> 0): a number, or a one-element tensor that may require
             grad (it then receives dJ/dalpha by implicit differentiation).
         backward_mode: ``implicit`` (Eq. 10 left to right), ``full`` (explicit per-point
-            B_j, O(n C^2) memory), ``approx`` (H ~ (sum kappa1) I), ``unroll`` (autograd
+            B_j, O(n C^2) memory), ``approx`` (H ~ (sum kappa1) I and B_j ~ kappa1_j I:
+            the weights held fixed; exact where kappa2 = 0), ``unroll`` (autograd
             through the solver's iterations: the derivative of the iterations that ran,
             so a start that is already optimal passes on the start's derivative, and no
-            singular-Hessian check applies).
+            singular-Hessian check applies). All but ``unroll`` give first derivatives
+            only: a backward with ``create_graph=True`` through them is a RuntimeError.
         implicit_solver: for the Hessian solves of ``implicit`` (and the Newton steps):
             ``cholesky`` (C x C), ``woodbury`` (n x n) or ``auto`` (the smaller).
         tol: stop a sample when ||grad f|| / sum kappa1 <= tol * (alpha + max|y|), measured,

@@ -46,6 +46,14 @@ class RobustPool2d(DeclarativeLayer):
         super().__init__(backward_mode)
         self.penalty = get_penalty(penalty)
         a = check_positive(alpha, "alpha")
+        learnable = isinstance(alpha, Tensor) and alpha.requires_grad
+        if learnable and not isinstance(alpha, nn.Parameter):
+            # a module holds parameters, buffers and numbers: a copy of this tensor would
+            # silently stop it from being learned
+            raise ValueError(
+                "alpha: a tensor that requires grad is not trained by a module; pass "
+                "nn.Parameter(alpha) (used as given) or learn_alpha=True"
+            )
         if isinstance(alpha, nn.Parameter):
             self.alpha_param = alpha
         elif learn_alpha:
@@ -60,15 +68,6 @@ class RobustPool2d(DeclarativeLayer):
             )
         solve_options(dtype=torch.float32, device=torch.device("cpu"), **_OPTION_DEFAULTS | options)
         self.options = dict(options)
-
-    @property
-    def backward_mode(self) -> BackwardMode:
-        return self._backward_mode
-
-    @backward_mode.setter
-    def backward_mode(self, mode: BackwardMode | str) -> None:
-        # a run-wide switch may assign a plain string: parse (and reject) it here, at once
-        self._backward_mode = BackwardMode.parse(mode)
 
     @property
     def alpha(self) -> Tensor:

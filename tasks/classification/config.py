@@ -130,7 +130,8 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
         return
     check_choice(cfg, "model.penalty", sorted(ddn.PENALTIES), problems)
     check_range(cfg, "model.alpha", problems, low=0.0, low_open=True)
-    if problems:
+    # a bad ddn.backward_mode is reported once, by validate_run, not again as the layer's
+    if problems or cfg.ddn.backward_mode not in ddn.BackwardMode.choices():
         return
     # Let the layer judge its own extra options, so a typo fails here rather than mid-run.
     kwargs = OmegaConf.to_container(model.pool_kwargs)

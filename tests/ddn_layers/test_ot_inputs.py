@@ -73,3 +73,32 @@ def test_module_checks_its_options():
         ddn.OptimalTransport(gamma=0)
     with pytest.raises(ValueError, match="backward_mode must be one of"):
         ddn.OptimalTransport(backward_mode="exact")
+
+
+@pytest.mark.parametrize("bad", [[0.5, 0.5, 0.0], "uniform", 1.0])
+@pytest.mark.parametrize("name", ["r", "c"])
+def test_marginal_that_is_not_a_tensor_is_named(name, bad):
+    with pytest.raises(ValueError, match=f"{name} must be a torch.Tensor"):
+        ddn.sinkhorn(M, **{name: bad})
+    with pytest.raises(ValueError, match=f"{name} must be a torch.Tensor"):
+        ddn.sinkhorn(M[0], **{name: bad})
+
+
+def test_module_parses_a_reassigned_backward_mode():
+    layer = ddn.OptimalTransport()
+    layer.backward_mode = "UNROLL"
+    assert layer.backward_mode is ddn.BackwardMode.UNROLL
+    assert "backward_mode=unroll" in repr(layer)
+    with pytest.raises(ValueError, match="backward_mode must be one of"):
+        layer.backward_mode = "exact"
+
+
+def test_module_warn_false_silences_the_convergence_warning(recwarn):
+    layer = ddn.OptimalTransport(gamma=10.0, tol=1e-12, max_iter=1, warn=False)
+    layer(M)
+    assert not [w for w in recwarn if issubclass(w.category, ddn.ConvergenceWarning)]
+    assert not bool(layer.last_info.converged.all())
+    with pytest.warns(ddn.ConvergenceWarning):
+        ddn.OptimalTransport(gamma=10.0, tol=1e-12, max_iter=1)(M)
+    with pytest.raises(ValueError, match="warn must be True or False"):
+        ddn.OptimalTransport(warn="no")

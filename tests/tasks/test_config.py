@@ -85,6 +85,12 @@ def test_wrong_type_names_the_key():
     assert "data.batch_size" in fails(*AVG, "data.batch_size=1.5")
 
 
+def test_a_bad_backward_mode_is_reported_once_for_either_task():
+    for task in ((), ("task=matching",)):
+        msg = fails(*task, "ddn.backward_mode=magic")
+        assert msg.count("backward_mode") == 1, msg
+
+
 def test_unknown_choices_are_listed():
     msg = fails(*AVG, "ddn.backward_mode=magic")
     assert "ddn.backward_mode='magic'" in msg
