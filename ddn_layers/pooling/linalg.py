@@ -92,7 +92,11 @@ def hessian_solve(
         # U^T U = diag(q) D^T D diag(q) with q = sqrt(-k2): only the n x n Gram matrix of
         # the offsets is formed, never U itself
         n = d.shape[2]
-        q = torch.sqrt(-k2.clamp(max=0.0))
+        # sqrt has an infinite derivative at 0, where k2 is 0 (huber inside its radius) or
+        # has underflowed (pseudo-huber beyond ~1e12 alpha in float32): under autograd
+        # (unroll) that inf times a zero gradient is NaN, so the root is taken of 1 there
+        neg = k2 < 0
+        q = torch.where(neg, torch.sqrt(torch.where(neg, -k2, 1.0)), 0.0)
         S = torch.diag_embed(s[:, None].expand(-1, n)) - q[:, :, None] * (d.mT @ d) * q[:, None, :]
         L, ok = cholesky_factor(S, s)
         t = torch.cholesky_solve((q * (rhs[:, None, :] @ d)[:, 0, :])[:, :, None], L)

@@ -31,10 +31,10 @@ def check_alpha(alpha: object, dtype: torch.dtype, device: torch.device) -> torc
 
     A tensor keeps its autograd history, so that a learnable alpha receives a gradient.
     """
-    check_positive(alpha, "alpha")
+    a = check_positive(alpha, "alpha")
     if isinstance(alpha, torch.Tensor):
         return alpha.reshape(()).to(dtype=dtype, device=device)
-    return torch.tensor(float(alpha), dtype=dtype, device=device)
+    return torch.tensor(a, dtype=dtype, device=device)
 
 
 def solve_options(

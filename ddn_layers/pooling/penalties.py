@@ -46,6 +46,10 @@ class Penalty(ABC):
         weights_vanish: every kappa1 can be 0 at once (a flat objective, where IRLS must
             stay put rather than divide 0 by 0). Only a penalty that can never do so (kappa1
             > 0 at every finite z, or scaled so) may set it False.
+        scale_equivariant: phi(s z; s alpha) = c(s) phi(z; alpha) for every s > 0 (phi is a
+            function of z / alpha up to a factor), so that the minimiser scales with x and
+            alpha and a Newton step may be computed in any units. Every penalty of Table 1
+            is; a user-defined one is assumed not to be unless it says so.
     """
 
     name: str = ""
@@ -53,6 +57,7 @@ class Penalty(ABC):
     kappa2_zero: bool = False
     closed_form: bool = False
     weights_vanish: bool = True
+    scale_equivariant: bool = False
 
     @abstractmethod
     def phi(self, z: Tensor, alpha: Tensor) -> Tensor: ...
@@ -92,6 +97,7 @@ class Quadratic(Penalty):
     """phi = z^2 / 2: the mean (average pooling); alpha is unused."""
 
     name = "quadratic"
+    scale_equivariant = True
     kappa2_zero = True
     closed_form = True
 
@@ -112,6 +118,7 @@ class PseudoHuber(Penalty):
     """phi = alpha^2 (sqrt(1 + (z/alpha)^2) - 1): smooth, quadratic near 0, linear far out."""
 
     name = "pseudo-huber"
+    scale_equivariant = True
 
     def phi(self, z, alpha):
         sq = z * z
@@ -120,23 +127,37 @@ class PseudoHuber(Penalty):
 
     weights_vanish = False
 
+    # In terms of t = 1 / sqrt(alpha^2 + z^2): kappa1 = alpha t, kappa2 = -alpha t^3 and
+    # d kappa1 / d alpha = z^2 t^3, each a product of factors <= 1 and t. The same values as
+    # (1 + (z/alpha)^2)^(-1/2) and its -(...)^3 / alpha^2, which for a point far beyond
+    # alpha divide a tiny cube by alpha^2: differentiated again (unroll through a Newton step,
+    # points 1e12 alpha away in float32) the 1 / alpha^2 overflowed, and inf * 0 gave NaN
+
+    @staticmethod
+    def _t(z, alpha):
+        return torch.rsqrt(alpha * alpha + z * z)
+
     def kappa1(self, z, alpha):
-        return torch.rsqrt(1.0 + (z / alpha) ** 2)
+        return alpha * self._t(z, alpha)
 
     def kappa2(self, z, alpha):
-        return -(torch.rsqrt(1.0 + (z / alpha) ** 2) ** 3) / (alpha * alpha)
+        t = self._t(z, alpha)
+        return -(alpha * t) * t * t
 
     def irls_weights_sq(self, sq, alpha):
         return torch.rsqrt(sq / (alpha * alpha) + 1.0)
 
     def kappa1_dalpha(self, z, alpha):
-        return (z * z) / alpha**3 * torch.rsqrt(1.0 + (z / alpha) ** 2) ** 3
+        t = self._t(z, alpha)
+        zt = z * t
+        return zt * zt * t
 
 
 class Huber(Penalty):
     """phi = z^2/2 for z <= alpha, alpha (z - alpha/2) beyond."""
 
     name = "huber"
+    scale_equivariant = True
 
     def phi(self, z, alpha):
         return torch.where(z <= alpha, 0.5 * z * z, alpha * (z - 0.5 * alpha))
@@ -148,12 +169,16 @@ class Huber(Penalty):
         return alpha / torch.maximum(z, alpha)
 
     def irls_weights_sq(self, sq, alpha):
-        # alpha / max(z, alpha) up to the factor alpha
-        return torch.rsqrt(torch.maximum(sq, alpha * alpha))
+        # alpha / max(z, alpha), from z^2 / alpha^2: rsqrt(max(z^2, alpha^2)), the same up to
+        # the factor alpha, has the derivative alpha^-3 / 2 inside the radius, which
+        # overflows (unroll differentiates it) once alpha^2 nears the smallest normal
+        return torch.rsqrt((sq / (alpha * alpha)).clamp_min(1.0))
 
     def kappa2(self, z, alpha):
         zc = torch.maximum(z, alpha)
-        return torch.where(z > alpha, -alpha / zc**3, torch.zeros_like(zc))
+        # not alpha / zc^3: the cube underflows to 0 (and the quotient to -inf) at zc below
+        # 2e-13 in float32, 1e-103 in float64, where alpha / zc <= 1 and zc^2 do not
+        return torch.where(z > alpha, -(alpha / zc) / (zc * zc), torch.zeros_like(zc))
 
     def kappa1_dalpha(self, z, alpha):
         zc = torch.maximum(z, alpha)
@@ -164,6 +189,7 @@ class Welsch(Penalty):
     """phi = 1 - exp(-z^2 / (2 alpha^2)): redescending, non-convex, bounded."""
 
     name = "welsch"
+    scale_equivariant = True
     is_convex = False
     weights_vanish = False  # the nearest point's weight is scaled to exp(0)
 
@@ -216,6 +242,7 @@ class TruncatedQuadratic(Penalty):
     """phi = z^2/2 for z <= alpha, alpha^2/2 beyond: the mean of the points within alpha."""
 
     name = "truncated-quadratic"
+    scale_equivariant = True
     is_convex = False
     kappa2_zero = True
 

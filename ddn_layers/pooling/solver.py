@@ -116,6 +116,38 @@ def initial_points(x: Tensor, mean: Tensor, penalty: Penalty, restarts: int) -> 
     return torch.cat(starts, dim=1)
 
 
+HEADROOM = 16.0
+"""Squared distances, and their ratios to alpha^2, up to finfo.max / HEADROOM are accepted:
+every iterate lies in the hull of the points, so no distance in the solve exceeds twice the
+largest from the mean, and no square four times its square."""
+
+
+def check_range(max_sq: float, alpha: float, dtype: torch.dtype) -> None:
+    """ValueError where ``dtype`` cannot hold the squared distances of the solve.
+
+    ``max_sq`` is the largest squared distance of a point from its sample's mean. alpha^2
+    must be a normal number (the weights divide by it), and so must the squared distances
+    and their ratios to alpha^2 (float32: alpha in about 4.4e-16 ... 4.6e18, points up to
+    about 4.6e18 from their mean and 4.6e18 alpha). Beyond that the weights would be 0 / 0 or
+    inf / inf: NaN, not a solution.
+    """
+    fi = torch.finfo(dtype)
+    lo, hi = math.sqrt(fi.tiny) * 2.0**12, math.sqrt(fi.max / HEADROOM)
+    fix = "pass x in float64, or scale x and alpha together (y scales with them)"
+    if not lo <= alpha <= hi:
+        raise ValueError(
+            f"alpha must lie in [{lo:.3g}, {hi:.3g}] for a solve in {dtype} (alpha^2 must be "
+            f"a normal number), got {alpha:.3g}: {fix}"
+        )
+    spread = math.sqrt(max_sq)
+    if not spread <= hi * min(1.0, alpha):
+        raise ValueError(
+            f"x: its points lie up to {spread:.3g} from their sample's mean ({spread / alpha:.3g} "
+            f"alpha), beyond what squared distances in {dtype} hold ({hi * min(1.0, alpha):.3g} "
+            f"here): {fix}"
+        )
+
+
 CENTRING_BLOCK = 1 << 17
 """Elements (512 KiB in float32) of the offsets x_i - m formed at a time on a CPU: blocks of
 1 MiB and more already fault after memory was handed back (measured 256 KiB ... 1 MiB)."""
@@ -188,12 +220,24 @@ def _newton(pts: _Points, yc: Tensor, want: Tensor, penalty, alpha, solver: str)
     xs, ys = pts.x[a] - pts.mean[a, :, None], yc[a, s]
     d = ys[:, :, None] - xs
     z = torch.linalg.vector_norm(d, dim=1)
+    unit = None
+    if penalty.scale_equivariant:
+        # in units of u = 2^k >= max(z, alpha) per problem (exact: a power of two), where
+        # the kappas, H and w are O(1) in z / alpha alone. In the input's units H ~ k2 d d^T
+        # carries z^2 / z^3 and autograd through this solve (unroll) squares that again: in
+        # float32 from z ~ 1e11 alpha, or z ~ alpha ~ 1e-12, its gradient overflows to NaN
+        top = torch.maximum(z.detach().amax(-1), alpha.detach())
+        unit = torch.exp2(torch.ceil(torch.log2(top)))[:, None]
+        d, z, alpha = d / unit[:, :, None], z / unit, alpha / unit
     k1, k2, _ = penalty.scaled_kappas(z, alpha)
     g = torch.bmm(d, k1[:, :, None])[:, :, 0]
     w, ok = hessian_solve(d, k1, k2, g, solver)
-    y_new = ys - w
+    y_new = ys - (w if unit is None else w * unit)
     with torch.no_grad():
-        take = ok & (objective(xs, y_new, penalty, alpha) <= penalty.phi(z, alpha).sum(-1))
+        # in the units of the step (scale equivariance: a common factor on both sides)
+        y_cmp = y_new if unit is None else y_new / unit
+        xs_cmp = xs if unit is None else xs / unit[:, :, None]
+        take = ok & (objective(xs_cmp, y_cmp, penalty, alpha) <= penalty.phi(z, alpha).sum(-1))
     return y_new, take
 
 
@@ -229,6 +273,7 @@ def solve(
         return Solution(mean, zeros, torch.zeros_like(f), ones, zeros, f, zeros)
 
     pts_all = _Points.of(x, mean)
+    check_range(float(pts_all.sq.detach().amax()), float(alpha.detach()), x.dtype)
     Y = initial_points(x, mean, penalty, opts.restarts) - mean[:, None, :]  # (B, S, C)
     S = Y.shape[1]
     use_newton = opts.newton and not penalty.kappa2_zero

@@ -44,6 +44,39 @@ def test_finite_x_whose_sum_overflows_is_accepted():
     ddn.robust_pool(x, "quadratic")  # float32: y overflows nowhere, the input is valid
 
 
+@pytest.mark.parametrize("penalty", ["pseudo-huber", "huber", "welsch", "truncated-quadratic"])
+def test_squared_distances_beyond_the_dtype_are_named(penalty):
+    """Points or alpha beyond what the solve's squared distances hold: a ValueError naming
+    the argument and the way out (float64), where the weights would be 0/0 (NaN)."""
+    with pytest.raises(ValueError, match=r"x: its points lie up to .* pass x in float64"):
+        ddn.robust_pool(1e20 * X, penalty, 1.0)
+    with pytest.raises(ValueError, match=r"x: .*e\+19 alpha\), beyond"):
+        ddn.robust_pool(1e10 * X, penalty, 1e-9)
+    with pytest.raises(ValueError, match=r"alpha must lie in \[.*float32"):
+        ddn.robust_pool(1e-20 * X, penalty, 1e-20)
+    # float64 holds all three, and y scales with x and alpha
+    y = ddn.robust_pool(X.double(), penalty, 1.0)
+    for s in (1e20, 1e-20):
+        assert torch.allclose(ddn.robust_pool(s * X.double(), penalty, s) / s, y, rtol=1e-9)
+    # the mean needs no squared distance: any scale
+    assert torch.isfinite(ddn.robust_pool(1e20 * X, "quadratic", 1e-20)).all()
+
+
+def test_alpha_from_numpy_is_a_number():
+    np = pytest.importorskip("numpy")
+    y = ddn.robust_pool(X, "huber", 1.0)
+    assert torch.equal(ddn.robust_pool(X, "huber", np.float32(1.0)), y)
+    assert torch.equal(ddn.RobustPool2d("huber", np.float64(1.0))(X), y)
+
+
+def test_module_refuses_an_alpha_it_would_not_train():
+    a = torch.tensor(2.0, requires_grad=True)
+    with pytest.raises(ValueError, match=r"alpha: .* nn.Parameter\(alpha\)"):
+        ddn.RobustPool2d("huber", a)
+    layer = ddn.RobustPool2d("huber", torch.nn.Parameter(a.detach().clone()))
+    assert [p for p in layer.parameters()] == [layer.alpha]
+
+
 @pytest.mark.parametrize(
     "alpha", [0.0, -1.0, float("nan"), float("inf"), torch.tensor([1.0, 2.0]), "1", None]
 )

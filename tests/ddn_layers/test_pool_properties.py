@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -65,6 +66,44 @@ def test_finite_output_and_gradient_for_any_input(problem, penalty, mode, learn_
     lo, hi = x.detach().amin(-1), x.detach().amax(-1)
     slack = 1e-4 * (hi - lo).abs().amax() + 1e-6 * x.detach().abs().amax()
     assert ((y >= lo - slack) & (y <= hi + slack)).all()
+
+
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    scale_pos=st.floats(-1.1, 1.1),
+    alpha_pos=st.floats(-1.1, 1.1),
+    penalty=st.sampled_from(PENALTY_NAMES),
+    mode=st.sampled_from(MODES),
+    seed=st.integers(0, 2**16),
+)
+def test_extreme_scales_give_finite_results_or_a_value_error(
+    dtype, scale_pos, alpha_pos, penalty, mode, seed
+):
+    """Points and alpha anywhere in the dtype's range and a little beyond (the positions
+    are fractions of its largest decimal exponent; half precision is solved in float32):
+    squared distances that would overflow or underflow are a ValueError, not NaN."""
+    top = math.log10(torch.finfo(dtype).max)
+    scale = 10.0 ** min(scale_pos * top, 307.0)
+    x = scale * torch.randn(
+        2, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
+    )
+    x = x.to(dtype).requires_grad_()
+    alpha = 10.0 ** min(alpha_pos * top, 307.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ddn.IllConditionedWarning)
+        warnings.simplefilter("ignore", ddn.ConvergenceWarning)
+        try:
+            y = ddn.robust_pool(x, penalty, alpha, backward_mode=mode)
+        except ValueError as e:
+            assert any(k in str(e) for k in ("x:", "x contains", "alpha must")), e
+            return
+        (g,) = torch.autograd.grad(y.sum(), x, materialize_grads=True)
+    assert torch.isfinite(y).all() and torch.isfinite(g).all()
 
 
 @settings(max_examples=40, deadline=None)
