@@ -201,6 +201,11 @@ def _check_batches(cfg: DictConfig, key: str, problems: list[str]) -> None:
     problems.append(f"{key}={value!r} must be a batch count (int >= 0) or a fraction in [0, 1]")
 
 
+def _is_max_time(value: object) -> bool:
+    parts = str(value).split(":")
+    return len(parts) == 4 and all(p.isdigit() for p in parts)
+
+
 def _check_trainer(cfg: DictConfig, problems: list[str]) -> None:
     from pytorch_lightning.strategies import StrategyRegistry
 
@@ -209,6 +214,15 @@ def _check_trainer(cfg: DictConfig, problems: list[str]) -> None:
     check_choice(cfg, "trainer.precision", PRECISIONS, problems)
     strategies = ["auto", *sorted(StrategyRegistry.available_strategies())]
     check_choice(cfg, "trainer.strategy", strategies, problems)
+    if isinstance(t.strategy, str) and "spawn" in t.strategy:
+        # spawned processes log into loggers and callbacks the parent never sees: the test
+        # stage then fails in the CSV logger after the whole fit
+        problems.append(
+            f"trainer.strategy={t.strategy!r}: spawn strategies are not supported; use ddp "
+            "(configs/ddp.yaml), which launches the processes itself"
+        )
+    if t.max_time is not None and not _is_max_time(t.max_time):
+        problems.append(f"trainer.max_time={t.max_time!r} must be DD:HH:MM:SS, e.g. 00:12:00:00")
     devices = t.devices
     ok_devices = (
         (_is_int(devices) and devices >= -1)
@@ -263,6 +277,12 @@ def validate_run(cfg: DictConfig) -> list[str]:
     check_range(cfg, "optim.warmup_epochs", problems, low=0)
     if cfg.checkpoint.mode is not None:
         check_choice(cfg, "checkpoint.mode", ["min", "max"], problems)
+    elif cfg.checkpoint.monitor is not None:
+        # the task's own mode belongs to the task's own metric: for a loss it would keep
+        # the worst checkpoint as the best
+        problems.append(
+            f"checkpoint.monitor={cfg.checkpoint.monitor!r} needs checkpoint.mode: min or max"
+        )
     check_range(cfg, "checkpoint.save_top_k", problems, low=-1)
     check_range(cfg, "checkpoint.every_n_epochs", problems, low=1)
     if cfg.name is not None and (not cfg.name or "/" in cfg.name or cfg.name in (".", "..")):

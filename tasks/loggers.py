@@ -75,9 +75,12 @@ def hyperparameters(cfg: DictConfig, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _wandb_id(run_dir: Path) -> str:
-    # One W&B id per run directory, so a resumed run continues the same W&B run. Under a
-    # `wandb agent` the id is the one the agent chose (WANDB_RUN_ID), so that the sweep
-    # controller sees its run report back.
+    # One W&B id per run directory, so that online a resumed run continues the same W&B run.
+    # Offline it cannot: wandb (0.30) does not resume offline runs, so a resumed segment is a
+    # second offline folder under the same id, and syncing both keeps the later one's history
+    # only (the CSV log keeps every segment, csv/version_N). Under a `wandb agent` the id is
+    # the one the agent chose (WANDB_RUN_ID), so that the sweep controller sees its run
+    # report back.
     path = run_dir / _WANDB_ID_FILE
     if path.is_file():
         return path.read_text().strip()

@@ -91,6 +91,18 @@ def test_a_bad_backward_mode_is_reported_once_for_either_task():
         assert msg.count("backward_mode") == 1, msg
 
 
+def test_trainer_values_lightning_would_reject_late_are_caught_first():
+    assert "spawn strategies are not supported" in fails(*AVG, "trainer.strategy=ddp_spawn")
+    assert "trainer.max_time='abc' must be DD:HH:MM:SS" in fails(*AVG, "trainer.max_time=abc")
+    load_config((), [*AVG, "trainer.max_time=00:00:10:00"])
+
+
+def test_a_monitor_of_ones_own_needs_its_direction():
+    assert "needs checkpoint.mode: min or max" in fails(*AVG, "checkpoint.monitor=val/loss")
+    cfg = load_config((), [*AVG, "checkpoint.monitor=val/loss", "checkpoint.mode=min"])
+    assert cfg.checkpoint.mode == "min"
+
+
 def test_unknown_choices_are_listed():
     msg = fails(*AVG, "ddn.backward_mode=magic")
     assert "ddn.backward_mode='magic'" in msg

@@ -76,8 +76,8 @@ def fit(tmp_path, profiler: DDNProfiler, steps: int = 5) -> TinyModule:
 
 def test_cpu_memory_time_and_solver_stats_are_logged(tmp_path):
     profiler = DDNProfiler(every_n_steps=2, memory=True)
-    module = fit(tmp_path, profiler)
-    assert len(profiler.history) == 3  # batches 0, 2, 4
+    module = fit(tmp_path, profiler, steps=6)
+    assert len(profiler.history) == 3  # timed batches 0, 2, 4; memory from 1, 3, 5
     record = profiler.history[-1]
     mib = 4 / 1024 / 1024
     assert record["ddn/ddn/saved_mib"] == pytest.approx(SAVED * mib, rel=0.01)
@@ -90,9 +90,30 @@ def test_cpu_memory_time_and_solver_stats_are_logged(tmp_path):
     assert not layer._backward_hooks and not layer._backward_pre_hooks
     rows = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
     logged = [r for r in rows if r.get("ddn/ddn/bwd_peak_mib")]
-    assert len(logged) == 3
+    # at the steps of the timed batches, where their train/loss would be
+    assert [int(r["step"]) for r in logged] == [0, 2, 4]
     summary = profiler.summary()
     assert summary["ddn/ddn/bwd_peak_mib"] == pytest.approx(12.0, rel=0.01)
+
+
+def test_cpu_times_are_taken_without_the_memory_profiler(tmp_path, monkeypatch):
+    """The profiler that records allocations slows what it records: on a CPU a batch is timed
+    without it, and the next one measures memory under it."""
+    flags = []
+    real = ddn_profiler._ProfiledBatch
+
+    def spy(layers, device, memory):
+        flags.append(memory)
+        return real(layers, device, memory)
+
+    monkeypatch.setattr(ddn_profiler, "_ProfiledBatch", spy)
+    profiler = DDNProfiler(every_n_steps=3, memory=True)
+    fit(tmp_path, profiler, steps=7)
+    # batches 0, 1, 3, 4, 6; the last one of the run has no batch after it: both there
+    assert flags == [False, True, False, True, True]
+    assert len(profiler.history) == 3
+    for record in profiler.history:
+        assert record["ddn/ddn/bwd_ms"] > 0 and record["ddn/ddn/bwd_peak_mib"] > 0
 
 
 def test_timing_only(tmp_path):
