@@ -231,7 +231,8 @@ def write_readme(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | P
         "`step ms`: median wall time of a training step (forward, backward, optimiser step)."
         " Layer columns: medians over the profiled steps (`ddn/<layer>/...`, every "
         "`ddn.profile_every_n_steps` steps, first dropped) of the declarative layer's forward"
-        " and backward wall time, the backward's peak memory (what the forward kept plus the "
+        " and backward wall time (on a CPU, timed on a step without the memory profiler, which"
+        " measures the next one), the backward's peak memory (what the forward kept plus the "
         "backward's own peak, from the torch profiler's allocation records) and what the "
         "forward keeps for the backward; `-`: the run has no declarative layer.",
         "",
