@@ -220,24 +220,21 @@ def _newton(pts: _Points, yc: Tensor, want: Tensor, penalty, alpha, solver: str)
     xs, ys = pts.x[a] - pts.mean[a, :, None], yc[a, s]
     d = ys[:, :, None] - xs
     z = torch.linalg.vector_norm(d, dim=1)
-    unit = None
+    # the step in units of u = 2^k >= max(z, alpha) per problem (exact: a power of two),
+    # where the kappas, H and w are O(1) in z / alpha alone. In the input's units H ~ k2 d d^T
+    # carries z^2 / z^3 and autograd through this solve (unroll) squares that again: in
+    # float32 from z ~ 1e11 alpha, or z ~ alpha ~ 1e-12, its gradient overflows to NaN
+    du, zu, au, unit = d, z, alpha, None
     if penalty.scale_equivariant:
-        # in units of u = 2^k >= max(z, alpha) per problem (exact: a power of two), where
-        # the kappas, H and w are O(1) in z / alpha alone. In the input's units H ~ k2 d d^T
-        # carries z^2 / z^3 and autograd through this solve (unroll) squares that again: in
-        # float32 from z ~ 1e11 alpha, or z ~ alpha ~ 1e-12, its gradient overflows to NaN
         top = torch.maximum(z.detach().amax(-1), alpha.detach())
         unit = torch.exp2(torch.ceil(torch.log2(top)))[:, None]
-        d, z, alpha = d / unit[:, :, None], z / unit, alpha / unit
-    k1, k2, _ = penalty.scaled_kappas(z, alpha)
-    g = torch.bmm(d, k1[:, :, None])[:, :, 0]
-    w, ok = hessian_solve(d, k1, k2, g, solver)
+        du, zu, au = d / unit[:, :, None], z / unit, alpha / unit
+    k1, k2, _ = penalty.scaled_kappas(zu, au)
+    g = torch.bmm(du, k1[:, :, None])[:, :, 0]
+    w, ok = hessian_solve(du, k1, k2, g, solver)
     y_new = ys - (w if unit is None else w * unit)
     with torch.no_grad():
-        # in the units of the step (scale equivariance: a common factor on both sides)
-        y_cmp = y_new if unit is None else y_new / unit
-        xs_cmp = xs if unit is None else xs / unit[:, :, None]
-        take = ok & (objective(xs_cmp, y_cmp, penalty, alpha) <= penalty.phi(z, alpha).sum(-1))
+        take = ok & (objective(xs, y_new, penalty, alpha) <= penalty.phi(z, alpha).sum(-1))
     return y_new, take
 
 
@@ -273,7 +270,9 @@ def solve(
         return Solution(mean, zeros, torch.zeros_like(f), ones, zeros, f, zeros)
 
     pts_all = _Points.of(x, mean)
-    check_range(float(pts_all.sq.detach().amax()), float(alpha.detach()), x.dtype)
+    # one host sync for both numbers
+    max_sq, a = torch.stack([pts_all.sq.detach().amax(), alpha.detach()]).tolist()
+    check_range(max_sq, a, x.dtype)
     Y = initial_points(x, mean, penalty, opts.restarts) - mean[:, None, :]  # (B, S, C)
     S = Y.shape[1]
     use_newton = opts.newton and not penalty.kappa2_zero
