@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -89,3 +90,27 @@ def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half-precision inputs are solved in float32 and cast back."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# Checks of a LayerOptions field (``option(check=...)``): each takes (value, name) and
+# returns the validated value or raises a ValueError naming the option.
+
+
+def check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def at_least(minimum: int) -> Callable[[object, str], int]:
+    """An integer >= ``minimum``."""
+    return lambda value, name: check_int(value, name, minimum)
+
+
+def one_of(choices: Sequence[str]) -> Callable[[object, str], str]:
+    return lambda value, name: check_choice(value, name, choices)
+
+
+def or_none(check: Callable[[object, str], Any]) -> Callable[[object, str], Any]:
+    """None (a default resolved at call time, e.g. per dtype), or a value passing ``check``."""
+    return lambda value, name: None if value is None else check(value, name)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from ddn_layers.generic.cg import CGResult, conjugate_gradient
+from ddn_layers.linalg import CGResult, conjugate_gradient
 from ddn_layers.generic.options import EXPLICIT_SCHUR_ENTRIES, Options
 from ddn_layers.generic.problem import Bound
 

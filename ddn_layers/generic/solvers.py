@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ddn_layers.base import SolverInfo
-from ddn_layers.generic.cg import conjugate_gradient
+from ddn_layers.linalg import conjugate_gradient
 from ddn_layers.generic.options import Options
 from ddn_layers.generic.problem import Bound
 

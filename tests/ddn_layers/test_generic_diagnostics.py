@@ -101,7 +101,7 @@ def test_redundant_constraints_are_detected():
 
 
 def test_cg_handles_an_indefinite_direction_without_nan():
-    from ddn_layers.generic.cg import conjugate_gradient
+    from ddn_layers.linalg import conjugate_gradient
 
     A = torch.diag_embed(torch.tensor([[1.0, 2.0, 3.0], [1.0, -1.0, 2.0]], dtype=F64))
     b = torch.ones(2, 3, dtype=F64)

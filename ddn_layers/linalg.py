@@ -1,8 +1,14 @@
-"""Batched, preconditioned conjugate gradients for symmetric positive definite operators.
+"""Shared linear algebra of the backward passes: every system is symmetric positive definite.
 
-Every solve of the generic node goes through here: the Hessian solves of the ``implicit``
-backward, the Schur complement when it is too large to form, and the Newton steps of the
-default forward solver. The operator is only ever applied, never formed.
+- :func:`guarded_cholesky`: batched Cholesky factors with per-sample failure detection; a
+  failed sample's factor is the identity (so later solves stay finite) and the caller decides
+  what its flag means (a ridge, a zero gradient, a warning). No other module calls
+  ``cholesky_ex``.
+- :func:`cholesky_solve_vectors`: solves with such factors for one or many right-hand sides.
+- :func:`conjugate_gradient`: batched, preconditioned CG for operators that are only applied.
+
+Only Cholesky routines are used: batched LU solves are unreliable on some CPU builds (see
+DESIGN.md), and every well-posed system of these layers is symmetric positive definite.
 """
 
 from __future__ import annotations
@@ -12,6 +18,47 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+def guarded_cholesky(a: Tensor, pivot_floor: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+    """Lower Cholesky factors of the batch ``a`` (B, n, n) and per-sample success (B,).
+
+    A sample fails when the factorisation does (``cholesky_ex``'s info), when a pivot is not
+    finite, or when its smallest squared pivot is at most ``pivot_floor``: a number or a (B,)
+    tensor (an absolute floor), or None for 64 n eps times the largest squared pivot (a
+    direction singular at working precision, whose solution would be amplified noise). Only
+    the lower triangle of ``a`` is read. Failed factors are replaced by the identity. Under
+    autograd (``a`` requires grad) the matrix itself is replaced before the factorisation that
+    is differentiated: the backward of a failed factorisation is NaN or inf, and a zero
+    incoming gradient does not cancel that.
+    """
+    with torch.no_grad():
+        L, info = torch.linalg.cholesky_ex(a)
+        sq = torch.diagonal(L, dim1=-2, dim2=-1).square()
+        if pivot_floor is None:
+            pivot_floor = 64 * a.shape[-1] * torch.finfo(a.dtype).eps * sq.amax(-1)
+        ok = (info == 0) & torch.isfinite(sq).all(-1) & (sq.amin(-1) > pivot_floor)
+    if bool(ok.all()):
+        return (torch.linalg.cholesky_ex(a)[0] if a.requires_grad else L), ok
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    if a.requires_grad:
+        return torch.linalg.cholesky_ex(torch.where(ok[:, None, None], a, eye))[0], ok
+    return torch.where(ok[:, None, None], L, eye), ok
+
+
+def cholesky_solve_vectors(L: Tensor, v: Tensor) -> Tensor:
+    """(L L^T)^-1 v for factors L (B, m, m) and v (..., B, m).
+
+    One right-hand side a sample is two triangular solves (cheaper than ``cholesky_solve``
+    for a single column); extra leading axes become columns of one right-hand side matrix
+    per sample, since ``cholesky_solve`` would broadcast them by copying L once per column.
+    """
+    if v.dim() == 2:
+        z = torch.linalg.solve_triangular(L, v.unsqueeze(-1), upper=False)
+        return torch.linalg.solve_triangular(L.mT, z, upper=True).squeeze(-1)
+    lead, (B, m) = v.shape[:-2], v.shape[-2:]
+    cols = v.reshape(-1, B, m).permute(1, 2, 0)
+    return torch.cholesky_solve(cols, L).permute(2, 0, 1).reshape(*lead, B, m)
 
 
 @dataclass
