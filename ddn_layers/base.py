@@ -140,14 +140,15 @@ class LayerSpec:
     """A layer as the dispatcher sees it.
 
     ``backwards`` maps each mode the layer implements to its backward function (``Unrolled``
-    for ``unroll``); ``extra_keys`` are the ``SolverInfo.extra`` entries the solver fills;
+    for ``unroll``); ``extra_keys`` are the ``SolverInfo.extra`` entries the solver fills, or
+    None for whichever entries each solve returns (a layer whose solver the user supplies);
     ``twice`` are the modes whose gradient may itself be differentiated (create_graph=True).
     """
 
     name: str
     solve: Callable[..., Solved]
     backwards: Mapping[BackwardMode, BackwardFn | Unrolled]
-    extra_keys: tuple[str, ...] = ()
+    extra_keys: tuple[str, ...] | None = ()
     twice: frozenset[BackwardMode] = frozenset({BackwardMode.UNROLL})
 
     def backward_for(self, mode: BackwardMode) -> BackwardFn | Unrolled:
@@ -174,12 +175,14 @@ class _DeclarativeFunction(torch.autograd.Function):
         solved = spec.solve(opts, *inputs)
         ctx.save_for_backward(*solved.saved)
         ctx.spec, ctx.mode, ctx.opts = spec, mode, opts
-        record = solved.info.tensors(spec.extra_keys)
+        keys = tuple(solved.info.extra) if spec.extra_keys is None else spec.extra_keys
+        record = solved.info.tensors(keys)
         ctx.mark_non_differentiable(*(t for t in record if t is not None))
-        return solved.y, *record
+        # the keys are a plain (non-tensor) output: autograd hands them back untouched
+        return solved.y, keys, *record
 
     @staticmethod
-    def backward(ctx, v: Tensor, *_record_grads):
+    def backward(ctx, v: Tensor, _keys, *_record_grads):
         spec: LayerSpec = ctx.spec
         spec.check_first_order(ctx.mode)
         bctx = BackwardContext(ctx.saved_tensors, ctx.opts, ctx.needs_input_grad[3:])
@@ -196,8 +199,8 @@ def run_layer(
         with torch.enable_grad():
             solved = (entry.solve or spec.solve)(opts, *inputs)
         return solved.y, solved.info
-    y, *record = _DeclarativeFunction.apply(spec, mode, opts, *inputs)
-    return y, SolverInfo.from_tensors(spec.extra_keys, record)
+    y, keys, *record = _DeclarativeFunction.apply(spec, mode, opts, *inputs)
+    return y, SolverInfo.from_tensors(keys, record)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@
   failed sample's factor is the identity (so later solves stay finite) and the caller decides
   what its flag means (a ridge, a zero gradient, a warning). No other module calls
   ``cholesky_ex``.
+- :func:`ridge_cholesky`: the factor of a slightly shifted matrix, for a least-squares
+  solution where ``a`` is singular.
 - :func:`cholesky_solve_vectors`: solves with such factors for one or many right-hand sides.
 - :func:`conjugate_gradient`: batched, preconditioned CG for operators that are only applied.
 
@@ -13,6 +15,7 @@ DESIGN.md), and every well-posed system of these layers is symmetric positive de
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,6 +47,23 @@ def guarded_cholesky(a: Tensor, pivot_floor: Tensor | float | None = None) -> tu
     if a.requires_grad:
         return torch.linalg.cholesky_ex(torch.where(ok[:, None, None], a, eye))[0], ok
     return torch.where(ok[:, None, None], L, eye), ok
+
+
+def ridge_cholesky(a: Tensor, relative: float | None = None) -> tuple[Tensor, Tensor]:
+    """Lower Cholesky factors of a + delta I, delta = relative * mean(diag a) per sample
+    (``relative`` defaults to sqrt(eps)), and per-sample success; a failed factor is the
+    identity.
+
+    For a singular positive semidefinite ``a`` (redundant constraints, say) solves with this
+    factor give a least-squares solution of small norm, so that residuals computed from it
+    still mean something; the caller has flagged those samples already. Only an outright
+    failure counts here: no floor on the pivots, since the ridge is what keeps them off zero.
+    """
+    if relative is None:
+        relative = math.sqrt(torch.finfo(a.dtype).eps)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    shift = relative * torch.diagonal(a, dim1=-2, dim2=-1).mean(-1)
+    return guarded_cholesky(a + shift.clamp(min=0)[:, None, None] * eye, pivot_floor=0.0)
 
 
 def cholesky_solve_vectors(L: Tensor, v: Tensor) -> Tensor:

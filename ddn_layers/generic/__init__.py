@@ -6,14 +6,17 @@ that path. ``argmin(objective, *inputs, constraints=..., solver=...)`` and its m
 ``DeclarativeNode`` differentiate any twice-differentiable, equality-constrained problem with
 the same four backward modes as the built-in layers.
 
-Files, one job each: ``problem`` (the user's functions, bound to a batch, and the checks on
-what they return), ``cg`` (batched conjugate gradients), ``kkt`` (Eq. 3 through the Schur
-complement, and the Lagrange multipliers), ``implicit`` (the matrix-free ``implicit`` and
-``approx`` backward), ``dense`` (the ``full`` backward), ``solvers`` (the default Newton-CG
-forward), ``function`` (forward, optimality check, autograd.Function, warnings), ``options``,
-``node`` (``argmin`` and ``DeclarativeNode``).
+The layer skeleton (see ``ddn_layers.base``): ``options`` (``ArgminOptions``), ``solver``
+(the user's solver or the default Newton-CG, then the optimality check and the multipliers),
+``backward`` (one entry point per mode, the table ``BACKWARDS``), ``function`` (``argmin``),
+``module`` (``DeclarativeNode``). The maths besides: ``problem`` (the user's functions, bound
+to a batch, and the checks on what they return), ``kkt`` (Eq. 3 through the Schur complement,
+and the Lagrange multipliers), ``implicit`` (the matrix-free ``implicit`` and ``approx``
+backward), ``dense`` (the ``full`` backward), ``diagnostics`` (per-sample trouble, and its
+warnings).
 """
 
-from ddn_layers.generic.node import DeclarativeNode, argmin
+from ddn_layers.generic.function import argmin
+from ddn_layers.generic.module import DeclarativeNode
 
 __all__ = ["DeclarativeNode", "argmin"]

@@ -18,9 +18,11 @@ import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
-from ddn_layers.generic.kkt import Constraints, Diagnostics, cholesky_inverse, kkt_solve
-from ddn_layers.generic.options import Options
+from ddn_layers.generic.diagnostics import Diagnostics
+from ddn_layers.generic.kkt import Constraints, cholesky_inverse, kkt_solve
+from ddn_layers.generic.options import ArgminCall
 from ddn_layers.generic.problem import Bound
+from ddn_layers.linalg import guarded_cholesky
 
 CHUNK_ENTRIES = 2**22
 """Entries of vmapped products per chunk: bounds the transient memory of building the rows."""
@@ -58,7 +60,7 @@ def full_grads(
     lam: Tensor | None,
     v: Tensor,
     idx: Sequence[int],
-    opts: Options,
+    opts: ArgminCall,
     diag: Diagnostics,
 ) -> list[Tensor]:
     B, m = bound.B, bound.m
@@ -73,11 +75,11 @@ def full_grads(
     # rows of [H | B_1 | B_2 ...]: the derivative of grad_y L in (y, x_1, x_2, ...)
     _, pull_L = vjp(lambda u, *sel: bound.grad_lagrangian(u, lam, with_inputs(sel)), y, *xs_sel)
     H_rows, *B_rows = _rows(pull_L, m, [y, *xs_sel])
-    # Cholesky reads one triangle only, so H (symmetric up to rounding) needs no symmetrising
-    L, info = torch.linalg.cholesky_ex(H_rows.transpose(0, 1))
+    # Cholesky reads one triangle only, so H (symmetric up to rounding) needs no symmetrising;
+    # only an outright failure is singular (no pivot floor: H's own scales may span decades)
+    L, ok = guarded_cholesky(H_rows.transpose(0, 1), pivot_floor=0.0)
     del H_rows
-    diag.singular |= info != 0
-    L = torch.where((info != 0)[:, None, None], torch.eye(m, dtype=L.dtype, device=L.device), L)
+    diag.singular |= ~ok
 
     H_inv = cholesky_inverse(L)
     cons, C_rows = None, [None] * len(idx)

@@ -1,11 +1,12 @@
-"""The matrix-free backward modes, ``implicit`` and ``approx``, and the pieces ``full`` shares.
+"""The matrix-free backward modes, ``implicit`` and ``approx``.
 
 ``implicit`` solves with H by conjugate gradients on Hessian-vector products: one
 linearisation of grad_y L (torch.func.vjp) and then one backward pass through its graph per
 product, so memory stays at a few vectors plus that graph, never the m x m Hessian. When the
 user supplies ``hessian_approx``, it preconditions those solves: the paper's "hybrid" advice
-(exploit the structure you know, let autodiff do the rest), and on problems with a strongly
-varying diagonal (optimal transport) the difference between thousands of CG steps and a few.
+(exploit the structure you know, let autodiff do the rest), and on problems whose diagonal
+spans many orders of magnitude (optimal transport) what lets CG converge at all (see
+``docs/benchmarks/generic/README.md``).
 
 ``approx`` replaces H by the user's approximation everywhere in Eq. 3 (the constraints and the
 mixed term stay exact).
@@ -19,34 +20,11 @@ import torch
 from torch import Tensor
 from torch.func import vjp
 
-from ddn_layers.generic.kkt import (
-    Constraints,
-    Diagnostics,
-    cg_inverse,
-    cholesky_inverse,
-    kkt_solve,
-)
-from ddn_layers.generic.options import Options
+from ddn_layers.generic.diagnostics import Diagnostics
+from ddn_layers.generic.kkt import Constraints, cg_inverse, cholesky_inverse, kkt_solve
+from ddn_layers.generic.options import ArgminCall
 from ddn_layers.generic.problem import Bound
-
-
-def reads(bound: Bound, y: Tensor, idx: Sequence[int]) -> list[bool]:
-    """Which of the inputs ``idx`` the objective or constraints depend on at all.
-
-    An input they never touch gets no gradient (None, as autograd gives an unused input)
-    rather than a tensor of zeros; the autograd graph of one evaluation tells which.
-    """
-    with torch.enable_grad():
-        xs = list(bound.xs)
-        for i in idx:
-            xs[i] = xs[i].detach().requires_grad_()
-        out = bound.f(y, xs).sum()
-        if bound.problem.constrained:
-            out = out + bound.h(y, xs).sum()
-        if not out.requires_grad:
-            return [False] * len(idx)
-        grads = torch.autograd.grad(out, [xs[i] for i in idx], allow_unused=True)
-    return [g is not None for g in grads]
+from ddn_layers.linalg import guarded_cholesky
 
 
 def mixed_products(
@@ -96,11 +74,11 @@ def user_hessian(bound: Bound, y: Tensor) -> Callable[[Tensor], Tensor]:
             )
         return lambda v: v / d
     if tuple(value.shape) == (B, m, m):
-        L, info = torch.linalg.cholesky_ex(0.5 * (value + value.mT))
-        if bool((info != 0).any()):
+        L, ok = guarded_cholesky(0.5 * (value + value.mT), pivot_floor=0.0)
+        if not bool(ok.all()):
             raise ValueError(
                 "hessian_approx must be symmetric positive definite: its Cholesky "
-                f"factorisation failed for {int((info != 0).sum())} of {B} samples"
+                f"factorisation failed for {int((~ok).sum())} of {B} samples"
             )
         return cholesky_inverse(L)
     raise ValueError(f"hessian_approx must return shape {shapes}, got {tuple(value.shape)}")
@@ -130,7 +108,7 @@ def implicit_grads(
     lam: Tensor | None,
     v: Tensor,
     idx: Sequence[int],
-    opts: Options,
+    opts: ArgminCall,
     diag: Diagnostics,
 ) -> list[Tensor]:
     """Eq. 3 matrix-free: CG on Hessian-vector products, Schur complement for constraints."""
@@ -150,7 +128,7 @@ def approx_grads(
     lam: Tensor | None,
     v: Tensor,
     idx: Sequence[int],
-    opts: Options,
+    opts: ArgminCall,
     diag: Diagnostics,
 ) -> list[Tensor]:
     """Eq. 3 with the user's Hessian approximation in place of H."""
@@ -159,7 +137,7 @@ def approx_grads(
     return _finish(bound, y, lam, u, mu, idx, diag)
 
 
-def _constraints(bound: Bound, y: Tensor, lam: Tensor | None, opts: Options):
+def _constraints(bound: Bound, y: Tensor, lam: Tensor | None, opts: ArgminCall):
     if lam is None:
         return None
     p = lam.shape[-1]

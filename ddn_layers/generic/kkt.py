@@ -19,68 +19,26 @@ right-hand sides for each of the B samples.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from torch.func import vmap
 
-from ddn_layers.linalg import CGResult, conjugate_gradient
-from ddn_layers.generic.options import EXPLICIT_SCHUR_ENTRIES, Options
+from ddn_layers.generic.diagnostics import Diagnostics
+from ddn_layers.generic.options import EXPLICIT_SCHUR_ENTRIES, ArgminCall
 from ddn_layers.generic.problem import Bound
-
-
-@dataclass
-class Diagnostics:
-    """What went wrong in a solve, gathered per sample so that the caller warns once."""
-
-    B: int
-    device: torch.device
-    singular: Tensor = field(init=False)
-    """H not positive definite (or numerically singular) at the sample's solution."""
-    rank_deficient: Tensor = field(init=False)
-    """A H^-1 A^T (or A A^T) singular: the constraint Jacobian A is rank deficient."""
-    cg: dict[str, list[int | float]] = field(default_factory=dict)
-    """Per kind of solve: [systems not converged, systems solved, worst relative residual]."""
-
-    def __post_init__(self) -> None:
-        self.singular = torch.zeros(self.B, dtype=torch.bool, device=self.device)
-        self.rank_deficient = torch.zeros_like(self.singular)
-
-    def add_cg(self, what: str, res: CGResult) -> Tensor:
-        """Record a CG run; returns per sample whether any of its systems met a flat or
-        negative curvature (what that means is the caller's to say)."""
-        unconverged = ~res.converged & ~res.indefinite
-        entry = self.cg.setdefault(what, [0, 0, 0.0])
-        entry[0] += int(unconverged.sum())
-        entry[1] += unconverged.numel()
-        if bool(unconverged.any()):
-            entry[2] = max(entry[2], float(res.residual[unconverged].max()))
-        # leading axes other than the batch are right-hand sides of the same sample
-        return res.indefinite.reshape(-1, self.B).any(0)
-
-    @property
-    def bad(self) -> Tensor:
-        return self.singular | self.rank_deficient
+from ddn_layers.linalg import (
+    cholesky_solve_vectors,
+    conjugate_gradient,
+    guarded_cholesky,
+    ridge_cholesky,
+)
 
 
 def cholesky_inverse(L: Tensor) -> Callable[[Tensor], Tensor]:
-    """v -> (L L^T)^-1 v for a factor L (B, m, m), applied to (..., B, m).
-
-    Extra leading axes become columns of one right-hand side per sample: cholesky_solve
-    would broadcast them by copying L once per right-hand side.
-    """
-
-    def solve(v: Tensor) -> Tensor:
-        if v.dim() == 2:
-            return torch.cholesky_solve(v.unsqueeze(-1), L).squeeze(-1)
-        lead, (B, m) = v.shape[:-2], v.shape[-2:]
-        cols = v.reshape(-1, B, m).permute(1, 2, 0)
-        return torch.cholesky_solve(cols, L).permute(2, 0, 1).reshape(*lead, B, m)
-
-    return solve
+    """v -> (L L^T)^-1 v for factors L (B, m, m), applied to (..., B, m)."""
+    return lambda v: cholesky_solve_vectors(L, v)
 
 
 def batched(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
@@ -98,7 +56,7 @@ def batched(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
 def cg_inverse(
     apply_H: Callable[[Tensor], Tensor],
     precond: Callable[[Tensor], Tensor] | None,
-    opts: Options,
+    opts: ArgminCall,
     diag: Diagnostics,
     what: str,
     rtol: float | None = None,
@@ -148,42 +106,17 @@ class Constraints:
         return self
 
     @staticmethod
-    def explicit_for(opts: Options, p: int, B: int, m: int) -> bool:
+    def explicit_for(opts: ArgminCall, p: int, B: int, m: int) -> bool:
         if opts.implicit_solver == "auto":
             return p * B * m <= EXPLICIT_SCHUR_ENTRIES
         return opts.implicit_solver == "cholesky"
-
-
-def _pivot_ok(L: Tensor, info: Tensor) -> Tensor:
-    """Per sample: the factorisation succeeded and no pivot is at rounding level.
-
-    cholesky_ex reports only outright failure; a consistent but singular S (an exactly
-    redundant constraint) usually factorises with a pivot of order eps instead.
-    """
-    d = torch.diagonal(L, dim1=-2, dim2=-1) ** 2
-    eps = torch.finfo(L.dtype).eps
-    tiny = d.amin(-1) <= 64 * d.shape[-1] * eps * d.amax(-1)
-    return (info == 0) & ~tiny & torch.isfinite(d).all(-1)
-
-
-def _regularised_factor(S: Tensor) -> Tensor:
-    """Cholesky factor of S + sqrt(eps) mean(diag S) I, or of I where even that fails.
-
-    For a singular S (redundant constraints) this gives a least-squares solution of small
-    norm, so that the residuals computed from it still mean something; the samples are
-    flagged either way.
-    """
-    eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
-    shift = math.sqrt(torch.finfo(S.dtype).eps) * torch.diagonal(S, dim1=-2, dim2=-1).mean(-1)
-    L, info = torch.linalg.cholesky_ex(S + shift.clamp(min=0)[:, None, None] * eye)
-    return torch.where((info == 0)[:, None, None], L, eye)
 
 
 def kkt_solve(
     v: Tensor,
     H_inv: Callable[[Tensor], Tensor],
     cons: Constraints | None,
-    opts: Options,
+    opts: ArgminCall,
     diag: Diagnostics,
     what: str = "Schur complement",
 ) -> tuple[Tensor, Tensor | None]:
@@ -200,13 +133,14 @@ def kkt_solve(
         w, Z = sol[0], sol[1:]
         S = torch.einsum("ibm,jbm->bij", G, Z)
         S = 0.5 * (S + S.mT)
-        L, info = torch.linalg.cholesky_ex(S)
-        ok = _pivot_ok(L, info)
+        # a consistent but singular S (an exactly redundant constraint) usually factorises
+        # with a pivot at rounding level rather than failing: the default floor catches it
+        L, ok = guarded_cholesky(S)
         if not bool(ok.all()):
             diag.rank_deficient |= ~ok
-            L = torch.where(ok[:, None, None], L, _regularised_factor(S))
+            L = torch.where(ok[:, None, None], L, ridge_cholesky(S)[0])
         a = torch.einsum("ibm,bm->bi", G, w)
-        mu = torch.cholesky_solve(a.unsqueeze(-1), L).squeeze(-1)
+        mu = cholesky_solve_vectors(L, a)
         u = w - torch.einsum("ibm,bi->bm", Z, mu)
         return u, mu
     w = H_inv(v)
@@ -226,7 +160,7 @@ def kkt_solve(
 
 
 def multipliers(
-    bound: Bound, y: Tensor, g: Tensor, opts: Options, diag: Diagnostics
+    bound: Bound, y: Tensor, g: Tensor, opts: ArgminCall, diag: Diagnostics
 ) -> tuple[Tensor, Tensor]:
     """Least-squares Lagrange multipliers lam (B, p) with lam^T A ~ grad f, and the
     stationarity residual grad f - A^T lam (B, m), at a solution y of a constrained problem."""
