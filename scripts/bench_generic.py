@@ -2,6 +2,8 @@
 
     python scripts/bench_generic.py                            # writes docs/benchmarks/generic/
     python scripts/bench_generic.py --quick --out /tmp/generic # a smoke run in seconds
+    python scripts/bench_generic.py --out /tmp/generic --cases "C=512" --methods implicit
+                                                # a targeted run: some cases, some methods
 
 The paper's sizes, float64 on the CPU (the generic node is the reference that specialised code
 is checked against, so it is run at the precision of such a check):
@@ -200,13 +202,22 @@ def warm_up() -> None:
             _run(lambda m=method, xg=xg, v=case["v"]: torch.autograd.grad(m(xg), xg, v))
 
 
+def _chosen(name: str, wanted: list[str] | None) -> bool:
+    return wanted is None or any(w in name for w in wanted)
+
+
 def run(args) -> tuple[list[dict], dict]:
     rows, grads = [], {}
     warm_up()
     for label, make in cases(args.quick):
+        if not _chosen(label, args.cases):
+            continue
         case = make()
         ref = None
         for name, method in case["methods"].items():
+            # the reference gradient comes from the first method: always run it
+            if ref is not None and not _chosen(name, args.methods):
+                continue
             skip = ""
             if name == "generic full" and case["dense_bytes"] > args.dense_budget_gib * 1024**3:
                 skip = f"dense H, B would need {case['dense_bytes'] / 1024**3:.0f} GiB"
@@ -362,6 +373,15 @@ def main(argv=None) -> None:
         "--max-plain-m", type=int, default=100, help="largest OT side for unpreconditioned CG"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--cases", nargs="+", default=None, help="only the cases whose label contains one of these"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="only the methods whose name contains one of these (and the structured reference)",
+    )
     parser.add_argument(
         "--replot", action="store_true", help="only redraw generic.png from --out's CSV"
     )

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import ddn_layers as ddn
-from tests.ddn_layers.generic_helpers import F64, load_example, ot_problem, qp_node, qp_problem
+from tests.ddn_layers.generic.helpers import load_example, ot_problem, qp_node, qp_problem
+from tests.ddn_layers.testing import EXACT_MODES, F64
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -60,7 +61,9 @@ def test_a_solver_off_the_kkt_point_warns():
     assert (info.extra["feasibility"] > 1).all() and not info.converged.any()
 
 
-@pytest.mark.parametrize("mode", ["implicit", "full"])
+@pytest.mark.parametrize(
+    "mode", [m for m in EXACT_MODES if m is not ddn.BackwardMode.UNROLL], ids=str
+)
 def test_a_maximum_has_no_gradient_and_warns(mode):
     """-1/2 ||y - x||^2 is stationary at y = x, but it is a maximum: H = -I."""
     x = torch.randn(3, 2, dtype=F64, requires_grad=True)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import ddn_layers as ddn
-from tests.ddn_layers.generic_helpers import F64, load_example
+from tests.ddn_layers.generic.helpers import EXAMPLES, load_example
+from tests.ddn_layers.testing import F64
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -173,6 +174,6 @@ def test_unroll_needs_a_differentiable_solver(x):
 
 def test_example_definitions_are_valid():
     # the examples define their nodes at import: a regression there would fail here first
-    for name in ("robust_pooling", "sphere_projection"):
+    for name in EXAMPLES:
         module = load_example(name)
         assert any(isinstance(v, ddn.DeclarativeNode) for v in vars(module).values())

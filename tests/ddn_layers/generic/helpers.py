@@ -8,10 +8,13 @@ from pathlib import Path
 import torch
 
 import ddn_layers as ddn
+from tests.ddn_layers.testing import F64
 
-F64 = torch.float64
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = ("robust_pooling", "sphere_projection")
+TIGHT = 1e-13
+"""Newton-CG (and pooling) tolerance where y must be exact to rounding: finite differences
+and cross-checks against the built-in layers."""
 
 
 def load_example(name: str):

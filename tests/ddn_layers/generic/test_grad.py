@@ -8,12 +8,11 @@ import torch
 from torch.autograd import gradcheck
 
 import ddn_layers as ddn
-from tests.ddn_layers.generic_helpers import F64, load_example, qp_node, qp_problem
-from tests.ddn_layers.pool_helpers import clustered
+from tests.ddn_layers.generic.helpers import TIGHT, load_example, qp_node, qp_problem
+from tests.ddn_layers.pooling.helpers import clustered
+from tests.ddn_layers.testing import ALL_MODES, EXACT_MODES, F64
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-MODES = [m.value for m in ddn.BackwardMode]
 
 
 def _pool_node(mode, **options):
@@ -23,12 +22,12 @@ def _pool_node(mode, **options):
         init=lambda x, a: x.mean(-1),
         hessian_approx=ex.hessian_approx,
         backward_mode=mode,
-        tol=1e-13,  # finite differences of y need it to ~1e-13
+        tol=TIGHT,
         **options,
     )
 
 
-@pytest.mark.parametrize("mode", ["implicit", "full", "unroll"])
+@pytest.mark.parametrize("mode", EXACT_MODES, ids=str)
 def test_gradcheck_robust_pooling_example(mode):
     node = _pool_node(mode)
     x = clustered(2, 3, 4, seed=1).requires_grad_()
@@ -53,10 +52,11 @@ def test_robust_pooling_approx_is_the_isotropic_hessian():
     assert torch.allclose(g, expected, atol=1e-12)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_gradcheck_sphere_projection_example(mode):
+def test_gradcheck_sphere_projection_example_approx():
+    """The exact modes are gradchecked by TestArgmin (test_argmin.py); approx is exact here
+    too, because the example's Hessian approximation is the exact Hessian."""
     ex = load_example("sphere_projection")
-    ex.project.backward_mode = mode  # approx is exact here: the example's H is exact
+    ex.project.backward_mode = ddn.BackwardMode.APPROX
     x = torch.randn(3, 4, dtype=F64, requires_grad=True)
     assert gradcheck(ex.project, (x,), fast_mode=False)
 
@@ -98,7 +98,7 @@ def test_approx_with_the_exact_hessian_is_exact():
         assert torch.allclose(a, b, atol=1e-10)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES, ids=str)
 def test_unused_and_integer_inputs_get_no_gradient(mode):
     def objective(x, unused, k, y):
         return 0.5 * ((y - x * k.unsqueeze(-1)) ** 2).sum(-1) + 0.25 * (y**4).sum(-1)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import ddn_layers as ddn
-from tests.ddn_layers.generic_helpers import F64, load_example, ot_node, ot_problem
-from tests.ddn_layers.pool_helpers import clustered
+from tests.ddn_layers.generic.helpers import TIGHT, load_example, ot_node, ot_problem
+from tests.ddn_layers.pooling.helpers import clustered
+from tests.ddn_layers.testing import EXACT_MODES, F64
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -40,7 +41,7 @@ def _grads(fn, inputs, v):
     return y.detach(), torch.autograd.grad((v * y).sum(), inputs, materialize_grads=True)
 
 
-@pytest.mark.parametrize("mode", ["implicit", "full", "unroll"])
+@pytest.mark.parametrize("mode", EXACT_MODES, ids=str)
 @pytest.mark.parametrize("penalty", ["pseudo-huber", "huber"])
 @pytest.mark.parametrize("shape", [(3, 6, 4), (2, 3, 9)], ids=["n<C", "n>C"])
 def test_robust_pool_with_default_solver(penalty, mode, shape):
@@ -48,10 +49,10 @@ def test_robust_pool_with_default_solver(penalty, mode, shape):
     alpha = torch.tensor(0.9, dtype=F64)
     v = torch.randn(shape[:2], dtype=F64)
     node = ddn.DeclarativeNode(
-        _pool_objective(penalty), init=lambda x, a: x.mean(-1), backward_mode=mode, tol=1e-13
+        _pool_objective(penalty), init=lambda x, a: x.mean(-1), backward_mode=mode, tol=TIGHT
     )
     y, (gx, ga) = _grads(lambda x, a: node(x, a.expand(x.shape[0])), (x, alpha), v)
-    ref = lambda x, a: ddn.robust_pool(x, penalty, a, backward_mode=mode, tol=1e-13)  # noqa: E731
+    ref = lambda x, a: ddn.robust_pool(x, penalty, a, backward_mode=mode, tol=TIGHT)  # noqa: E731
     y_ref, (rx, ra) = _grads(ref, (x, alpha), v)
     assert torch.allclose(y, y_ref, atol=1e-11)
     assert close(gx, rx) and close(ga, ra)
@@ -65,10 +66,10 @@ def test_robust_pool_non_convex_with_the_layers_forward_as_solver():
     v = torch.randn(3, 5, dtype=F64)
     node = ddn.DeclarativeNode(
         _pool_objective("welsch"),
-        solver=lambda x, a: ddn.robust_pool(x, "welsch", a[0], tol=1e-13),
+        solver=lambda x, a: ddn.robust_pool(x, "welsch", a[0], tol=TIGHT),
     )
     _, (gx, ga) = _grads(lambda x, a: node(x, a.expand(3)), (x, alpha), v)
-    _, (rx, ra) = _grads(lambda x, a: ddn.robust_pool(x, "welsch", a, tol=1e-13), (x, alpha), v)
+    _, (rx, ra) = _grads(lambda x, a: ddn.robust_pool(x, "welsch", a, tol=TIGHT), (x, alpha), v)
     assert close(gx, rx) and close(ga, ra)
 
 
@@ -79,7 +80,7 @@ def test_robust_pool_example_matches_at_float64():
     v = torch.randn(4, 16, dtype=F64)
     ex.pool.backward_mode = "implicit"
     _, (gx, ga) = _grads(lambda x, a: ex.pool(x, a.expand(4)), (x, alpha), v)
-    ref = lambda x, a: ddn.robust_pool(x, "pseudo-huber", a, tol=1e-13)  # noqa: E731
+    ref = lambda x, a: ddn.robust_pool(x, "pseudo-huber", a, tol=TIGHT)  # noqa: E731
     _, (rx, ra) = _grads(ref, (x, alpha), v)
     assert close(gx, rx) and close(ga, ra)
 
@@ -116,11 +117,11 @@ def test_sinkhorn(size, mode, options):
     assert close(_sum_zero(gc), _sum_zero(rc))
 
 
-@pytest.mark.parametrize("mode", ["implicit", "unroll"])
+@pytest.mark.parametrize("mode", [ddn.BackwardMode.IMPLICIT, ddn.BackwardMode.UNROLL], ids=str)
 def test_robust_pool_float32_with_default_tolerances(mode):
     """What training uses: float32 and the default tolerances, to float32's accuracy (looser
     for unroll: both sides differentiate the iterations they ran, which differ)."""
-    tol = {"implicit": 1e-4, "unroll": 1e-3}[mode]
+    tol = {ddn.BackwardMode.IMPLICIT: 1e-4, ddn.BackwardMode.UNROLL: 1e-3}[mode]
     ex = load_example("robust_pooling")
     x = clustered(4, 16, 49, seed=2, dtype=torch.float32)
     alpha = torch.tensor(0.5)
