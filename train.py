@@ -41,7 +41,7 @@ Show the resolved config without training:
     python train.py --print-config ddn.backward_mode=full
 
 Keys: task, seed, name, runs_dir, ckpt, test, ddn.*, trainer.* (Lightning Trainer arguments),
-data.*, model.*, optim.*, logger.*, checkpoint.*; see tasks/config.py and each task's
+data.*, model.*, optim.*, logger.*, checkpoint.*; see tasks/app/config.py and each task's
 config.py. A bad key or value stops the run before it starts, with exit status 2.
 """
 
@@ -55,8 +55,8 @@ from omegaconf import OmegaConf
 
 def main(argv: Sequence[str] | None = None) -> int:
     # Imported here so that `--help` answers without loading torch.
-    from tasks.cli import build_parser, load_config
-    from tasks.config import ConfigError
+    from tasks.app.cli import build_parser, load_config
+    from tasks.app.config import ConfigError
 
     args = build_parser(__doc__).parse_args(argv)
     try:
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
 
-    from tasks.runner import run
+    from tasks.app.runner import run
 
     run(cfg)
     return 0

@@ -60,7 +60,7 @@ else
   OT_B1=(--quick)
   POOL=(--sizes 4 --batch 2 --kinds feature --penalties pseudo-huber --modes implicit full
         --skip-resnet --budget 0.02)
-  TESTS=(-m cuda tests/tasks/test_ddn_profiler.py)
+  TESTS=(-m cuda tests/tasks/app/test_ddn_profiler.py)
   TRAIN=()
   TINY=(trainer.max_epochs=1 trainer.limit_train_batches=2 trainer.limit_val_batches=1
         trainer.limit_test_batches=1 ddn.profile_every_n_steps=1)

@@ -18,8 +18,8 @@ import torch
 from omegaconf import OmegaConf
 
 import train
-from tasks.cli import build_parser, load_config
-from tasks.runner import run
+from tasks.app.cli import build_parser, load_config
+from tasks.app.runner import run
 from tests.tasks.conftest import QUIET
 
 ROOT = Path(__file__).resolve().parents[1]

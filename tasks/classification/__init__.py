@@ -1,9 +1,9 @@
 """Image classification with a choice of final global pooling (avg, max, robust)."""
 
+from tasks.app.registry import TaskSpec
 from tasks.classification.config import ClassificationRun, validate
 from tasks.classification.data import ClassificationData
 from tasks.classification.module import ClassificationModule, build_module
-from tasks.registry import TaskSpec
 
 TASK = TaskSpec(
     name="classification",

@@ -9,7 +9,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import ddn_layers as ddn
-from tasks.config import RunConfig, check_choice, check_range
+from tasks.app.config import RunConfig, check_choice, check_range
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 ARCHS = ("small_cnn", "resnet18", "resnet34", "resnet50")

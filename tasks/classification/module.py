@@ -11,8 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from tasks.app.optim import configure as configure_optimization
 from tasks.classification.model import Classifier
-from tasks.optim import configure as configure_optimization
 
 
 class ClassificationModule(pl.LightningModule):

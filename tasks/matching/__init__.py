@@ -1,9 +1,9 @@
 """Keypoint set matching with Sinkhorn optimal transport and a learnable dustbin."""
 
+from tasks.app.registry import TaskSpec
 from tasks.matching.config import MatchingRun, validate
 from tasks.matching.data import MatchingData
 from tasks.matching.module import MatchingModule, build_module
-from tasks.registry import TaskSpec
 
 TASK = TaskSpec(
     name="matching",

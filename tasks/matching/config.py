@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import ddn_layers as ddn
-from tasks.config import OptimConfig, RunConfig, TrainerConfig, check_choice, check_range
+from tasks.app.config import OptimConfig, RunConfig, TrainerConfig, check_choice, check_range
 
 SOURCES = ("synthetic", "images")
 WARPS = ("similarity", "affine", "homography", "nonrigid")

@@ -10,10 +10,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MeanMetric, MetricCollection
 
+from tasks.app.optim import configure as configure_optimization
 from tasks.matching import baselines
 from tasks.matching.metrics import match_metrics
 from tasks.matching.model import MatchingNet, matching_nll, mutual_matches
-from tasks.optim import configure as configure_optimization
 
 Batch = dict[str, torch.Tensor]
 

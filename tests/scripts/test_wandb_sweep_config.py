@@ -10,8 +10,8 @@ import pytest
 import yaml
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-from tasks.cli import load_config
-from tasks.loggers import _wandb_id
+from tasks.app.cli import load_config
+from tasks.app.loggers import _wandb_id
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = {

@@ -89,8 +89,8 @@ def test_image_folder_with_split_directories(tmp_path):
 
 
 def test_cifar_without_archive_is_refused_before_loading(tmp_path):
-    from tasks.cli import load_config
-    from tasks.config import ConfigError
+    from tasks.app.cli import load_config
+    from tasks.app.config import ConfigError
 
     with pytest.raises(ConfigError, match="cifar-100-python"):
         load_config((), ["model.pool=avg", "data.dataset=cifar100", f"data.root={tmp_path}"])

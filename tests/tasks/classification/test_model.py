@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import ddn_layers as ddn
+from tasks.app.layers import declarative_layers, set_backward_mode
 from tasks.classification.model import Classifier, GlobalPool
-from tasks.layers import declarative_layers, set_backward_mode
 
 POOLS = ["avg", "max", "robust"]
 

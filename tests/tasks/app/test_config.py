@@ -10,10 +10,10 @@ import pytest
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
 
-from tasks import rundir
-from tasks.cli import load_config
-from tasks.config import ConfigError, TrainerConfig
-from tasks.registry import get_task, task_names
+from tasks.app import rundir
+from tasks.app.cli import load_config
+from tasks.app.config import ConfigError, TrainerConfig
+from tasks.app.registry import get_task, task_names
 
 AVG = ["model.pool=avg"]
 

@@ -6,8 +6,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from tasks.callbacks import StepTimer
-from tasks.callbacks.step_timer import METRIC
+from tasks.app.callbacks import StepTimer
+from tasks.app.callbacks.step_timer import METRIC
 
 
 class _Tiny(pl.LightningModule):

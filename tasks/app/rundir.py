@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from tasks.config import ConfigError
+from tasks.app.config import ConfigError
 
 CONFIG_FILE = "config.yaml"
 METADATA_FILE = "run.json"

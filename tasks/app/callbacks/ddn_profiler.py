@@ -46,7 +46,7 @@ from torch.autograd.profiler import record_function
 from torch.utils.hooks import RemovableHandle
 
 from ddn_layers import DeclarativeLayer
-from tasks.layers import declarative_layers
+from tasks.app.layers import declarative_layers
 
 MIB = 1024 * 1024
 _PHASES = ("fwd", "bwd")

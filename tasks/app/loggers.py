@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from tasks import rundir
+from tasks.app import rundir
 
 _WANDB_ID_FILE = "wandb_id"
 

@@ -11,7 +11,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from ddn_layers import DeclarativeLayer, SolverInfo
-from tasks.callbacks import DDNProfiler, ddn_profiler
+from tasks.app.callbacks import DDNProfiler, ddn_profiler
 
 SAVED = 1024 * 1024  # float32 elements the forward keeps for the backward: 4 MiB
 SCRATCH = 2 * 1024 * 1024  # float32 elements the backward allocates on top: 8 MiB

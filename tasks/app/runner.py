@@ -20,18 +20,18 @@ from pytorch_lightning.callbacks import (
     RichProgressBar,
 )
 
-from tasks import rundir
-from tasks.callbacks import DDNProfiler, StepTimer
-from tasks.layers import set_backward_mode
-from tasks.loggers import (
+from tasks.app import rundir
+from tasks.app.callbacks import DDNProfiler, StepTimer
+from tasks.app.layers import set_backward_mode
+from tasks.app.loggers import (
     build_loggers,
     finish_wandb,
     hyperparameters,
     run_metadata,
     write_run_files,
 )
-from tasks.registry import get_task
-from tasks.summary import print_summary
+from tasks.app.registry import get_task
+from tasks.app.summary import print_summary
 
 RESULTS_FILE = "results.json"
 
@@ -43,7 +43,7 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 @contextmanager
 def _run_name_for_other_ranks(name: str) -> Iterator[None]:
     # Lightning's "ddp" launcher starts ranks 1.. inside fit() by re-running train.py; they
-    # inherit this variable and so pick the same run directory (see tasks/cli.py).
+    # inherit this variable and so pick the same run directory (see tasks/app/cli.py).
     previous = os.environ.get(rundir.RUN_NAME_ENV)
     os.environ[rundir.RUN_NAME_ENV] = name
     try:

@@ -2,7 +2,7 @@
 
 Sources merge left to right over the task's schema: the saved config of the run being resumed
 (``ckpt=last``), then each ``-c`` file, then the ``key=value`` overrides. Every problem is
-reported as a :class:`~tasks.config.ConfigError` naming the key, before anything is built.
+reported as a :class:`~tasks.app.config.ConfigError` naming the key, before anything is built.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from tasks import rundir
-from tasks.config import ConfigError, RunConfig, validate_run
-from tasks.registry import TaskSpec, get_task
+from tasks.app import rundir
+from tasks.app.config import ConfigError, RunConfig, validate_run
+from tasks.app.registry import TaskSpec, get_task
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
-from tasks.config import ConfigError, RunConfig
+from tasks.app.config import ConfigError, RunConfig
 
 if TYPE_CHECKING:  # Lightning is heavy to import; config errors should come back fast
     import pytorch_lightning as pl

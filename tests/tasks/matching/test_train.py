@@ -8,11 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from tasks.cli import load_config
-from tasks.config import ConfigError
+from tasks.app.cli import load_config
+from tasks.app.config import ConfigError
+from tasks.app.registry import get_task
+from tasks.app.runner import run
 from tasks.matching.module import build_module
-from tasks.registry import get_task
-from tasks.runner import run
 
 # A run of a second or two: a tiny encoder on tiny sets, quiet, no W&B.
 TINY = [

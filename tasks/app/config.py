@@ -1,7 +1,7 @@
 """Config schemas shared by every task (OmegaConf structured configs).
 
 A task's schema is a subclass of :class:`RunConfig` that types its ``data`` and ``model``
-sections (see ``tasks/registry.py``). Every field here is a key users set on the command line
+sections (see ``tasks/app/registry.py``). Every field here is a key users set on the command line
 (``trainer.max_epochs=5``); OmegaConf rejects unknown keys and values of the wrong type when the
 sources are merged, and :func:`validate_run` checks the values whose type alone says too little
 (choices, ranges). Messages name the key and list the choices.

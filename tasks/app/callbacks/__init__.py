@@ -1,0 +1,6 @@
+"""Lightning callbacks shared by every task."""
+
+from tasks.app.callbacks.ddn_profiler import DDNProfiler
+from tasks.app.callbacks.step_timer import StepTimer
+
+__all__ = ["DDNProfiler", "StepTimer"]
