@@ -41,7 +41,7 @@ import ddn_layers as ddn
 from ddn_layers.pooling.median import coordinate_median
 
 KINDS = ("randn", "feature")
-MODES = ("implicit", "full", "approx", "unroll")
+MODES = tuple(ddn.BackwardMode.choices())
 # the implicit mode with each Hessian route forced, beside "auto"
 VARIANTS = [("implicit", "auto"), ("implicit", "cholesky"), ("implicit", "woodbury")] + [
     (m, "auto") for m in MODES[1:]

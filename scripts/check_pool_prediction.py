@@ -5,9 +5,10 @@
 
 The solver stops a problem one evaluation early when the residual it is about to reach,
 predicted as (this residual) x (the larger of its last two contraction ratios), is below
-``PREDICTED_STOP * tol`` (solver.py). This script runs the solver with that stop turned off
-(``predict_below=0``) and, through its ``trace`` hook, pairs every prediction with the
-residual measured one iteration later. For a few thresholds it prints how many predictions
+``PREDICTED_STOP * tol`` (solver.py). This script runs the solver's iteration, composed of the
+solver's own public steps (IRLS step, residual, prediction, Newton test and step), with that
+stop left out and no sample dropped, and pairs every prediction with the residual measured
+one iteration later. For a few thresholds it prints how many predictions
 fell below them and the largest measured residual among those, in units of tol: a threshold
 is safe when that stays below 1.
 
@@ -19,7 +20,6 @@ on a 2-d subspace, or feature-like (bench_pool.make_input); 0 or 2 restarts.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import random
 import warnings
@@ -27,10 +27,21 @@ import warnings
 import torch
 from bench_pool import make_input
 
-from ddn_layers.pooling.module import _OPTION_DEFAULTS
-from ddn_layers.pooling.options import DEFAULT_TOL, solve_options
+from ddn_layers.pooling.hessian import choose_solver
+from ddn_layers.pooling.options import DEFAULT_TOL, PoolOptions
 from ddn_layers.pooling.penalties import PENALTIES
-from ddn_layers.pooling.solver import PREDICTED_STOP, solve
+from ddn_layers.pooling.points import CentredPoints
+from ddn_layers.pooling.solver import (
+    PREDICTED_STOP,
+    first_newton_iteration,
+    initial_points,
+    irls_step,
+    newton_cost,
+    newton_pays,
+    newton_step,
+    predicted_residual,
+    step_and_residual,
+)
 
 KINDS = ("randn", "offset", "duplicated", "subspace", "feature")
 THRESHOLDS = (0.1, PREDICTED_STOP, 0.5, 1.0)
@@ -57,27 +68,56 @@ def random_problem(rng: random.Random, seed: int, dtype: torch.dtype):
     return x.to(dtype), torch.tensor(alpha, dtype=dtype), penalty, rng.choice([0, 0, 2])
 
 
+@torch.no_grad()
 def pairs_of(x, alpha, penalty, restarts, tol) -> tuple[torch.Tensor, torch.Tensor]:
     """(prediction, residual measured one iteration later), for every problem and iteration
-    where the solver made a prediction and had not yet converged."""
-    # robust_pool's defaults, but no stop on a prediction and no dropped samples (the trace's
-    # rows stay aligned)
-    opts = solve_options(
-        dtype=x.dtype, device=x.device, **_OPTION_DEFAULTS | {"tol": tol, "restarts": restarts}
-    )
-    opts = dataclasses.replace(opts, check_every=opts.max_iter + 1, predict_below=0.0)
-    preds, actual, last = [], [], [None]
+    where the solver made a prediction and had not yet converged.
 
-    def trace(it, residual, estimate, measured):
-        if last[0] is not None:
-            est, live = last[0]
+    The solver's iteration with robust_pool's defaults (``PoolOptions.defaults()``), but no
+    stop on a prediction and no dropped samples, so that every problem is followed to its
+    measured convergence.
+    """
+    defaults = PoolOptions.defaults()
+    n, C = x.shape[2], x.shape[1]
+    mean = x.mean(-1)
+    pts = CentredPoints.of(x, mean)
+    y = initial_points(x, mean, penalty, restarts) - mean[:, None, :]
+    use_newton = defaults["newton"] and not penalty.kappa2_zero
+    solver = choose_solver(defaults["implicit_solver"], n, C, penalty.kappa2_zero)
+    cost, newton_from = newton_cost(n, C), first_newton_iteration(penalty)
+    done = torch.zeros(y.shape[:2], dtype=torch.bool)
+    prev_step = torch.full(y.shape[:2], math.nan, dtype=x.dtype)
+    prev_rate = prev_step
+    preds, actual, last = [], [], None
+    for it in range(defaults["max_iter"] + 1):
+        y_irls = irls_step(pts, y, pts.sq_distances(y), penalty, alpha)
+        step, residual = step_and_residual(pts, y, y_irls, alpha)
+        measured = done | (residual <= tol)
+        if last is not None:
+            est, live = last
             live = live & ~est.isnan()  # no prediction across a Newton step (solver.py)
             preds.append(est[live])
             actual.append(residual[live])
-        last[0] = None if estimate is None else (estimate.clone(), ~measured)
-
-    with torch.no_grad():
-        solve(x, alpha, penalty, opts, trace=trace)
+        last = None
+        if it > 0:
+            rate = step / prev_step
+            one = it == 1 and penalty.is_convex
+            last = (predicted_residual(residual, rate, prev_rate, one), ~measured)
+            prev_rate = rate
+        prev_step = step
+        if it == defaults["max_iter"] or bool(measured.all()):
+            break
+        y_next = y_irls
+        if use_newton and it >= newton_from:
+            slow = newton_pays(rate, residual, tol, cost)
+            if bool(slow.any()):
+                y_new, take = newton_step(pts, y, slow, penalty, alpha, solver)
+                pick = slow.nonzero(as_tuple=True)
+                y_next = y_next.index_put(pick, torch.where(take[:, None], y_new, y_irls[pick]))
+                taken = torch.zeros_like(measured).index_put(pick, take)
+                prev_step = torch.where(taken, math.nan, prev_step)
+        y = torch.where(measured[..., None], y, y_next)
+        done = measured
     if not preds:
         return torch.zeros(0, dtype=x.dtype), torch.zeros(0, dtype=x.dtype)
     return torch.cat(preds), torch.cat(actual)

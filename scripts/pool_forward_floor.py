@@ -31,7 +31,8 @@ from bench_pool import FWD_TARGET_CASES, lbfgs_pool, make_input
 from benchutil import machine_info, paired_ratio, use_clock, write_csv
 
 import ddn_layers as ddn
-from ddn_layers.pooling.solver import _Points, coordinate_median
+from ddn_layers.pooling.median import coordinate_median
+from ddn_layers.pooling.points import CentredPoints
 
 PENALTIES = ("welsch", "truncated-quadratic")
 KINDS = ("randn", "feature")
@@ -46,7 +47,7 @@ def starts_only(x: torch.Tensor, penalty: str, alpha: float) -> torch.Tensor:
     x = x.flatten(2)
     with torch.no_grad():
         mean = x.mean(-1)
-        pts = _Points.of(x, mean)
+        pts = CentredPoints.of(x, mean)
         yc = torch.stack([mean, coordinate_median(x)], 1) - mean[:, None]
         f = p.phi(pts.sq_distances(yc).sqrt(), a).sum(-1)
         best = f.argmin(1)

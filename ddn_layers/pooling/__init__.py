@@ -3,11 +3,12 @@
 ``robust_pool(x, penalty, alpha)`` maps features x (B, C, *) to y (B, C), the minimiser of
 sum_i phi(||y - x_i||; alpha) over the points of each sample; ``RobustPool2d`` is its module.
 
-Files, one job each: ``penalties`` (Table 1), ``linalg`` (structured Hessian solves),
-``solver`` (batched IRLS + safeguarded Newton forward), ``median`` (its median start),
-``backward`` (implicit, full and approx vector-Jacobian products), ``function`` (the
-autograd.Function and the functional), ``module`` (``RobustPool2d``), ``options`` (argument
-checks).
+The skeleton's files (see ``ddn_layers/base.py``): ``options`` (``PoolOptions`` and the
+argument checks), ``solver`` (batched IRLS + safeguarded Newton forward), ``backward`` (the
+implicit, full and approx vector-Jacobian products, in ``BACKWARDS``), ``function`` (the
+``LayerSpec`` and the functional), ``module`` (``RobustPool2d``). The layer's own maths:
+``penalties`` (Table 1), ``hessian`` (structured Hessian solves), ``points`` (the points,
+centred, as the solver reads them), ``median`` (the median start).
 """
 
 from ddn_layers.pooling.function import robust_pool

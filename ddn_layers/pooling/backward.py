@@ -18,17 +18,25 @@ inverse, and every product above by one, so the gradients do not depend on it.
 
 Where H is singular or indefinite (a flat objective, or a saddle of a non-convex penalty) the
 minimiser does not depend smoothly on x, and these samples get a zero gradient; ``singular``
-flags them so that the caller can warn.
+flags them, and the backward warns.
+
+Each mode's entry in :data:`BACKWARDS` takes the ``BackwardContext`` of ``run_layer`` (saved:
+x, y, alpha; opts: the ``PoolCall``) and returns (dJ/dx, dJ/dalpha).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ddn_layers.pooling.linalg import cholesky_factor, choose_solver, hessian_solve
+from ddn_layers.base import BackwardContext, Unrolled
+from ddn_layers.checks import IllConditionedWarning
+from ddn_layers.modes import BackwardMode
+from ddn_layers.pooling.hessian import choose_solver, factor, hessian_solve
+from ddn_layers.pooling.options import PoolCall
 from ddn_layers.pooling.penalties import Penalty
 
 
@@ -67,26 +75,27 @@ def _from_w(d, k1, k2, k1a, w, need_x: bool, need_alpha: bool, with_k2: bool = T
     return gx, g_alpha
 
 
-def implicit_grads(x, y, alpha, v, penalty: Penalty, solver: str, need_x, need_alpha):
-    """Eq. 10 left to right; H solved by the cheapest exact route (see linalg.py)."""
+def implicit_grads(x, y, alpha, v, call: PoolCall, need_x, need_alpha):
+    """Eq. 10 left to right; H solved by the cheapest exact route (see hessian.py)."""
+    penalty = call.penalty
     d, k1, k2, k1a = _terms(x, y, penalty, alpha)
-    route = choose_solver(solver, x.shape[2], x.shape[1], penalty.kappa2_zero)
+    route = choose_solver(call.implicit_solver, x.shape[2], x.shape[1], penalty.kappa2_zero)
     w, ok = hessian_solve(d, k1, k2, v, route)
     gx, ga = _from_w(d, k1, k2, k1a, w, need_x, need_alpha, with_k2=not penalty.kappa2_zero)
     return Gradients(gx, ga, ~ok)
 
 
-def approx_grads(x, y, alpha, v, penalty: Penalty, need_x, need_alpha):
+def approx_grads(x, y, alpha, v, call: PoolCall, need_x, need_alpha):
     """H ~ (sum k1) I and B_j ~ k1_j I: the weights treated as constants."""
-    d, k1, k2, k1a = _terms(x, y, penalty, alpha)
+    d, k1, k2, k1a = _terms(x, y, call.penalty, alpha)
     w, ok = hessian_solve(d, k1, k2, v, "diagonal")
     gx, ga = _from_w(d, k1, k2, k1a, w, need_x, need_alpha, with_k2=False)
     return Gradients(gx, ga, ~ok)
 
 
-def full_grads(x, y, alpha, v, penalty: Penalty, need_x, need_alpha):
+def full_grads(x, y, alpha, v, call: PoolCall, need_x, need_alpha):
     """Eq. 9 as written: every B_j (C x C) stored, the Jacobian H^-1 B_j formed for all j."""
-    d, k1, k2, k1a = _terms(x, y, penalty, alpha)
+    d, k1, k2, k1a = _terms(x, y, call.penalty, alpha)
     B, C, n = d.shape
     eye = torch.eye(C, dtype=d.dtype, device=d.device)
     # Bj[b, :, j, :] = k1_j I + k2_j d_j d_j^T, laid out (B, C, n, C) so that the blocks sit
@@ -95,7 +104,7 @@ def full_grads(x, y, alpha, v, penalty: Penalty, need_x, need_alpha):
         k2[:, None, :, None] * d[:, :, :, None] * d.transpose(1, 2)[:, None, :, :]
     )
     H = Bj.sum(2)
-    L, ok = cholesky_factor(H, k1.sum(-1))
+    L, ok = factor(H, k1.sum(-1))
     gx = ga = None
     if need_x:
         J = torch.cholesky_solve(Bj.reshape(B, C, n * C), L)  # [H^-1 B_1, ..., H^-1 B_n]
@@ -106,3 +115,45 @@ def full_grads(x, y, alpha, v, penalty: Penalty, need_x, need_alpha):
         ga = -(v * torch.cholesky_solve(rhs, L)[:, :, 0]).sum(-1)
         ga = torch.where(ok, ga, torch.zeros_like(ga))
     return Gradients(gx, ga, ~ok)
+
+
+def _vjp(ctx: BackwardContext, v: Tensor, mode: BackwardMode, gradients) -> tuple:
+    """``gradients`` evaluated in the solve's dtype with autocast off; the singular samples
+    warned about; dJ/dalpha summed to alpha's shape."""
+    x, y, alpha = ctx.saved
+    need_x, need_alpha = ctx.needs_input_grad
+    with torch.autocast(x.device.type, enabled=False):
+        g = gradients(x, y, alpha, v.to(x.dtype), ctx.opts, need_x, need_alpha)
+    bad = int(g.singular.sum())
+    if bad:
+        warnings.warn(
+            f"robust_pool ({ctx.opts.penalty.name}, backward_mode={mode.value}): the Hessian "
+            f"is singular or indefinite at the solution of {bad} of {x.shape[0]} samples (a "
+            "flat objective, e.g. every point farther than alpha, or a saddle point); their "
+            "gradient is set to zero",
+            IllConditionedWarning,
+            stacklevel=2,
+        )
+    g_alpha = g.alpha.sum().reshape(alpha.shape) if g.alpha is not None else None
+    return g.x, g_alpha
+
+
+def implicit(ctx: BackwardContext, v: Tensor) -> tuple:
+    return _vjp(ctx, v, BackwardMode.IMPLICIT, implicit_grads)
+
+
+def full(ctx: BackwardContext, v: Tensor) -> tuple:
+    return _vjp(ctx, v, BackwardMode.FULL, full_grads)
+
+
+def approx(ctx: BackwardContext, v: Tensor) -> tuple:
+    return _vjp(ctx, v, BackwardMode.APPROX, approx_grads)
+
+
+BACKWARDS = {
+    BackwardMode.IMPLICIT: implicit,
+    BackwardMode.FULL: full,
+    BackwardMode.APPROX: approx,
+    BackwardMode.UNROLL: Unrolled(),
+}
+"""Each mode's backward; ``unroll`` is autograd through the solver (``solver.solve``)."""

@@ -1,71 +1,19 @@
-"""``robust_pool``: the functional form of the layer, and its autograd.Function."""
+"""``robust_pool``: the functional form of the layer, on the shared skeleton (base.py)."""
 
 from __future__ import annotations
-
-import dataclasses
-import warnings
 
 import torch
 from torch import Tensor
 
-from ddn_layers.base import SolverInfo
-from ddn_layers.checks import IllConditionedWarning, compute_dtype
-from ddn_layers.modes import BackwardMode, first_derivatives_only
-from ddn_layers.pooling import backward as bw
-from ddn_layers.pooling.options import check_alpha, check_input, solve_options
+from ddn_layers.base import LayerSpec, SolverInfo, run_layer
+from ddn_layers.checks import compute_dtype
+from ddn_layers.modes import BackwardMode
+from ddn_layers.pooling.backward import BACKWARDS
+from ddn_layers.pooling.options import PoolOptions, check_alpha, check_input
 from ddn_layers.pooling.penalties import Penalty, get_penalty
-from ddn_layers.pooling.solver import Solution, SolveOptions, solve
+from ddn_layers.pooling.solver import solve
 
-
-class _RobustPoolFunction(torch.autograd.Function):
-    """y = argmin_u sum_i phi(||u - x_i||; alpha); backward by implicit differentiation."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, alpha: Tensor, penalty: Penalty, mode, opts: SolveOptions):
-        sol = solve(x, alpha, penalty, opts)  # autograd is off inside Function.forward
-        ctx.save_for_backward(x, sol.y, alpha)
-        ctx.penalty, ctx.mode, ctx.solver = penalty, mode, opts.implicit_solver
-        record = (sol.iterations, sol.residual, sol.converged, sol.start, sol.objective)
-        ctx.mark_non_differentiable(*record, sol.newton_steps)
-        return sol.y, *record, sol.newton_steps
-
-    @staticmethod
-    def backward(ctx, v: Tensor, *_unused):
-        first_derivatives_only(
-            "robust_pool", ctx.mode, "backward_mode='unroll' differentiates twice"
-        )
-        x, y, alpha = ctx.saved_tensors
-        need_x, need_alpha = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        penalty = ctx.penalty
-        with torch.autocast(x.device.type, enabled=False):
-            v = v.to(x.dtype)
-            if ctx.mode is BackwardMode.FULL:
-                g = bw.full_grads(x, y, alpha, v, penalty, need_x, need_alpha)
-            elif ctx.mode is BackwardMode.APPROX:
-                g = bw.approx_grads(x, y, alpha, v, penalty, need_x, need_alpha)
-            else:
-                g = bw.implicit_grads(x, y, alpha, v, penalty, ctx.solver, need_x, need_alpha)
-        bad = int(g.singular.sum())
-        if bad:
-            warnings.warn(
-                f"robust_pool ({penalty.name}, backward_mode={ctx.mode.value}): the Hessian is "
-                f"singular or indefinite at the solution of {bad} of {x.shape[0]} samples (a "
-                "flat objective, e.g. every point farther than alpha, or a saddle point); "
-                "their gradient is set to zero",
-                IllConditionedWarning,
-                stacklevel=2,
-            )
-        g_alpha = g.alpha.sum().reshape(alpha.shape) if g.alpha is not None else None
-        return g.x, g_alpha, None, None, None
-
-
-def _info(sol: Solution) -> SolverInfo:
-    return SolverInfo(
-        iterations=sol.iterations,
-        residual=sol.residual,
-        converged=sol.converged,
-        extra={"start": sol.start, "objective": sol.objective, "newton_steps": sol.newton_steps},
-    )
+SPEC = LayerSpec("robust_pool", solve, BACKWARDS, extra_keys=("start", "objective", "newton_steps"))
 
 
 def robust_pool(
@@ -126,22 +74,28 @@ def robust_pool(
     x3 = check_input(x)
     pen = get_penalty(penalty)
     mode = BackwardMode.parse(backward_mode)
-    dtype = compute_dtype(x3.dtype)
-    opts = solve_options(
-        dtype=dtype, device=x3.device, tol=tol, max_iter=max_iter, newton=newton,
-        restarts=restarts, implicit_solver=implicit_solver,
-        check_every=check_every,
+    options = PoolOptions(
+        tol=tol, max_iter=max_iter, newton=newton, restarts=restarts,
+        implicit_solver=implicit_solver, check_every=check_every,
     )  # fmt: skip
-    if not return_info:
-        opts = dataclasses.replace(opts, objective=False)
-    a = check_alpha(alpha, dtype, x3.device)
-    xc = x3.to(dtype).contiguous()
+    return pool_with_options(x3, pen, alpha, mode, options, return_info=return_info)
 
-    with torch.autocast(x3.device.type, enabled=False):
-        if mode is BackwardMode.UNROLL:
-            sol = solve(xc, a, pen, opts)
-        else:
-            y, *record = _RobustPoolFunction.apply(xc, a, pen, mode, opts)
-            sol = Solution(y, *record)
-    y = sol.y.to(x3.dtype)
-    return (y, _info(sol)) if return_info else y
+
+def pool_with_options(
+    x: Tensor,
+    penalty: Penalty,
+    alpha: float | Tensor,
+    mode: BackwardMode,
+    options: PoolOptions,
+    *,
+    return_info: bool,
+) -> Tensor | tuple[Tensor, SolverInfo]:
+    """``robust_pool`` once x (B, C, n), the penalty, the mode and the options are checked;
+    alpha is checked here. Half precision is solved in float32, with autocast off."""
+    dtype = compute_dtype(x.dtype)
+    call = options.for_call(penalty, dtype, x.device, objective=return_info)
+    a = check_alpha(alpha, dtype, x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        y, info = run_layer(SPEC, mode, call, x.to(dtype).contiguous(), a)
+    y = y.to(x.dtype)
+    return (y, info) if return_info else y

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any
 
@@ -12,8 +11,8 @@ from torch import Tensor, nn
 from ddn_layers.base import DeclarativeLayer
 from ddn_layers.checks import check_positive
 from ddn_layers.modes import BackwardMode
-from ddn_layers.pooling.function import robust_pool
-from ddn_layers.pooling.options import solve_options
+from ddn_layers.pooling.function import pool_with_options
+from ddn_layers.pooling.options import PoolOptions, check_input
 from ddn_layers.pooling.penalties import Penalty, get_penalty
 
 
@@ -22,7 +21,8 @@ class RobustPool2d(DeclarativeLayer):
 
     Replaces ``nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())``; with
     ``penalty="quadratic"`` it computes exactly that. See :func:`robust_pool` for the
-    penalties, backward modes and ``**options`` (tol, max_iter, implicit_solver, restarts, ...).
+    penalties, backward modes and ``**options`` (``PoolOptions.defaults()``: tol, max_iter,
+    newton, restarts, implicit_solver, check_every).
 
     Args:
         penalty: a name in ``ddn.PENALTIES`` or a :class:`Penalty`.
@@ -61,13 +61,7 @@ class RobustPool2d(DeclarativeLayer):
         else:
             self.register_buffer("alpha_value", torch.tensor(a), persistent=False)
         # bad options fail here, at construction, rather than at the first batch
-        unknown = set(options) - set(_OPTION_DEFAULTS)
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {sorted(unknown)}; choices: {sorted(_OPTION_DEFAULTS)}"
-            )
-        solve_options(dtype=torch.float32, device=torch.device("cpu"), **_OPTION_DEFAULTS | options)
-        self.options = dict(options)
+        self.options = PoolOptions.from_kwargs(**options)
 
     @property
     def alpha(self) -> Tensor:
@@ -81,13 +75,13 @@ class RobustPool2d(DeclarativeLayer):
         """x (B, C, H, W) -> y (B, C)."""
         if isinstance(x, Tensor) and x.dim() != 4:
             raise ValueError(f"x must have 4 dimensions (B, C, H, W), got shape {tuple(x.shape)}")
-        y, self.last_info = robust_pool(
-            x,
+        y, self.last_info = pool_with_options(
+            check_input(x),
             self.penalty,
             self.alpha,
-            backward_mode=self.backward_mode,
+            self.backward_mode,
+            self.options,
             return_info=True,
-            **self.options,
         )
         return y
 
@@ -95,11 +89,3 @@ class RobustPool2d(DeclarativeLayer):
         alpha = float(self.alpha.detach())
         learn = ", learn_alpha" if self.alpha.requires_grad else ""
         return f"penalty={self.penalty.name}, alpha={alpha:g}{learn}, {super().extra_repr()}"
-
-
-# robust_pool's signature is the one place where the solver options and defaults are listed
-_OPTION_DEFAULTS: dict[str, Any] = {
-    p.name: p.default
-    for p in inspect.signature(robust_pool).parameters.values()
-    if p.kind is p.KEYWORD_ONLY and p.name not in ("backward_mode", "return_info")
-}

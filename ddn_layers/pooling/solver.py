@@ -5,59 +5,57 @@ current point, y <- sum_i k1_i x_i / sum_i k1_i; for every penalty in penalties.
 increases the objective (rho(z^2) concave), so the iteration is monotone without a line search.
 
 Its rate is 1 - lambda_min(H) / sum k1: in high dimension, with offsets spread over many
-directions, that is tiny and two or three steps reach float32 accuracy; in low dimension, or
-with the points along few directions, it can be slow. A Newton step with the exact Hessian
-(solved as in the backward pass, Woodbury when n < C) costs about min(n, C) / 2 IRLS steps,
-so a problem tries one only when, at its measured contraction (ratio of successive steps),
-IRLS would need more than min(n, C) further steps to reach the tolerance: a safeguarded
-Newton finish, paid for only where it pays. The step is kept when the Hessian is positive
-definite and the objective does not rise; otherwise the IRLS step is taken.
+directions, that is tiny and a few steps reach float32 accuracy; in low dimension, or with the
+points along few directions, it can be slow. A Newton step with the exact Hessian (solved as in
+the backward pass, Woodbury when n < C) costs about min(n, C) / 2 IRLS steps, so a problem
+tries one only when, at its measured contraction (ratio of successive steps), IRLS would need
+more than min(n, C) further steps to reach the tolerance: a safeguarded Newton finish, paid
+for only where it pays. The step is kept when the Hessian is positive definite and the
+objective does not rise; otherwise the IRLS step is taken.
 
 An IRLS step reads the points twice, both times through a batched GEMM, and never forms the
-(C, n) offsets: the iterates are kept centred, yc = y - m about the mean m, and
-||y - x_i||^2 = ||yc||^2 + 2 yc.m + ||x_i - m||^2 - 2 yc.x_i with ||x_i - m||^2 computed
-exactly once (the same cancellation as centring the points, at the scale of their spread,
-without a copy of them). The weights are functions of the squared distances (no square root),
-and the objective of each start is read off the distances of its last step.
+(C, n) offsets (points.py). The weights are functions of the squared distances (no square
+root), and the objective of each start is read off the distances of its last step.
 
 Each (sample, start) pair is a separate problem. It stops on its own optimality residual:
 max_c |grad f(y)|_c / sum_i k1_i, the gradient measured in the metric of the majoriser (the
 largest coordinate of the next IRLS step), relative to alpha + max_c |y_c| (the penalty's
 length scale, and the scale that bounds the rounding of y). A per-coordinate measure, so that
-its rounding floor is a few ulps of y whatever C: the 2-norm of the step, used before, floors
-at about sqrt(C) ulps, above the float32 tol 1e-6 from C ~ 2048 with |y| ~ alpha, and such
-problems ran to max_iter. Or it stops one evaluation sooner, when the step it is about to take
-is predicted to leave a residual below tol / 4: this residual times the larger of the last two
-contraction ratios (ratios of the 2-norms of successive IRLS steps). It takes that step, and
-the prediction is its recorded residual. On random problems (C = 1 ... 2048, n = 1 ... 1024,
-every penalty, alpha 0.01 ... 30; 3912 such predictions in float32 and float64,
-scripts/check_pool_prediction.py, results in docs/benchmarks/pool/prediction.md) the residual
-then measured never exceeded 0.69 tol; from predictions at tol / 2 it reached 1.1 tol, from
-those at tol 3.9 tol.
+its rounding floor is a few ulps of y whatever C (the 2-norm's grows as sqrt(C)). Or it stops
+one evaluation sooner, when the step it is about to take is predicted to leave a residual
+below ``PREDICTED_STOP * tol``: this residual times the larger of the last two contraction
+ratios. It takes that step, and the prediction is its recorded residual (how far such a
+prediction can be trusted: ``scripts/check_pool_prediction.py``).
+
 Converged problems are frozen at once. Every ``check_every`` iterations (a host sync) the
 solver stops if all have converged, and drops the samples whose starts all have once at most
 half the batch is left (dropping copies the points of the rest, which pays only then).
 
-Non-convex penalties start from the mean, the coordinate-wise median (median.py: on a CPU a
-selection network for many short rows, counting for long ones, each where it beats
-torch.median: 4 times at the ResNet case, 2.6 at C = 128, s = 64) and optionally the
-``restarts`` input points nearest that median, and keep the start of lowest objective.
+Non-convex penalties start from the mean, the coordinate-wise median (median.py) and
+optionally the ``restarts`` input points nearest that median, and keep the start of lowest
+objective.
+
+The steps of an iteration (:func:`irls_step`, :func:`step_and_residual`,
+:func:`predicted_residual`, :func:`newton_pays`, :func:`newton_step`) are public, so that a
+study of the stopping rule can run the same iteration without the stop.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ddn_layers.base import Solved, SolverInfo
 from ddn_layers.checks import ConvergenceWarning, check_finite_by
-from ddn_layers.pooling.linalg import choose_solver, hessian_solve
+from ddn_layers.pooling.hessian import choose_solver, hessian_solve
 from ddn_layers.pooling.median import coordinate_median
+from ddn_layers.pooling.options import PoolCall
 from ddn_layers.pooling.penalties import Penalty
+from ddn_layers.pooling.points import CentredPoints, centred_sq_norms
 
 PREDICTED_STOP = 0.25
 """A step predicted to leave a residual below PREDICTED_STOP * tol is the last one (see above)."""
@@ -65,32 +63,10 @@ PREDICTED_STOP = 0.25
 START_NAMES = ("mean", "median")
 """Start indices 0 and 1; index 2 + k is the k-th input point nearest the median."""
 
-
-@dataclass(frozen=True)
-class SolveOptions:
-    tol: float
-    max_iter: int
-    newton: bool
-    restarts: int
-    implicit_solver: str
-    check_every: int
-    predict_below: float = PREDICTED_STOP
-    """0 turns the predicted stop off (scripts/check_pool_prediction.py measures it so)."""
-    objective: bool = True
-    """False: a single start's objective, or the closed form's, is not evaluated (NaN)."""
-
-
-@dataclass
-class Solution:
-    """The minimiser and a per-sample record of how it was found (tensors of shape (B,))."""
-
-    y: Tensor
-    iterations: Tensor
-    residual: Tensor
-    converged: Tensor
-    start: Tensor
-    objective: Tensor
-    newton_steps: Tensor
+HEADROOM = 16.0
+"""Squared distances, and their ratios to alpha^2, up to finfo.max / HEADROOM are accepted:
+every iterate lies in the hull of the points, so no distance in the solve exceeds twice the
+largest from the mean, and no square four times its square."""
 
 
 def distances(x: Tensor, y: Tensor) -> Tensor:
@@ -114,12 +90,6 @@ def initial_points(x: Tensor, mean: Tensor, penalty: Penalty, restarts: int) -> 
         idx = distances(x, median).topk(k, dim=-1, largest=False).indices
         starts.append(torch.gather(x, 2, idx[:, None, :].expand(-1, x.shape[1], -1)).mT)
     return torch.cat(starts, dim=1)
-
-
-HEADROOM = 16.0
-"""Squared distances, and their ratios to alpha^2, up to finfo.max / HEADROOM are accepted:
-every iterate lies in the hull of the points, so no distance in the solve exceeds twice the
-largest from the mean, and no square four times its square."""
 
 
 def check_range(max_sq: float, alpha: float, dtype: torch.dtype) -> None:
@@ -148,73 +118,75 @@ def check_range(max_sq: float, alpha: float, dtype: torch.dtype) -> None:
         )
 
 
-CENTRING_BLOCK = 1 << 17
-"""Elements (512 KiB in float32) of the offsets x_i - m formed at a time on a CPU: blocks of
-1 MiB and more already fault after memory was handed back (measured 256 KiB ... 1 MiB)."""
+# ---------------------------------------------------------------------------------------------
+# The steps of one iteration, on centred iterates yc (A, S, C) of the points ``pts``
 
 
-def _centred_sq_norms(x: Tensor, mean: Tensor) -> Tensor:
-    """||x_i - m||^2 (B, n) from the explicit offsets (the identity ||x_i||^2 - 2 m.x_i +
-    ||m||^2 would cancel).
+def irls_step(
+    pts: CentredPoints, yc: Tensor, sq: Tensor, penalty: Penalty, alpha: Tensor
+) -> Tensor:
+    """The IRLS (half-quadratic) update of yc, given its squared distances sq (A, S, n)."""
+    k1 = penalty.irls_weights_sq(sq, alpha)
+    s = k1.sum(-1, keepdim=True)
+    if not penalty.weights_vanish:
+        return pts.weighted_mean(k1, s)
+    y_irls = pts.weighted_mean(k1, s.clamp_min(torch.finfo(sq.dtype).tiny))
+    # s = 0 only when every weight is 0 (truncated quadratic, all points beyond alpha): the
+    # objective is flat there, and y is (locally) optimal as it stands
+    return torch.where(s > 0, y_irls, yc)
 
-    On a CPU without autograd the offsets are formed a block of channels at a time, squared in
-    place and summed into the result. A whole (B, C, n) temporary is a fresh allocation that
-    the CPU allocator maps anew whenever it is large (glibc: above 32 MB, always) or memory
-    was handed back since (after a training step, an L-BFGS baseline), and every 4 KiB page
-    of it faults when first written. At B = 128, C = 2048, 7 x 7 (ResNet-50 features) that is
-    12545 faults and 35.5 ms against 14.0 ms in blocks; at the benchmark's ResNet case after
-    64 MB were freed, 752 faults and 2.1 against 1.1 ms. Blocks stay in reused memory.
+
+def step_and_residual(
+    pts: CentredPoints, yc: Tensor, y_irls: Tensor, alpha: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The 2-norm of the IRLS step (its ratios give the contraction rate) and the residual:
+    the step's largest coordinate (whose rounding floor does not grow with C) over
+    alpha + max_c |y_c|. Both (A, S); call without autograd."""
+    delta = y_irls - yc
+    step = torch.linalg.vector_norm(delta, dim=-1)
+    scale = pts.uncentred(yc).abs_().amax(-1) + alpha
+    # abs + amax rather than vector_norm(ord=inf), which is slower on a CPU
+    return step, delta.abs_().amax(-1) / scale
+
+
+def predicted_residual(residual: Tensor, rate: Tensor, prev_rate: Tensor, one: bool) -> Tensor:
+    """The residual the step about to be taken will leave: ``residual`` times the larger of
+    the last two step ratios (one ratio alone can be a jump between basins), or times the last
+    one alone where ``one`` (a convex penalty's first ratio: no basins to jump between)."""
+    return residual * (rate if one else torch.maximum(rate, prev_rate))
+
+
+def newton_pays(rate: Tensor, residual: Tensor, tol: float, cost: float) -> Tensor:
+    """Whether a Newton step is cheaper than the IRLS steps still needed at the observed rate.
+
+    IRLS needs k steps with residual r^k <= tol: a Newton step pays when k > ``cost`` (in IRLS
+    steps), i.e. r > (tol / residual)^(1 / cost), which does not underflow as r^k would. A
+    step that does not shrink (r >= 1) is a jump between basins (non-convex penalties), not a
+    slow finish, and there the Hessian is rarely positive definite: no Newton then. Converged
+    problems (residual <= tol: a threshold >= 1) never qualify.
     """
-    B, C, n = x.shape
-    width = max(1, CENTRING_BLOCK // max(1, B * n))
-    if (torch.is_grad_enabled() and x.requires_grad) or x.device.type != "cpu" or width >= C:
-        d = x - mean[..., None]
-        return (d * d if d.requires_grad else d.square_()).sum(1)
-    out = None
-    for xb, mb in zip(x.split(width, 1), mean[..., None].split(width, 1), strict=True):
-        part = (xb - mb).square_().sum(1)
-        out = part if out is None else out.add_(part)
-    return out
+    return (rate > (tol / residual).pow_(1.0 / cost)) & (rate < 1)
 
 
-class _Points:
-    """The points of the active samples, with their mean and centred squared norms.
-
-    The iterates are kept centred (y - mean), so that the distance identity cancels at the
-    scale of the spread of the points, not of their offset from the origin.
-    """
-
-    def __init__(self, x: Tensor, mean: Tensor, sq: Tensor) -> None:
-        self.x, self.mean, self.sq = x, mean, sq
-        # (A, 1, C) and (A, 1, n) terms of every iteration, formed once
-        self.mean2, self.neg_mean = 2.0 * mean[:, None, :], -mean[:, None, :]
-        self.sq3 = sq[:, None, :]
-
-    @classmethod
-    def of(cls, x: Tensor, mean: Tensor) -> _Points:
-        return cls(x, mean, _centred_sq_norms(x, mean))
-
-    def __getitem__(self, keep: Tensor) -> _Points:
-        return _Points(self.x[keep], self.mean[keep], self.sq[keep])
-
-    def sq_distances(self, yc: Tensor) -> Tensor:
-        """||y_s - x_i||^2 for centred yc (A, S, C) -> (A, S, n), by one GEMM-sized read of x:
-        ||yc||^2 + 2 yc.m + ||x_i - m||^2 - 2 yc.x_i, floored at 0 (near a point the identity
-        rounds below zero by up to ~eps |yc| |m|, which is not small against alpha^2 when
-        alpha is small: pseudo-huber's weight would be 1/sqrt(1 + sq / alpha^2) of a negative)."""
-        base = self.sq3 + (yc * (yc + self.mean2)).sum(-1, True)
-        return torch.baddbmm(base, yc, self.x, alpha=-2.0).clamp_min(0.0)
-
-    def weighted_mean(self, k1: Tensor, s: Tensor) -> Tensor:
-        """sum_i k1_i x_i / s - m, centred, for k1 (A, S, n) and s = sum_i k1_i > 0."""
-        return torch.baddbmm(self.neg_mean, k1 / s, self.x.mT)
+def newton_cost(n: int, c: int) -> float:
+    """A Newton step's cost in IRLS steps: about two of min(n, C) / 2 each."""
+    return float(min(n, c))
 
 
-def _newton(pts: _Points, yc: Tensor, want: Tensor, penalty, alpha, solver: str):
+def first_newton_iteration(penalty: Penalty) -> int:
+    """The Newton test reads the IRLS rate from the last step ratio; for a non-convex penalty
+    the first ratio is often the jump from a start into a basin, not the rate of a slow finish,
+    so it waits for a second ratio, as the predicted stop does."""
+    return 1 if penalty.is_convex else 2
+
+
+def newton_step(
+    pts: CentredPoints, yc: Tensor, want: Tensor, penalty: Penalty, alpha: Tensor, solver: str
+) -> tuple[Tensor, Tensor]:
     """Safeguarded Newton steps for the (sample, start) pairs in ``want`` (A, S) bool.
 
     Returns the new centred points for those pairs (in ``want.nonzero()`` order) and which
-    were taken.
+    were taken: those where the Hessian is positive definite and the objective does not rise.
     """
     a, s = want.nonzero(as_tuple=True)
     xs, ys = pts.x[a] - pts.mean[a, :, None], yc[a, s]
@@ -238,181 +210,274 @@ def _newton(pts: _Points, yc: Tensor, want: Tensor, penalty, alpha, solver: str)
     return y_new, take
 
 
-def solve(
-    x: Tensor,
-    alpha: Tensor,
-    penalty: Penalty,
-    opts: SolveOptions,
-    trace: Callable[[int, Tensor, Tensor | None, Tensor], None] | None = None,
-) -> Solution:
-    """Minimise for every sample of x (B, C, n); differentiable iff autograd is enabled.
+# ---------------------------------------------------------------------------------------------
+# The solve
 
-    Runs under whatever grad mode the caller chose: ``no_grad`` for the implicit modes,
-    enabled for ``unroll`` (then autograd follows every step of the winning start).
-    ``trace(it, residual, estimate, measured)``, if given, sees every iteration's (A, S)
-    residuals, predicted next residuals (None at it = 0) and measured-converged flags.
-    """
-    B, C, n = x.shape
-    dev = x.device
-    mean = x.mean(-1)
-    check_finite_by(mean, x, "x")
-    if penalty.closed_form:
-        zeros = torch.zeros(B, dtype=torch.long, device=dev)
-        with torch.no_grad():
-            # sum_i ||x_i - m||^2 / 2 from the centred offsets: x.var along the points is
-            # 13x slower on CPU (9.5 against 0.73 ms at B=32, C=512, 7x7), for the same value.
-            # Only return_info shows it, and it costs more than the mean itself
-            if opts.objective:
-                f = 0.5 * _centred_sq_norms(x, mean).sum(-1)
-            else:
-                f = torch.full((B,), math.nan, dtype=x.dtype, device=dev)
-        ones = torch.ones(B, dtype=torch.bool, device=dev)
-        return Solution(mean, zeros, torch.zeros_like(f), ones, zeros, f, zeros)
 
-    pts_all = _Points.of(x, mean)
-    # one host sync for both numbers
-    max_sq, a = torch.stack([pts_all.sq.detach().amax(), alpha.detach()]).tolist()
-    check_range(max_sq, a, x.dtype)
-    Y = initial_points(x, mean, penalty, opts.restarts) - mean[:, None, :]  # (B, S, C)
-    S = Y.shape[1]
-    use_newton = opts.newton and not penalty.kappa2_zero
-    # the Newton test reads the IRLS rate from the last step ratio; for a non-convex penalty
-    # the first ratio is often the jump from a start into a basin, not the rate of a slow
-    # finish (randn welsch at the ResNet case: Newton tried at it = 1 on 6 of 64 problems,
-    # every step rejected), so it waits for a second ratio, as the predicted stop does
-    newton_from = 1 if penalty.is_convex else 2
-    newton_cost = float(min(n, C))  # in IRLS steps: ~2 Newton steps of min(n, C)/2 each
-    solver = choose_solver(opts.implicit_solver, n, C, penalty.kappa2_zero)
+@dataclass(frozen=True)
+class _Plan:
+    """What stays fixed during one solve."""
 
-    # per-(sample, start) records, written back whenever the active set shrinks
-    iters = torch.zeros(B, S, dtype=torch.long, device=dev)
-    newton_steps = torch.zeros_like(iters)
-    res = torch.full((B, S), float("inf"), dtype=x.dtype, device=dev)
-    # with one start the objective only informs (return_info); at a predicted stop it costs
-    # a GEMM-sized read of the points
-    need_fval = S > 1 or opts.objective
-    fval = torch.full((B, S), math.nan, dtype=x.dtype, device=dev)
+    call: PoolCall
+    alpha: Tensor
+    starts: int
+    use_newton: bool
+    newton_from: int
+    newton_cost: float
+    solver: str
+    need_objective: bool
 
-    idx = torch.arange(B, device=dev)
-    pts, ya = pts_all, Y
-    iters_a, newton_a = iters.clone(), newton_steps.clone()
-    done_a = torch.zeros(B, S, dtype=torch.bool, device=dev)
-    # NaN until measured: comparisons with it are False
-    prev_step = torch.full((B, S), math.nan, dtype=x.dtype, device=dev)
-    prev_rate = prev_step.clone()
-    tiny = torch.finfo(x.dtype).tiny
+    @classmethod
+    def of(cls, call: PoolCall, alpha: Tensor, n: int, c: int, starts: int) -> _Plan:
+        penalty = call.penalty
+        return cls(
+            call=call,
+            alpha=alpha,
+            starts=starts,
+            use_newton=call.newton and not penalty.kappa2_zero,
+            newton_from=first_newton_iteration(penalty),
+            newton_cost=newton_cost(n, c),
+            solver=choose_solver(call.implicit_solver, n, c, penalty.kappa2_zero),
+            # with one start the objective only informs (return_info); at a predicted stop it
+            # costs a GEMM-sized read of the points
+            need_objective=starts > 1 or call.objective,
+        )
 
-    def write_back():
-        # sq was taken at ya before this iteration's update, which is where every problem
-        # that stopped on a measured residual still is: its objective comes free. Those that
-        # stopped on a predicted one in this iteration have moved since
-        if need_fval:
+
+@dataclass
+class _Active:
+    """The problems still iterated: every (sample, start) pair of the samples ``idx``."""
+
+    idx: Tensor
+    pts: CentredPoints
+    y: Tensor
+    iterations: Tensor
+    newton_steps: Tensor
+    done: Tensor
+    # the last step's 2-norm and ratio, NaN until measured (comparisons with it are False)
+    prev_step: Tensor
+    prev_rate: Tensor
+    # set by each evaluation: the residual, the squared distances at y before the step, and
+    # the problems that stopped on a prediction and so have moved since those distances
+    residual: Tensor | None = None
+    sq: Tensor | None = None
+    stale: Tensor | None = None
+
+    @classmethod
+    def start(cls, pts: CentredPoints, starts: Tensor) -> _Active:
+        B, S, _ = starts.shape
+        nan = torch.full((B, S), math.nan, dtype=starts.dtype, device=starts.device)
+        zeros = torch.zeros(B, S, dtype=torch.long, device=starts.device)
+        return cls(
+            idx=torch.arange(B, device=starts.device),
+            pts=pts,
+            y=starts,
+            iterations=zeros,
+            newton_steps=zeros.clone(),
+            done=torch.zeros(B, S, dtype=torch.bool, device=starts.device),
+            prev_step=nan,
+            prev_rate=nan.clone(),
+        )
+
+    def keep(self, keep: Tensor) -> _Active:
+        """The samples where ``keep`` (A,) holds."""
+        return _Active(
+            idx=self.idx[keep],
+            pts=self.pts[keep],
+            y=self.y[keep],
+            iterations=self.iterations[keep],
+            newton_steps=self.newton_steps[keep],
+            done=self.done[keep],
+            prev_step=self.prev_step[keep],
+            prev_rate=self.prev_rate[keep],
+        )
+
+
+@dataclass
+class _Records:
+    """Per (sample, start) of the whole batch, written back whenever the active set shrinks."""
+
+    y: Tensor
+    iterations: Tensor
+    newton_steps: Tensor
+    residual: Tensor
+    objective: Tensor
+
+    @classmethod
+    def empty(cls, starts: Tensor) -> _Records:
+        B, S, _ = starts.shape
+        full = lambda v: torch.full((B, S), v, dtype=starts.dtype, device=starts.device)  # noqa: E731
+        iterations = torch.zeros(B, S, dtype=torch.long, device=starts.device)
+        return cls(starts, iterations, torch.zeros_like(iterations), full(math.inf), full(math.nan))
+
+    def write_back(self, plan: _Plan, run: _Active) -> None:
+        if plan.need_objective:
+            # the distances were taken at y before this iteration's step, which is where every
+            # problem that stopped on a measured residual still is: its objective comes free
             with torch.no_grad():
-                d2 = sq
-                if stale is not None:
-                    d2 = torch.where(stale[..., None], pts.sq_distances(ya), sq)
-                fval[idx] = penalty.phi(d2.sqrt(), alpha).sum(-1)
-        iters[idx], newton_steps[idx], res[idx] = iters_a, newton_a, res_a
-        return Y.index_copy(0, idx, ya)
+                sq = run.sq
+                if run.stale is not None:
+                    sq = torch.where(run.stale[..., None], run.pts.sq_distances(run.y), run.sq)
+                self.objective[run.idx] = plan.call.penalty.phi(sq.sqrt(), plan.alpha).sum(-1)
+        self.iterations[run.idx] = run.iterations
+        self.newton_steps[run.idx] = run.newton_steps
+        self.residual[run.idx] = run.residual
+        self.y = self.y.index_copy(0, run.idx, run.y)
 
-    for it in range(opts.max_iter + 1):
-        # a convex penalty's one start is the mean, yc = 0: its distances are the centred ones
-        sq = pts.sq3 if it == 0 and S == 1 else pts.sq_distances(ya)
-        stale = None
-        k1 = penalty.irls_weights_sq(sq, alpha)
-        s = k1.sum(-1, keepdim=True)
-        y_irls = pts.weighted_mean(k1, s.clamp_min(tiny) if penalty.weights_vanish else s)
-        if penalty.weights_vanish:
-            # s = 0 only when every weight is 0 (truncated quadratic, all points beyond
-            # alpha): the objective is flat there, and y is (locally) optimal as it stands
-            y_irls = torch.where(s > 0, y_irls, ya)
-        with torch.no_grad():
-            delta = y_irls - ya
-            # the 2-norm of the step gives the contraction rate; the residual is its largest
-            # coordinate (abs + amax: vector_norm with ord=inf is 4x slower on CPU in torch
-            # 2.14), whose rounding floor does not grow with C as the 2-norm's does
-            step = torch.linalg.vector_norm(delta, dim=-1)
-            scale = (ya - pts.neg_mean).abs_().amax(-1) + alpha
-            res_a = delta.abs_().amax(-1) / scale
-            measured = done_a | (res_a <= opts.tol)
-            # The residual of the step about to be taken, predicted from the contraction of
-            # the last two (the larger: one ratio alone can be a jump between basins): a
-            # problem predicted below opts.predict_below * tol takes the step and stops, sparing
-            # the evaluation that would only confirm it. Its residual is that prediction
-            # (no step ratio at the first iteration: neither this nor the Newton test applies)
-            predicted = None
-            if it > 0:
-                rate = step / prev_step
-                # At the second iteration a convex penalty has one ratio, and no basins to
-                # jump between: it predicts from that one
-                one = it == 1 and penalty.is_convex
-                estimate = res_a * (rate if one else torch.maximum(rate, prev_rate))
-                predicted = ~measured & (estimate <= opts.predict_below * opts.tol)
-                prev_rate = rate
-            prev_step = step
-            if trace is not None:
-                trace(it, res_a, estimate if it > 0 else None, measured)
-            if use_newton and it >= newton_from:
-                # IRLS steps still needed at the observed rate r: res r^k <= tol. Worth a
-                # Newton step when k > newton_cost, i.e. r > (tol / res)^(1 / newton_cost)
-                # (r^k itself would underflow, through denormals, slowly). A step that does
-                # not shrink (r >= 1) is a jump between basins (non-convex penalties), not a
-                # slow finish, and there the Hessian is rarely positive definite: no Newton
-                # then. Converged problems (res <= tol: a threshold >= 1) never qualify
-                slow = (rate > (opts.tol / res_a).pow_(1.0 / newton_cost)) & (rate < 1)
-        if it == opts.max_iter:
+
+@dataclass
+class _Evaluation:
+    """One iteration's look at the active problems, before its step."""
+
+    y_irls: Tensor
+    measured: Tensor
+    predicted: Tensor | None
+    estimate: Tensor | None
+    slow: Tensor | None
+
+
+def _evaluate(plan: _Plan, run: _Active, it: int) -> _Evaluation:
+    """The IRLS update, the residual, the predicted stop and the Newton test at iteration it."""
+    call = plan.call
+    # a convex penalty's one start is the mean, yc = 0: its distances are the centred ones
+    sq = run.pts.sq3 if it == 0 and plan.starts == 1 else run.pts.sq_distances(run.y)
+    run.sq, run.stale = sq, None
+    y_irls = irls_step(run.pts, run.y, sq, call.penalty, plan.alpha)
+    predicted = estimate = slow = None
+    with torch.no_grad():
+        step, run.residual = step_and_residual(run.pts, run.y, y_irls, plan.alpha)
+        measured = run.done | (run.residual <= call.tol)
+        # no step ratio at the first iteration: neither the prediction nor the Newton test
+        if it > 0:
+            rate = step / run.prev_step
+            one = it == 1 and call.penalty.is_convex
+            estimate = predicted_residual(run.residual, rate, run.prev_rate, one)
+            predicted = ~measured & (estimate <= PREDICTED_STOP * call.tol)
+            run.prev_rate = rate
+            if plan.use_newton and it >= plan.newton_from:
+                slow = newton_pays(rate, run.residual, call.tol, plan.newton_cost)
+        run.prev_step = step
+    return _Evaluation(y_irls, measured, predicted, estimate, slow)
+
+
+def _newton_where_slow(plan: _Plan, run: _Active, ev: _Evaluation) -> Tensor:
+    """The next iterates: a Newton step where one is wanted and taken, else the IRLS step."""
+    y_new, take = newton_step(run.pts, run.y, ev.slow, plan.call.penalty, plan.alpha, plan.solver)
+    pick = ev.slow.nonzero(as_tuple=True)
+    y_next = ev.y_irls.index_put(pick, torch.where(take[:, None], y_new, ev.y_irls[pick]))
+    run.newton_steps = run.newton_steps.index_put(pick, run.newton_steps[pick] + take.long())
+    # the next step ratio would measure Newton's progress, not the IRLS rate that the
+    # predicted stop extrapolates: forget the last step where Newton was taken
+    taken = torch.zeros_like(ev.measured).index_put(pick, take)
+    run.prev_step = torch.where(taken, math.nan, run.prev_step)
+    return y_next
+
+
+def _advance(plan: _Plan, run: _Active, ev: _Evaluation) -> None:
+    """Take the step; freeze the problems that converged, measured or predicted."""
+    y_next = ev.y_irls
+    if ev.slow is not None and bool(ev.slow.any()):
+        y_next = _newton_where_slow(plan, run, ev)
+    run.y = torch.where(ev.measured[..., None], run.y, y_next)
+    run.iterations += ~ev.measured
+    if ev.predicted is None:
+        run.done = ev.measured
+    else:
+        run.residual = torch.where(ev.predicted, ev.estimate, run.residual)
+        run.done, run.stale = ev.measured | ev.predicted, ev.predicted
+
+
+def _iterate(plan: _Plan, pts: CentredPoints, starts: Tensor) -> _Records:
+    """Run every (sample, start) problem to convergence or max_iter."""
+    records = _Records.empty(starts)
+    run = _Active.start(pts, starts)
+    for it in range(plan.call.max_iter + 1):
+        ev = _evaluate(plan, run, it)
+        if it == plan.call.max_iter:
             break
-        y_next = y_irls
-        if use_newton and it >= newton_from and bool(slow.any()):
-            y_new, take = _newton(pts, ya, slow, penalty, alpha, solver)
-            pick = slow.nonzero(as_tuple=True)
-            y_next = y_next.index_put(pick, torch.where(take[:, None], y_new, y_irls[pick]))
-            newton_a = newton_a.index_put(pick, newton_a[pick] + take.long())
-            # the next step ratio would measure Newton's progress, not the IRLS rate that the
-            # predicted stop extrapolates: forget the last step where Newton was taken
-            newton_now = torch.zeros_like(measured).index_put(pick, take)
-            prev_step = torch.where(newton_now, math.nan, prev_step)
-        ya = torch.where(measured[..., None], ya, y_next)
-        iters_a += ~measured
-        if predicted is None:
-            done_a = measured
-        else:
-            res_a = torch.where(predicted, estimate, res_a)
-            done_a, stale = measured | predicted, predicted
-
-        if (it + 1) % opts.check_every == 0:
-            keep = ~done_a.all(-1)
+        _advance(plan, run, ev)
+        if (it + 1) % plan.call.check_every == 0:
+            keep = ~run.done.all(-1)
             n_keep = int(keep.sum())
-            # dropping samples copies the points of the rest: worth it once at most half
-            # remain (a frozen sample otherwise costs only its share of the GEMMs)
             if n_keep == 0:
                 break
+            # dropping samples copies the points of the rest: worth it once at most half
+            # remain (a frozen sample otherwise costs only its share of the GEMMs)
             if 2 * n_keep <= keep.numel():
-                Y = write_back()
-                idx, pts, ya = idx[keep], pts[keep], ya[keep]
-                iters_a, newton_a, done_a = iters_a[keep], newton_a[keep], done_a[keep]
-                prev_step, prev_rate = prev_step[keep], prev_rate[keep]
+                records.write_back(plan, run)
+                run = run.keep(keep)
     # the loop always leaves by a break: at max_iter, or with every problem converged
-    Y = write_back() + mean[:, None, :]
+    records.write_back(plan, run)
+    return records
 
-    best = fval.argmin(dim=1)  # ties go to the earlier start: the mean first
-    rows = torch.arange(B, device=dev)
-    converged = res[rows, best] <= opts.tol
+
+def _best_start(plan: _Plan, records: _Records, x: Tensor, mean: Tensor, alpha: Tensor) -> Solved:
+    """The start of lowest objective for each sample (ties go to the earlier: the mean)."""
+    y_all = records.y + mean[:, None, :]
+    best = records.objective.argmin(dim=1)
+    rows = torch.arange(x.shape[0], device=x.device)
+    residual = records.residual[rows, best]
+    converged = residual <= plan.call.tol
     if not bool(converged.all()):
-        bad = int((~converged).sum())
-        warnings.warn(
-            f"robust_pool ({penalty.name}): {bad} of {B} samples did not converge in "
-            f"max_iter={opts.max_iter} iterations (largest residual "
-            f"{float(res[rows, best].max()):.3g} > tol={opts.tol:g}); raise max_iter or tol",
-            ConvergenceWarning,
-            stacklevel=4,
-        )
-    return Solution(
-        y=Y[rows, best],
-        iterations=iters[rows, best],
-        residual=res[rows, best],
+        _warn_not_converged(plan.call, converged, residual)
+    y = y_all[rows, best]
+    info = SolverInfo(
+        iterations=records.iterations[rows, best],
+        residual=residual,
         converged=converged,
-        start=best,
-        objective=fval[rows, best],
-        newton_steps=newton_steps[rows, best],
+        extra={
+            "start": best,
+            "objective": records.objective[rows, best],
+            "newton_steps": records.newton_steps[rows, best],
+        },
     )
+    return Solved(y, (x, y, alpha), info)
+
+
+def _warn_not_converged(call: PoolCall, converged: Tensor, residual: Tensor) -> None:
+    bad = int((~converged).sum())
+    warnings.warn(
+        f"robust_pool ({call.penalty.name}): {bad} of {converged.numel()} samples did not "
+        f"converge in max_iter={call.max_iter} iterations (largest residual "
+        f"{float(residual.max()):.3g} > tol={call.tol:g}); raise max_iter or tol",
+        ConvergenceWarning,
+        stacklevel=5,
+    )
+
+
+def _mean_solution(call: PoolCall, x: Tensor, mean: Tensor, alpha: Tensor) -> Solved:
+    """The closed form (quadratic penalty): the mean, with no iteration."""
+    B = x.shape[0]
+    zeros = torch.zeros(B, dtype=torch.long, device=x.device)
+    with torch.no_grad():
+        # sum_i ||x_i - m||^2 / 2 from the centred offsets, which x.var along the points
+        # computes far more slowly; only return_info shows it, and it costs more than the mean
+        if call.objective:
+            f = 0.5 * centred_sq_norms(x, mean).sum(-1)
+        else:
+            f = torch.full((B,), math.nan, dtype=x.dtype, device=x.device)
+    ones = torch.ones(B, dtype=torch.bool, device=x.device)
+    extra = {"start": zeros, "objective": f, "newton_steps": zeros}
+    return Solved(mean, (x, mean, alpha), SolverInfo(zeros, torch.zeros_like(f), ones, extra))
+
+
+def solve(call: PoolCall, x: Tensor, alpha: Tensor) -> Solved:
+    """Minimise for every sample of x (B, C, n) at the 0-d alpha; differentiable iff autograd
+    is enabled (``unroll``: autograd then follows every step of the winning start).
+
+    ``Solved.saved`` is (x, y, alpha), what the backward modes need; the record's extras are
+    ``start`` (0 mean, 1 median, 2 + k the k-th restart), ``objective`` (NaN for a single
+    start unless ``call.objective``) and ``newton_steps``.
+    """
+    mean = x.mean(-1)
+    check_finite_by(mean, x, "x")
+    if call.penalty.closed_form:
+        return _mean_solution(call, x, mean, alpha)
+    pts = CentredPoints.of(x, mean)
+    # one host sync for both numbers
+    max_sq, a = torch.stack([pts.sq.detach().amax(), alpha.detach()]).tolist()
+    check_range(max_sq, a, x.dtype)
+    starts = initial_points(x, mean, call.penalty, call.restarts) - mean[:, None, :]
+    B, C, n = x.shape
+    plan = _Plan.of(call, alpha, n, C, starts.shape[1])
+    return _best_start(plan, _iterate(plan, pts, starts), x, mean, alpha)

@@ -9,12 +9,11 @@ import torch
 from torch.autograd import gradcheck
 
 import ddn_layers as ddn
-from tests.ddn_layers.pool_helpers import F64, NON_CONVEX, PENALTY_NAMES, clustered
+from tests.ddn_layers.pooling.helpers import NON_CONVEX, PENALTY_NAMES, TIGHT, clustered
+from tests.ddn_layers.testing import ALL_MODES, EXACT_MODES, F64
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TIGHT = {"tol": 1e-13, "max_iter": 200}  # finite differences need y to ~1e-13
-EXACT_MODES = ("implicit", "full", "unroll")
 # (B, C, n): points fewer than channels (the Woodbury path) and more (channel space)
 SHAPES = [(1, 5, 3), (3, 5, 3), (1, 3, 6), (3, 3, 6)]
 
@@ -24,7 +23,7 @@ def _pool(mode, penalty, **kw):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}C{}n{}".format(*s))
-@pytest.mark.parametrize("mode", EXACT_MODES)
+@pytest.mark.parametrize("mode", EXACT_MODES, ids=str)
 @pytest.mark.parametrize("penalty", PENALTY_NAMES)
 def test_gradcheck_x_and_alpha(penalty, mode, shape):
     x = clustered(*shape, alpha=1.0, seed=sum(shape)).requires_grad_()
@@ -147,7 +146,7 @@ def test_degenerate_inputs_have_finite_exact_gradients(penalty):
         (torch.randn(1, 3, 1, dtype=F64), v[:, :, None]),  # y = x_1
         (torch.ones(1, 3, 4, dtype=F64), v[:, :, None].expand(1, 3, 4) / 4),  # symmetric
     ]:
-        for mode in ("implicit", "full", "approx", "unroll"):
+        for mode in ALL_MODES:
             x = x.clone().requires_grad_()
             y = ddn.robust_pool(x, penalty, 1.0, backward_mode=mode)
             (g,) = torch.autograd.grad((y * v).sum(), x)
@@ -162,15 +161,17 @@ def test_a_point_exactly_at_the_solution(penalty):
     Huber: H = 1 + 2/5 - 2/5 = 1, dy/dx_0 = kappa1(0) = 1 and the linear-region points
     contribute kappa1 + kappa2 z^2 = 0; truncated quadratic ignores them outright."""
     x0 = torch.tensor([[[0.0, 5.0, -5.0]]], dtype=F64)
+    Mode = ddn.BackwardMode
     expected = {
-        "implicit": [1.0, 0.0, 0.0],
-        "full": [1.0, 0.0, 0.0],
+        Mode.IMPLICIT: [1.0, 0.0, 0.0],
+        Mode.FULL: [1.0, 0.0, 0.0],
         # weights held fixed: k1 / sum k1
-        "approx": [1 / 1.4, 0.2 / 1.4, 0.2 / 1.4] if penalty == "huber" else [1.0, 0.0, 0.0],
+        Mode.APPROX: [1 / 1.4, 0.2 / 1.4, 0.2 / 1.4] if penalty == "huber" else [1.0, 0.0, 0.0],
         # the mean start is already optimal, so no iteration runs and unrolling
         # differentiates the start: the known bias of unrolled gradients
-        "unroll": [1 / 3, 1 / 3, 1 / 3],
+        Mode.UNROLL: [1 / 3, 1 / 3, 1 / 3],
     }
+    assert set(expected) == set(Mode)
     for mode, g_expected in expected.items():
         x = x0.clone().requires_grad_()
         y = ddn.robust_pool(x, penalty, 1.0, backward_mode=mode)

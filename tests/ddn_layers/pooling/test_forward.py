@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import numpy as np
@@ -10,14 +9,15 @@ import pytest
 import torch
 
 import ddn_layers as ddn
-from tests.ddn_layers.pool_helpers import (
-    F64,
+from tests.ddn_layers.pooling.helpers import (
+    ITERATIVE,
     NON_CONVEX,
     PENALTY_NAMES,
     clustered,
     np_objective,
     reference_minimum,
 )
+from tests.ddn_layers.testing import F64
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -58,7 +58,7 @@ def test_quadratic_is_average_pooling():
     torch.testing.assert_close(pool(x), avg(x))
 
 
-@pytest.mark.parametrize("penalty", ["pseudo-huber", "huber", "welsch", "truncated-quadratic"])
+@pytest.mark.parametrize("penalty", ITERATIVE)
 def test_outliers_move_the_mean_but_not_robust_pooling(penalty):
     """20% of the points moved 30 alpha away along one direction."""
     g = torch.Generator().manual_seed(12)
@@ -180,29 +180,32 @@ def test_a_predicted_stop_is_a_true_one(penalty):
 
 
 @pytest.mark.parametrize("penalty", ["pseudo-huber", "huber"])
-def test_the_predicted_stop_saves_evaluations_and_changes_nothing_else(penalty):
-    """On the same problems, the solver with its predicted stop turned off evaluates more
-    iterations and reaches the same y (to tol): the stop is exercised, and harmless."""
-    from ddn_layers.pooling.module import _OPTION_DEFAULTS
-    from ddn_layers.pooling.options import solve_options
-    from ddn_layers.pooling.solver import solve
+def test_the_predicted_stop_saves_evaluations_and_changes_nothing_else(penalty, monkeypatch):
+    """On the same problems, the solver with its predicted stop turned off (a threshold of 0)
+    evaluates more iterations (residuals measured) and reaches the same y (to tol): the stop
+    is exercised, and harmless."""
+    from ddn_layers.pooling import solver
 
     x = torch.randn(8, 512, 49, generator=torch.Generator().manual_seed(4))
-    opts = solve_options(dtype=torch.float32, device=x.device, **_OPTION_DEFAULTS)
-    off = dataclasses.replace(opts, predict_below=0.0)
-    a = torch.tensor(1.0)
-    evals = {}
-    sols = {}
-    for name, o in (("on", opts), ("off", off)):
-        count = [0]
-        sols[name] = solve(
-            x, a, ddn.PENALTIES[penalty], o, trace=lambda *_, c=count: c.__setitem__(0, c[0] + 1)
-        )
-        evals[name] = count[0]
+    evaluations = [0]
+    measure = solver.step_and_residual
+
+    def counted(*args):
+        evaluations[0] += 1
+        return measure(*args)
+
+    monkeypatch.setattr(solver, "step_and_residual", counted)
+    evals, results = {}, {}
+    for name, threshold in (("on", solver.PREDICTED_STOP), ("off", 0.0)):
+        monkeypatch.setattr(solver, "PREDICTED_STOP", threshold)
+        evaluations[0] = 0
+        results[name] = ddn.robust_pool(x, penalty, 1.0, return_info=True)
+        evals[name] = evaluations[0]
     assert evals["on"] < evals["off"], evals
-    assert sols["on"].converged.all() and sols["off"].converged.all()
+    (y_on, info_on), (y_off, info_off) = results["on"], results["off"]
+    assert info_on.converged.all() and info_off.converged.all()
     scale = 1.0 + x.abs().amax()
-    torch.testing.assert_close(sols["on"].y, sols["off"].y, rtol=0, atol=2e-6 * float(scale))
+    torch.testing.assert_close(y_on, y_off, rtol=0, atol=2e-6 * float(scale))
 
 
 @pytest.mark.parametrize("penalty", ["huber", "quadratic"])
@@ -223,14 +226,14 @@ def test_centring_in_blocks_is_the_whole_sum(monkeypatch):
     """On a CPU the centred squared norms are summed a block of channels at a time (no
     (B, C, n) temporary); with blocks of 3 channels they are the one-piece sum, and the
     pooled result is the same to float32 tol."""
-    from ddn_layers.pooling import solver
+    from ddn_layers.pooling import points
 
     x = torch.randn(3, 301, 7, dtype=F64, generator=torch.Generator().manual_seed(8)) + 5.0
     m = x.mean(-1)
     whole = ((x - m[..., None]) ** 2).sum(1)
     y = ddn.robust_pool(x.float(), "welsch", 2.0)
-    monkeypatch.setattr(solver, "CENTRING_BLOCK", 64)  # 64 // (3 * 7) = 3 channels a block
-    torch.testing.assert_close(solver._centred_sq_norms(x, m), whole, rtol=1e-13, atol=0)
+    monkeypatch.setattr(points, "CENTRING_BLOCK", 64)  # 64 // (3 * 7) = 3 channels a block
+    torch.testing.assert_close(points.centred_sq_norms(x, m), whole, rtol=1e-13, atol=0)
     y_blocks = ddn.robust_pool(x.float(), "welsch", 2.0)
     torch.testing.assert_close(y_blocks, y, rtol=0, atol=1e-5 * float(x.abs().max()))
 

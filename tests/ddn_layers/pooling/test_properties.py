@@ -11,11 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ddn_layers as ddn
-from tests.ddn_layers.pool_helpers import PENALTY_NAMES
+from tests.ddn_layers.pooling.helpers import PENALTY_NAMES
+from tests.ddn_layers.testing import ALL_MODES
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-MODES = ("implicit", "full", "approx", "unroll")
 
 
 @st.composite
@@ -44,7 +43,7 @@ def pooling_problems(draw):
 @given(
     problem=pooling_problems(),
     penalty=st.sampled_from(PENALTY_NAMES),
-    mode=st.sampled_from(MODES),
+    mode=st.sampled_from(ALL_MODES),
     learn_alpha=st.booleans(),
 )
 def test_finite_output_and_gradient_for_any_input(problem, penalty, mode, learn_alpha):
@@ -78,7 +77,7 @@ def test_finite_output_and_gradient_for_any_input(problem, penalty, mode, learn_
     scale_pos=st.floats(-1.1, 1.1),
     alpha_pos=st.floats(-1.1, 1.1),
     penalty=st.sampled_from(PENALTY_NAMES),
-    mode=st.sampled_from(MODES),
+    mode=st.sampled_from(ALL_MODES),
     seed=st.integers(0, 2**16),
 )
 def test_extreme_scales_give_finite_results_or_a_value_error(

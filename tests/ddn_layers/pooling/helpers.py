@@ -10,9 +10,15 @@ import numpy as np
 import scipy.optimize
 import torch
 
-F64 = torch.float64
-PENALTY_NAMES = ("quadratic", "pseudo-huber", "huber", "welsch", "truncated-quadratic")
-NON_CONVEX = ("welsch", "truncated-quadratic")
+import ddn_layers as ddn
+from tests.ddn_layers.testing import F64
+
+PENALTY_NAMES = tuple(ddn.PENALTIES)
+NON_CONVEX = tuple(name for name, p in ddn.PENALTIES.items() if not p.is_convex)
+ITERATIVE = tuple(name for name, p in ddn.PENALTIES.items() if not p.closed_form)
+"""Every penalty but the one whose minimiser is the mean in closed form."""
+TIGHT = {"tol": 1e-13, "max_iter": 200}
+"""Solver options for finite differences, which need y to ~1e-13."""
 
 
 def clustered(B, C, n, *, alpha=1.0, outliers=0.2, dtype=F64, seed=0, spread=0.4):

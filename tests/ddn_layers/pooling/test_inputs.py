@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import ddn_layers as ddn
-from tests.ddn_layers.pool_helpers import F64, clustered
+from tests.ddn_layers.pooling.helpers import ITERATIVE, clustered
+from tests.ddn_layers.testing import F64
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -44,7 +45,7 @@ def test_finite_x_whose_sum_overflows_is_accepted():
     ddn.robust_pool(x, "quadratic")  # float32: y overflows nowhere, the input is valid
 
 
-@pytest.mark.parametrize("penalty", ["pseudo-huber", "huber", "welsch", "truncated-quadratic"])
+@pytest.mark.parametrize("penalty", ITERATIVE)
 def test_squared_distances_beyond_the_dtype_are_named(penalty):
     """Points or alpha beyond what the solve's squared distances hold: a ValueError naming
     the argument and the way out (float64), where the weights would be 0/0 (NaN)."""
