@@ -62,7 +62,7 @@ def robust_pool(
             on CPU, 8 on GPU.
         return_info: also return a :class:`SolverInfo`; ``extra["start"]`` is the winning
             start (0 mean, 1 median, 2+k the k-th restart point), ``extra["objective"]`` the
-            objective at y.
+            objective at y, ``extra["newton_steps"]`` the Newton steps taken.
 
     Returns:
         y of shape (B, C) and dtype of x (half precision is solved in float32).

@@ -1,34 +1,28 @@
 """The coordinate-wise median along the last dimension, fast for many short rows on a CPU.
 
-``torch.median(dim=-1)`` selects row by row, with a fixed cost of about a microsecond per row
-on a CPU: at the ResNet case (32 x 512 rows of 7 x 7 = 49 points) that is 17 ms, three
-times the rest of a robust pooling forward. A selection network reaches the same value with
-a fixed sequence of elementwise minima and maxima, each taken over all rows at once: Knuth's
-merge exchange sort (TAOCP 5.2.2, Algorithm M, which takes any n) pruned to the operations
-that the median's output depends on, 578 of them for 49 points, 4.3 ms there.
+``torch.median(dim=-1)`` selects row by row, with a fixed cost per row on a CPU that dominates
+a robust pooling forward with many short rows (the ResNet case: 32 x 512 rows of 7 x 7 = 49
+points). A selection network reaches the same value with a fixed sequence of elementwise minima
+and maxima, each taken over all rows at once: Knuth's merge exchange sort (TAOCP 5.2.2,
+Algorithm M, which takes any n) pruned to the operations that the median's output depends on,
+578 of them for 49 points.
 
-Which one runs is a cost estimate, in microseconds, of this project's 2-core Xeon VM (torch
-2.14.1, one thread): the network costs ``ops * (1.5 * blocks + 0.00036 * rows)`` (dispatch per
-block of 16384 rows, then lanes), ``torch.median`` ``rows * (0.2 + 0.017 * n)``. Both were
-measured on shapes from (128, 16) to (16384, 196) and the estimate picked the faster one on
-each. The network is used only on a CPU (on a GPU one kernel per row beats hundreds of
-launches) and for n <= 256 (its program is built in Python once per n and cached). The
-network's registers hold a block of 16384 rows at a time, in one buffer reused from block to
-block: at 128 x 2048 rows of 49 (ResNet-50 features, batch 128) a buffer for all rows (54 MB)
-page-faulted on every call, 116 ms against 67-74 ms in blocks.
+Which one runs is decided by a model of the cost of each (the ``*_US`` constants below, in
+microseconds of one CPU thread, fitted to timings of both on shapes from (128, 16) to
+(16384, 196); the timings are in docs/benchmarks/pool/README.md, "Design notes"). The network
+is used only on a CPU (on a GPU one kernel per row beats hundreds of launches) and for n <= 256
+(its program is built in Python once per n and cached). Its registers hold a block of
+``NETWORK_BLOCK_ROWS`` rows at a time, in one buffer reused from block to block: registers for
+every row of a large batch would be a fresh allocation, page-faulting on every call.
 
-Long rows (n >= 2048, 8 rows and more) are selected by counting instead. ``torch.median``
-spends about 17 ns a point there, whatever the values (a clamped copy with only a few distinct
-values costs the same), while counting the points at or below a threshold, one float
-comparison and a sum over all rows, costs about 0.2 ns a point. Thresholds from a strided
-sample of 128 points per row bracket the median's rank; regula falsi on the counts narrows
-the bracket until one end counts exactly k or k + 1 points, k = (n - 1) // 2; then the
-median is the smallest point above the lower end, or the largest at or below the upper end.
-Every step keeps count(x <= lo) <= k < count(x <= hi), so the value is exact whatever the
-thresholds were. A row not settled after ``COUNTING_STEPS`` steps goes to torch.median: 2 to
-31 of 2560 rows of 4096, by distribution. Rows of 4096: at 128 rows (C = 128, s = 64) 2.6-3.0
-ms against torch.median's 7.6-7.7 ms; at 16 rows 0.75-0.84 against 0.92-0.98; at 1024 rows
-38-49 against 61-66 (more rows, more of them still open after 8 steps).
+Long rows (n >= 2048, 8 rows and more) are selected by counting instead: there torch.median's
+cost per point, whatever the values, is far above that of counting the points at or below a
+threshold (one float comparison and a sum over all rows). Thresholds from a strided sample of
+128 points per row bracket the median's rank; regula falsi on the counts narrows the bracket
+until one end counts exactly k or k + 1 points, k = (n - 1) // 2; then the median is the
+smallest point above the lower end, or the largest at or below the upper end. Every step keeps
+count(x <= lo) <= k < count(x <= hi), so the value is exact whatever the thresholds were. A row
+not settled after ``COUNTING_STEPS`` steps goes to torch.median.
 
 All three return the lower median, the ((n - 1) // 2)-th smallest value, as torch.median does.
 """
@@ -42,11 +36,20 @@ from torch import Tensor
 
 MAX_NETWORK_POINTS = 256
 NETWORK_BLOCK_ROWS = 16384
-"""Rows whose registers are held at once (3.3 MB for 49 points): the ResNet case in one."""
+"""Rows whose registers are held at once: a block stays in the caches between operations, and
+the ResNet case (32 x 512 rows) is one block."""
+NETWORK_OP_BLOCK_US = 1.5
+"""Cost model: dispatch of one elementwise minimum or maximum over a block of rows."""
+NETWORK_OP_ROW_US = 0.00036
+"""Cost model: one minimum or maximum of one row (a lane of that operation)."""
+TORCH_MEDIAN_ROW_US = 0.2
+"""Cost model: torch.median's fixed cost per row."""
+TORCH_MEDIAN_POINT_US = 0.017
+"""Cost model: torch.median's cost per point of a row."""
 COUNTING_MIN_POINTS = 2048
 COUNTING_MIN_ROWS = 8
-"""Below these, torch.median wins: at 1024 points the two tie, and counting's fixed cost is
-about 0.3 ms (one row of 4096: 0.25 against 0.02 ms)."""
+"""Below these torch.median is faster: counting's fixed cost (several passes over the rows, a
+few host syncs) outweighs what it saves per point."""
 COUNTING_SAMPLE = 128
 COUNTING_STEPS = 8
 
@@ -119,7 +122,8 @@ def _network_pays(n: int, rows: int) -> bool:
         return False
     ops = len(median_program(n)[0])
     blocks = -(-rows // NETWORK_BLOCK_ROWS)
-    return ops * (1.5 * blocks + 0.00036 * rows) < rows * (0.2 + 0.017 * n)
+    network = ops * (NETWORK_OP_BLOCK_US * blocks + NETWORK_OP_ROW_US * rows)
+    return network < rows * (TORCH_MEDIAN_ROW_US + TORCH_MEDIAN_POINT_US * n)
 
 
 def _network_median(x: Tensor) -> Tensor:
@@ -128,8 +132,8 @@ def _network_median(x: Tensor) -> Tensor:
     flat = x.reshape(-1, n)
     rows = flat.shape[0]
     # the registers hold one block of rows at a time, in one buffer reused block after block:
-    # registers x all rows would be a fresh, page-faulting allocation at large batches (54 MB
-    # at 128 x 2048 rows of 49), and a block's registers stay in cache between operations
+    # registers x all rows would be a fresh, page-faulting allocation at large batches, and a
+    # block's registers stay in cache between operations
     block = min(rows, NETWORK_BLOCK_ROWS)
     buf = x.new_empty(registers, block)
     result = x.new_empty(rows)
@@ -158,7 +162,7 @@ def _counting_median(x: Tensor, steps: int | None = None) -> Tensor:
     flat = x.reshape(-1, n)
     k = (n - 1) // 2
     big = torch.finfo(x.dtype).max
-    # torch.aminmax over the last dim is ~20 times slower than these two on a CPU
+    # amin and amax rather than torch.aminmax, which is much slower over the last dim on a CPU
     mn, mx = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
     if bool(mn.min() < -big / 4) or bool(mx.max() > big / 4):
         # the masked extremes below add +-big to excluded points, which must then stay
@@ -167,7 +171,7 @@ def _counting_median(x: Tensor, steps: int | None = None) -> Tensor:
     buf = torch.empty_like(flat)
 
     def count_le(t: Tensor) -> Tensor:
-        # a float mask: comparisons written to bool run 3-5 times slower on a CPU
+        # a float mask: comparisons written to bool are slower on a CPU
         return torch.le(flat, t, out=buf).sum(-1, keepdim=True)
 
     def min_above(t: Tensor) -> Tensor:

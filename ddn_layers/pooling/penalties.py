@@ -131,7 +131,7 @@ class PseudoHuber(Penalty):
     # d kappa1 / d alpha = z^2 t^3, each a product of factors <= 1 and t. The same values as
     # (1 + (z/alpha)^2)^(-1/2) and its -(...)^3 / alpha^2, which for a point far beyond
     # alpha divide a tiny cube by alpha^2: differentiated again (unroll through a Newton step,
-    # points 1e12 alpha away in float32) the 1 / alpha^2 overflowed, and inf * 0 gave NaN
+    # points 1e12 alpha away in float32) that 1 / alpha^2 overflows, and inf * 0 is NaN
 
     @staticmethod
     def _t(z, alpha):
@@ -206,7 +206,7 @@ class Welsch(Penalty):
     def _scaled_exp(sq, shift, a2):
         # exp(-(z^2 - shift) / 2 alpha^2) <= 1, floored at sqrt(tiny): the floor is 1e-19 of
         # the largest term in float32 (1e-154 in float64), far below rounding, and keeps the
-        # GEMMs that use these weights off denormal numbers (several times slower on CPUs)
+        # GEMMs that use these weights off denormal numbers, which CPUs handle slowly
         floor = 0.5 * math.log(torch.finfo(sq.dtype).tiny)
         return torch.exp(((shift - sq) / (2.0 * a2)).clamp_min(floor))
 
