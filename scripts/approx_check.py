@@ -183,16 +183,16 @@ def part_matching(m: int, n: int, matched: int, gamma: float, seed: int) -> list
 def train_trace(mode: str, steps: int, seed: int) -> list[str]:
     from omegaconf import OmegaConf
 
+    from tasks.app.runner import build_task_module
     from tasks.matching.config import MatchingRun
     from tasks.matching.data import MatchingData
-    from tasks.matching.module import build_module
 
     torch.manual_seed(seed)
     cfg = OmegaConf.structured(MatchingRun)
     cfg.ddn.backward_mode = mode
     data = MatchingData(cfg.data)
     data.setup()
-    net = build_module(cfg, data).net  # the task's own network, as train.py builds it
+    net = build_task_module(cfg, data).net  # the task's own network, as train.py builds it
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr)
     lines = [
         f"`{mode}`:",

@@ -1,9 +1,10 @@
-"""Shared fixtures: seeded, CPU-only, loggers offline."""
+"""Shared fixtures: seeded, CPU-only, loggers offline, a runs directory for training runs."""
 
 from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,10 +40,22 @@ def cpu() -> torch.device:
 
 
 @pytest.fixture
-def tmp_run_dir(tmp_path):
-    d = tmp_path / "run"
+def runs_dir(tmp_path) -> Path:
+    """An empty ``runs_dir`` for training runs."""
+    d = tmp_path / "runs"
     d.mkdir()
     return d
+
+
+@pytest.fixture
+def quiet(runs_dir) -> list[str]:
+    """Overrides of a test run: no progress bar, model summary or W&B; files under runs_dir."""
+    return [
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "logger.wandb=false",
+        f"runs_dir={runs_dir}",
+    ]
 
 
 # Property-based tests explore new examples locally but replay a fixed set in CI, so that a

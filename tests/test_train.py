@@ -20,21 +20,15 @@ from omegaconf import OmegaConf
 import train
 from tasks.app.cli import build_parser, load_config
 from tasks.app.runner import run
-from tests.tasks.conftest import QUIET
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ["implicit", "full", "approx", "unroll"]
+# A run of a second or two on a shared 2-core machine: a 4-channel CNN.
+SMALL = ["model.width=4", "data.batch_size=32"]
 
 
-@pytest.fixture
-def runs_dir(tmp_path) -> Path:
-    d = tmp_path / "runs"
-    d.mkdir()
-    return d
-
-
-def quick(runs_dir: Path, *overrides: str) -> dict:
-    return run(load_config((), [*QUIET, f"runs_dir={runs_dir}", *overrides]))
+def quick(quiet: list[str], *overrides: str) -> dict:
+    return run(load_config((), [*quiet, *SMALL, *overrides]))
 
 
 def train_py(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -48,8 +42,8 @@ def train_py(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_fast_dev_run_robust_pool_in_every_mode(runs_dir, mode):
-    results = quick(runs_dir, "trainer.fast_dev_run=true", f"ddn.backward_mode={mode}")
+def test_fast_dev_run_robust_pool_in_every_mode(quiet, runs_dir, mode):
+    results = quick(quiet, "trainer.fast_dev_run=true", f"ddn.backward_mode={mode}")
     assert 0.0 <= results["test/acc"] <= 1.0
     # the profiler measured the pool in this mode (first batch)
     assert results["ddn/net_pool/bwd_ms"] > 0
@@ -58,22 +52,20 @@ def test_fast_dev_run_robust_pool_in_every_mode(runs_dir, mode):
 
 
 @pytest.mark.parametrize("pool", ["avg", "max"])
-def test_fast_dev_run_plain_pools(runs_dir, pool):
-    results = quick(runs_dir, "trainer.fast_dev_run=true", f"model.pool={pool}")
+def test_fast_dev_run_plain_pools(quiet, pool):
+    results = quick(quiet, "trainer.fast_dev_run=true", f"model.pool={pool}")
     assert 0.0 <= results["test/acc"] <= 1.0
     assert not any(k.startswith("ddn/") for k in results), "no declarative layer to profile"
 
 
-def test_fast_dev_run_resnet(runs_dir):
-    results = quick(
-        runs_dir, "trainer.fast_dev_run=true", "model.arch=resnet18", "data.batch_size=4"
-    )
+def test_fast_dev_run_resnet(quiet):
+    results = quick(quiet, "trainer.fast_dev_run=true", "model.arch=resnet18", "data.batch_size=4")
     assert 0.0 <= results["test/acc"] <= 1.0
 
 
-def test_run_files_and_wandb_offline(runs_dir):
+def test_run_files_and_wandb_offline(quiet, runs_dir):
     results = quick(
-        runs_dir,
+        quiet,
         "name=logged",
         "logger.wandb=true",
         "ddn.backward_mode=unroll",
@@ -144,10 +136,10 @@ def test_main_returns_2_and_prints_config(capsys):
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_ddp_on_two_cpu_processes(runs_dir):
+def test_ddp_on_two_cpu_processes(quiet, runs_dir):
     proc = train_py(
-        "-c", "configs/ddp.yaml", "trainer.devices=2", *QUIET, "logger.wandb=true",
-        f"runs_dir={runs_dir}", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+        "-c", "configs/ddp.yaml", "trainer.devices=2", *quiet, *SMALL, "logger.wandb=true",
+        "trainer.max_epochs=1", "trainer.limit_train_batches=3",
         "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
         "ddn.profile_every_n_steps=1",
     )  # fmt: skip
@@ -164,9 +156,9 @@ def _epoch_of(checkpoint: Path) -> int:
 
 
 @pytest.mark.slow
-def test_resume_a_killed_run(runs_dir):
+def test_resume_a_killed_run(quiet, runs_dir):
     # Epochs of a few seconds, so that the kill lands inside one.
-    args = [*QUIET, f"runs_dir={runs_dir}", "name=killed", "trainer.max_epochs=50",
+    args = [*quiet, *SMALL, "name=killed", "trainer.max_epochs=50",
             "trainer.limit_train_batches=30", "trainer.limit_val_batches=2",
             "trainer.limit_test_batches=2", "ddn.profile_every_n_steps=0"]  # fmt: skip
     last = runs_dir / "killed" / "checkpoints" / "last.ckpt"

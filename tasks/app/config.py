@@ -9,10 +9,11 @@ sources are merged, and :func:`validate_run` checks the values whose type alone 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ddn_layers import BackwardMode
 
@@ -178,6 +179,23 @@ def check_range(
         lo = "" if low is None else f"{low} {'<' if low_open else '<='} "
         hi = "" if high is None else f" <= {high}"
         problems.append(f"{key}={value!r} must satisfy {lo}{key.split('.')[-1]}{hi}")
+
+
+def check_layer_options(
+    cfg: DictConfig, key: str, layer: Callable[..., Any], problems: list[str], **fixed: Any
+) -> None:
+    """Append a message naming ``key`` unless ``layer(**fixed, **options)`` builds, where
+    ``options`` is the mapping at ``key``: a typo in them fails now rather than mid-run."""
+    options = OmegaConf.to_container(_select(cfg, key))
+    try:
+        layer(**fixed, **options)
+    except (TypeError, ValueError) as err:
+        problems.append(f"{key}={options}: {err}")
+
+
+def backward_mode(cfg: DictConfig) -> BackwardMode:
+    """The run's ``ddn.backward_mode`` as the enum the layers take (checked by validate_run)."""
+    return BackwardMode(cfg.ddn.backward_mode)
 
 
 def _select(cfg: DictConfig, key: str) -> Any:

@@ -12,15 +12,14 @@ def declarative_layers(model: nn.Module) -> list[tuple[str, DeclarativeLayer]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, DeclarativeLayer)]
 
 
-def set_backward_mode(model: nn.Module, mode: BackwardMode | str) -> int:
+def set_backward_mode(model: nn.Module, mode: BackwardMode) -> int:
     """Set ``mode`` on every declarative layer of ``model``; returns how many there are.
 
-    Tasks also pass the mode to the layers they build, but walking the module tree afterwards
-    is what makes ``ddn.backward_mode`` the one switch: it reaches layers nested inside
-    third-party blocks, and layers restored from a checkpoint trained in another mode.
+    Tasks build their layers in the default mode and the runner calls this once: walking the
+    module tree is what makes ``ddn.backward_mode`` the one switch, since it also reaches
+    layers nested inside third-party blocks and layers restored from a checkpoint.
     """
-    parsed = BackwardMode.parse(mode, name="ddn.backward_mode")
     layers = declarative_layers(model)
     for _, layer in layers:
-        layer.backward_mode = parsed
+        layer.backward_mode = mode
     return len(layers)

@@ -22,7 +22,8 @@ from pytorch_lightning.callbacks import (
 
 from tasks.app import rundir
 from tasks.app.callbacks import DDNProfiler, StepTimer
-from tasks.app.layers import set_backward_mode
+from tasks.app.config import backward_mode
+from tasks.app.layers import declarative_layers, set_backward_mode
 from tasks.app.loggers import (
     build_loggers,
     finish_wandb,
@@ -86,6 +87,13 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[pl
     return callbacks
 
 
+def build_task_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> pl.LightningModule:
+    """The task's LightningModule with ``ddn.backward_mode`` set on every declarative layer."""
+    module = get_task(cfg.task).build_module(cfg, datamodule)
+    set_backward_mode(module, backward_mode(cfg))
+    return module
+
+
 def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
     """Fit (resuming from ``cfg.ckpt`` if set), test the best checkpoint, print a summary.
 
@@ -103,13 +111,10 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
     if not smoke:
         write_run_files(cfg, run_dir, meta)
     datamodule = spec.build_datamodule(cfg)
-    module = spec.build_module(cfg, datamodule)
-    n_layers = set_backward_mode(module, cfg.ddn.backward_mode)
+    module = build_task_module(cfg, datamodule)
     loggers = [] if smoke else build_loggers(cfg, run_dir)
     all_callbacks = build_callbacks(cfg, run_dir, bool(loggers)) + list(callbacks)
     checkpoint = next((c for c in all_callbacks if isinstance(c, ModelCheckpoint)), None)
-    profiler = next(c for c in all_callbacks if isinstance(c, DDNProfiler))
-    timer = next(c for c in all_callbacks if isinstance(c, StepTimer))
     trainer = pl.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         default_root_dir=str(run_dir),
@@ -120,31 +125,42 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
     try:
         for logger in loggers:
             logger.log_hyperparams(hyperparameters(cfg, meta))
-        start = time.perf_counter()
-        with _run_name_for_other_ranks(cfg.name):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt)
-        fit_seconds = time.perf_counter() - start
-        results: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        if checkpoint is not None and checkpoint.best_model_score is not None:
-            results[f"best/{checkpoint.monitor}"] = float(checkpoint.best_model_score)
-        if cfg.test:
-            best = "best" if checkpoint is not None and checkpoint.best_model_path else None
-            start = time.perf_counter()
-            for metrics in trainer.test(
-                module, datamodule=datamodule, ckpt_path=best, verbose=False
-            ):
-                results.update({k: float(v) for k, v in metrics.items()})
-            results["test_seconds"] = time.perf_counter() - start
-        results["fit_seconds"] = fit_seconds
-        results.update(profiler.summary())
-        results.update(timer.summary())
+        results = _fit_and_test(cfg, trainer, module, datamodule, checkpoint)
     finally:
         sync_command = finish_wandb() if loggers else None
 
     if trainer.is_global_zero:
         if not smoke:
             (run_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+        n_layers = len(declarative_layers(module))
         _print(cfg, spec.summary, results, trainer, checkpoint, run_dir, n_layers, sync_command)
+    return results
+
+
+def _fit_and_test(
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    checkpoint: ModelCheckpoint | None,
+) -> dict[str, Any]:
+    """Fit, then test the best checkpoint: the metrics, timings and the callbacks' summaries."""
+    start = time.perf_counter()
+    with _run_name_for_other_ranks(cfg.name):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt)
+    fit_seconds = time.perf_counter() - start
+    results: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if checkpoint is not None and checkpoint.best_model_score is not None:
+        results[f"best/{checkpoint.monitor}"] = float(checkpoint.best_model_score)
+    if cfg.test:
+        best = "best" if checkpoint is not None and checkpoint.best_model_path else None
+        start = time.perf_counter()
+        for metrics in trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False):
+            results.update({k: float(v) for k, v in metrics.items()})
+        results["test_seconds"] = time.perf_counter() - start
+    results["fit_seconds"] = fit_seconds
+    for kind in (DDNProfiler, StepTimer):
+        results.update(next(c for c in trainer.callbacks if isinstance(c, kind)).summary())
     return results
 
 

@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import ddn_layers as ddn
-from tasks.app.config import RunConfig, check_choice, check_range
+from tasks.app.config import RunConfig, check_choice, check_layer_options, check_range
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 ARCHS = ("small_cnn", "resnet18", "resnet34", "resnet50")
@@ -64,8 +64,8 @@ class ModelConfig:
     arch: str = "small_cnn"
     # small_cnn: channels of the first stage (the pooled features have 2 * width).
     width: int = 32
-    # The final global pooling: avg, max, or robust (ddn.RobustPool2d with the run's
-    # ddn.backward_mode, `penalty` and `alpha`; `pool_kwargs` passes further options).
+    # The final global pooling: avg, max, or robust (ddn.RobustPool2d with `penalty` and
+    # `alpha`, in the run's ddn.backward_mode; `pool_kwargs` passes further options).
     pool: str = "robust"
     penalty: str = "welsch"
     alpha: float = 1.0
@@ -130,17 +130,12 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
         return
     check_choice(cfg, "model.penalty", sorted(ddn.PENALTIES), problems)
     check_range(cfg, "model.alpha", problems, low=0.0, low_open=True)
-    # a bad ddn.backward_mode is reported once, by validate_run, not again as the layer's
-    if problems or cfg.ddn.backward_mode not in ddn.BackwardMode.choices():
-        return
-    # Let the layer judge its own extra options, so a typo fails here rather than mid-run.
-    kwargs = OmegaConf.to_container(model.pool_kwargs)
-    try:
-        ddn.RobustPool2d(
+    if not problems:
+        check_layer_options(
+            cfg,
+            "model.pool_kwargs",
+            ddn.RobustPool2d,
+            problems,
             penalty=model.penalty,
             alpha=model.alpha,
-            backward_mode=cfg.ddn.backward_mode,
-            **kwargs,
         )
-    except (TypeError, ValueError) as err:
-        problems.append(f"model.pool_kwargs={kwargs}: {err}")

@@ -34,17 +34,12 @@ class GlobalPool(nn.Module):
 
 
 def build_pool(
-    kind: str,
-    penalty: str = "welsch",
-    alpha: float = 1.0,
-    backward_mode: str = "implicit",
-    **pool_kwargs: Any,
+    kind: str, penalty: str = "welsch", alpha: float = 1.0, **pool_kwargs: Any
 ) -> nn.Module:
-    """The final pooling layer: (B, C, H, W) -> (B, C)."""
+    """The final pooling layer: (B, C, H, W) -> (B, C). A robust pool has the default backward
+    mode until the run's ``ddn.backward_mode`` is set on the whole model."""
     if kind == "robust":
-        return ddn.RobustPool2d(
-            penalty=penalty, alpha=alpha, backward_mode=backward_mode, **pool_kwargs
-        )
+        return ddn.RobustPool2d(penalty=penalty, alpha=alpha, **pool_kwargs)
     return GlobalPool(kind)
 
 
@@ -101,7 +96,6 @@ class Classifier(nn.Module):
         pool: str = "robust",
         penalty: str = "welsch",
         alpha: float = 1.0,
-        backward_mode: str = "implicit",
         pool_kwargs: dict[str, Any] | None = None,
         dropout: float = 0.0,
     ) -> None:
@@ -113,7 +107,7 @@ class Classifier(nn.Module):
             self.backbone, channels = _resnet_backbone(arch, in_channels)
         else:
             raise ValueError(f"arch must be small_cnn or a torchvision resnet, got {arch!r}")
-        self.pool = build_pool(pool, penalty, alpha, backward_mode, **(pool_kwargs or {}))
+        self.pool = build_pool(pool, penalty, alpha, **(pool_kwargs or {}))
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(channels, num_classes)
 

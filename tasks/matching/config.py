@@ -13,7 +13,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import ddn_layers as ddn
-from tasks.app.config import OptimConfig, RunConfig, TrainerConfig, check_choice, check_range
+from tasks.app.config import (
+    OptimConfig,
+    RunConfig,
+    TrainerConfig,
+    check_choice,
+    check_layer_options,
+    check_range,
+)
 
 SOURCES = ("synthetic", "images")
 WARPS = ("similarity", "affine", "homography", "nonrigid")
@@ -270,17 +277,13 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
     check_range(cfg, "model.gamma", problems, low=0.0, low_open=True)
     check_range(cfg, "model.ot_tol", problems, low=0.0, low_open=True)
     check_range(cfg, "model.ot_max_iter", problems, low=1)
-    if not gamma_ok or cfg.ddn.backward_mode not in ddn.BackwardMode.choices():
-        return
-    # Let the layer judge its own extra options, so a typo fails here rather than mid-run.
-    kwargs = OmegaConf.to_container(model.ot_kwargs)
-    try:
-        ddn.OptimalTransport(
+    if gamma_ok:
+        check_layer_options(
+            cfg,
+            "model.ot_kwargs",
+            ddn.OptimalTransport,
+            problems,
             gamma=model.gamma,
             tol=model.ot_tol,
             max_iter=model.ot_max_iter,
-            backward_mode=cfg.ddn.backward_mode,
-            **kwargs,
         )
-    except (TypeError, ValueError) as err:
-        problems.append(f"model.ot_kwargs={kwargs}: {err}")

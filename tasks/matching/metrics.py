@@ -57,7 +57,7 @@ class MatchF1(_MatchCounts):
         return self._ratio(2 * self.true_positives, self.predicted + self.actual)
 
 
-def match_metrics(prefix: str) -> MetricCollection:
+def match_metrics(prefix: str = "") -> MetricCollection:
     """``<prefix>precision``, ``<prefix>recall``, ``<prefix>f1``; the three share one set of
     counts (torchmetrics' compute groups), so each batch is counted once."""
     return MetricCollection(

@@ -159,8 +159,8 @@ class MatchingNet(nn.Module):
 
     ``assignment[b, :m, :n]`` holds match probabilities, column N the dustbin of set 0 and
     row M the dustbin of set 1 (rows and columns of real points sum to 1; padding is 0).
-    The OT layer is ``self.ot``, a ``ddn.OptimalTransport`` (its ``backward_mode`` is the
-    run's ``ddn.backward_mode``).
+    The OT layer is ``self.ot``, a ``ddn.OptimalTransport`` in its default backward mode until
+    the run's ``ddn.backward_mode`` is set on the whole model.
     """
 
     def __init__(
@@ -177,7 +177,6 @@ class MatchingNet(nn.Module):
         ot_max_iter: int = 500,
         ot_kwargs: dict[str, Any] | None = None,
         dustbin_init: float = 0.0,
-        backward_mode: ddn.BackwardMode | str = ddn.BackwardMode.IMPLICIT,
     ) -> None:
         super().__init__()
         if normalize not in ("none", "center", "whiten"):
@@ -197,7 +196,6 @@ class MatchingNet(nn.Module):
             gamma=gamma,
             tol=ot_tol,
             max_iter=ot_max_iter,
-            backward_mode=backward_mode,
             **(ot_kwargs or {}),
         )
 

@@ -8,9 +8,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torchmetrics import MeanMetric, MetricCollection
 
-from tasks.app.optim import configure as configure_optimization
+from tasks.app.module import DeclarativeTask, Evaluation
 from tasks.matching import baselines
 from tasks.matching.metrics import match_metrics
 from tasks.matching.model import MatchingNet, matching_nll, mutual_matches
@@ -18,12 +17,12 @@ from tasks.matching.model import MatchingNet, matching_nll, mutual_matches
 Batch = dict[str, torch.Tensor]
 
 
-class MatchingModule(pl.LightningModule):
-    """Logs ``train/loss`` (per step, this rank), and per epoch ``<split>/precision``,
-    ``<split>/recall``, ``<split>/f1`` for train, val and test, ``val/loss``, ``test/loss``.
-    The test split also scores the baselines with the same metric: ``test/nn_f1``,
-    ``test/hungarian_f1`` (and their precision and recall). Metrics and epoch losses are
-    torchmetrics states, reduced over DDP ranks once per epoch."""
+class MatchingModule(DeclarativeTask):
+    """Logs ``<split>/precision``, ``<split>/recall``, ``<split>/f1`` for train, val and test,
+    and the losses (see DeclarativeTask). The test split also scores the baselines with the
+    same metric: ``test/nn_f1``, ``test/hungarian_f1`` (and their precision and recall)."""
+
+    progress_bar = "f1"
 
     def __init__(
         self,
@@ -31,11 +30,8 @@ class MatchingModule(pl.LightningModule):
         optim: dict[str, Any],
         baselines: dict[str, Any],
         descriptor_dim: int,
-        backward_mode: str,
     ) -> None:
-        super().__init__()
-        # Plain dicts, so checkpoints load without this project's config classes.
-        self.save_hyperparameters(logger=False)
+        super().__init__(optim, match_metrics())
         self.net = MatchingNet(
             dim=model["dim"],
             layers=model["layers"],
@@ -49,17 +45,9 @@ class MatchingModule(pl.LightningModule):
             ot_max_iter=model["ot_max_iter"],
             ot_kwargs=model["ot_kwargs"],
             dustbin_init=model["dustbin_init"],
-            backward_mode=backward_mode,
         )
         self.unmatched_weight = model["unmatched_weight"]
         self.threshold = model["match_threshold"]
-        # One metric object per split (and baseline): their states must not mix.
-        self.train_metrics = match_metrics("train/")
-        self.val_metrics = match_metrics("val/")
-        self.test_metrics = match_metrics("test/")
-        self.val_loss = MeanMetric()
-        self.test_loss = MeanMetric()
-        self.baselines_enabled = baselines["enabled"]
         self.baseline_metrics = torch.nn.ModuleDict(
             {name: match_metrics(f"test/{name}_") for name in baselines_names(baselines)}
         )
@@ -68,9 +56,8 @@ class MatchingModule(pl.LightningModule):
         self._threads_before: int | None = None
 
     def setup(self, stage: str) -> None:
-        # Per process (every DDP rank runs it). The model's operations are small (tens of
-        # points): extra intra-op threads only add a barrier per operation, and on a busy
-        # machine each barrier can wait out a scheduler slice: steps 10-30x slower measured.
+        # Per process (every DDP rank runs it): the model's operations are too small for
+        # extra intra-op threads to pay for the barrier each one adds.
         threads = self.hparams.model["threads"]
         if threads is not None and self._threads_before is None:
             self._threads_before = torch.get_num_threads()
@@ -92,7 +79,7 @@ class MatchingModule(pl.LightningModule):
             batch.get("desc1"),
         )
 
-    def _step(self, batch: Batch, split: str) -> torch.Tensor:
+    def evaluate(self, batch: Batch, split: str) -> Evaluation:
         assignment = self(batch)
         loss = matching_nll(
             assignment,
@@ -102,47 +89,18 @@ class MatchingModule(pl.LightningModule):
             batch["mask1"],
             self.unmatched_weight,
         ).mean()
-        size = len(batch["mask0"])
         predicted = mutual_matches(
             assignment.detach(), batch["mask0"], batch["mask1"], self.threshold
         )
-        metrics = getattr(self, f"{split}_metrics")
-        metrics.update(predicted, batch["matches0"])
-        self._log_metrics(metrics, size)
-        if split == "train":
-            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        else:
-            mean_loss = getattr(self, f"{split}_loss")
-            mean_loss.update(loss.detach(), weight=size)
-            self.log(f"{split}/loss", mean_loss, on_step=False, on_epoch=True, batch_size=size)
-        return loss
-
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._step(batch, "val")
+        return Evaluation(loss, predicted, batch["matches0"], len(batch["mask0"]))
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._step(batch, "test")
+        super().test_step(batch, batch_idx)
         for name, metrics in self.baseline_metrics.items():
             matches0, distance = _baseline(name, batch)
             predicted = baselines.within(matches0, distance, self.max_distance[name])
             metrics.update(predicted, batch["matches0"])
-            self._log_metrics(metrics, len(batch["mask0"]))
-
-    def _log_metrics(self, metrics: MetricCollection, size: int) -> None:
-        # Logging the Metric objects (not their values) makes Lightning compute them once
-        # per epoch, after reducing their counts over the DDP ranks.
-        for name, metric in metrics.items(keep_base=False):
-            self.log(
-                name,
-                metric,
-                on_step=False,
-                on_epoch=True,
-                batch_size=size,
-                prog_bar=name.endswith("/f1"),
-            )
+            self.log_metrics(metrics, len(batch["mask0"]))
 
     def on_test_epoch_start(self) -> None:
         fixed = self.hparams.baselines["max_distance"]
@@ -160,14 +118,6 @@ class MatchingModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         for name in self.baseline_metrics:
             self.log(f"test/{name}_max_distance", self.max_distance[name], sync_dist=False)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        total = self.trainer.estimated_stepping_batches
-        epochs = self.trainer.max_epochs or 0
-        per_epoch = total / epochs if epochs > 0 else total
-        return configure_optimization(
-            self.parameters(), OmegaConf.create(self.hparams.optim), total, per_epoch
-        )
 
 
 def baselines_names(cfg: dict[str, Any]) -> tuple[str, ...]:
@@ -202,5 +152,4 @@ def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> Matchin
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         baselines=OmegaConf.to_container(cfg.baselines, resolve=True),
         descriptor_dim=datamodule.descriptor_dim,
-        backward_mode=cfg.ddn.backward_mode,
     )

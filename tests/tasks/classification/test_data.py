@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from tasks.classification.config import DataConfig
 from tasks.classification.data import ClassificationData, _stratified_split
-from tests.tasks.conftest import make_image_folder
 
 
 def data_cfg(**overrides):
     cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), overrides)
     return cfg
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: int = 12) -> Path:
+    """A folder tree root/<class>/<i>.png of random RGB images, brighter for higher classes."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 80, (size, size, 3)) + 80 * c
+            Image.fromarray(pixels.astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "images")
 
 
 def test_stratified_split_is_fixed_disjoint_and_complete():

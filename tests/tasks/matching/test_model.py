@@ -11,6 +11,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import ddn_layers as ddn
+from tasks.app.layers import declarative_layers, set_backward_mode
 from tasks.matching.config import DataConfig
 from tasks.matching.data import SyntheticPairs, collate_pairs
 from tasks.matching.model import MatchingNet, matching_nll, mutual_matches, standardize
@@ -22,7 +24,9 @@ def tiny_net(mode="implicit", **kwargs) -> MatchingNet:
     torch.manual_seed(0)
     options = dict(dim=8, layers=1, heads=2, knn=3, ot_tol=1e-9, ot_max_iter=2000)
     options.update(kwargs)
-    return MatchingNet(backward_mode=mode, **options).double()
+    net = MatchingNet(**options).double()
+    net.ot.backward_mode = mode
+    return net
 
 
 def samples(n: int = 3, seed: int = 0):
@@ -126,8 +130,10 @@ def test_mutual_matches_need_both_directions_and_the_threshold():
     assert mutual_matches(A, pad, mask, 0.1)[0, 2] == -1
 
 
-def test_backward_mode_reaches_the_ot_layer():
-    net = MatchingNet(dim=8, heads=2, backward_mode="unroll")
-    assert net.ot.backward_mode == "unroll"
+def test_the_ot_layer_is_the_one_declarative_layer():
+    net = MatchingNet(dim=8, heads=2)
+    assert declarative_layers(net) == [("ot", net.ot)]
+    assert set_backward_mode(net, ddn.BackwardMode.UNROLL) == 1
+    assert net.ot.backward_mode is ddn.BackwardMode.UNROLL
     with pytest.raises(ValueError, match="normalize"):
         MatchingNet(normalize="sphere")

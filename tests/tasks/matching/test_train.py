@@ -11,15 +11,11 @@ import pytest
 from tasks.app.cli import load_config
 from tasks.app.config import ConfigError
 from tasks.app.registry import get_task
-from tasks.app.runner import run
-from tasks.matching.module import build_module
+from tasks.app.runner import build_task_module, run
 
-# A run of a second or two: a tiny encoder on tiny sets, quiet, no W&B.
+# A run of a second or two: a tiny encoder on tiny sets.
 TINY = [
     "task=matching",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "logger.wandb=false",
     "model.dim=8",
     "model.heads=2",
     "model.layers=1",
@@ -39,9 +35,9 @@ def fails(*overrides: str) -> str:
 
 
 @pytest.mark.parametrize("mode", ["implicit", "full", "approx", "unroll"])
-def test_fast_dev_run_in_every_mode(tmp_path, mode):
-    overrides = [f"runs_dir={tmp_path}", "trainer.fast_dev_run=true", f"ddn.backward_mode={mode}"]
-    cfg = load_config((), [*TINY, *overrides])
+def test_fast_dev_run_in_every_mode(quiet, mode):
+    overrides = ["trainer.fast_dev_run=true", f"ddn.backward_mode={mode}"]
+    cfg = load_config((), [*quiet, *TINY, *overrides])
     results = run(cfg)
     for key in ("test/f1", "test/precision", "test/recall", "test/nn_f1", "test/hungarian_f1"):
         assert 0.0 <= results[key] <= 1.0, key
@@ -73,7 +69,7 @@ def test_model_keys_reach_the_network(radial_frame):
             "ddn.backward_mode=unroll",
         ],
     )
-    net = build_module(cfg, SimpleNamespace(descriptor_dim=0)).net
+    net = build_task_module(cfg, SimpleNamespace(descriptor_dim=0)).net
     assert net.radial_frame is radial_frame and net.local.radial_frame is radial_frame
     assert net.normalize == "center" and net.local.k == 5
     assert len(net.self_attn) == len(net.cross_attn) == 1
