@@ -8,6 +8,9 @@
   solution where ``a`` is singular.
 - :func:`cholesky_solve_vectors`: solves with such factors for one or many right-hand sides.
 - :func:`conjugate_gradient`: batched, preconditioned CG for operators that are only applied.
+- :func:`diagonal_minus_gram_cg`: a fused, in-place CG for operators diag(d) - Q^T Q (Schur
+  complements with a diagonal block), with an early give-up for callers that can solve
+  directly instead.
 
 Only Cholesky routines are used: batched LU solves are unreliable on some CPU builds (see
 DESIGN.md), and every well-posed system of these layers is symmetric positive definite.
@@ -164,3 +167,155 @@ def conjugate_gradient(
         rz = rz_new
     residual = _div(r_norm, b_norm, b_norm > 0)
     return CGResult(x, iterations, converged, indefinite, residual)
+
+
+@dataclass
+class GramCGResult:
+    """Solution of :func:`diagonal_minus_gram_cg` and its record.
+
+    ``converged``: per system, the scaled residual met the tolerance; ``iterations``: the
+    iterations the batch ran (systems that converged early were frozen, not dropped).
+    """
+
+    x: Tensor
+    converged: Tensor
+    iterations: int
+
+
+def _jacobi_scaling(d: Tensor, Q: Tensor, gram_diagonal: Tensor | None) -> Tensor:
+    """D^-1/2 for D = diag(diag(d) - Q^T Q), floored at 1e-3 d (where the two nearly cancel,
+    the diagonal is rounding noise), and 1 on the absent entries (d = 0)."""
+    if gram_diagonal is None:
+        gram_diagonal = Q.square().sum(-2)
+    diag = d - gram_diagonal
+    return torch.where(d > 0, torch.maximum(diag, 1e-3 * d), 1.0).rsqrt_()
+
+
+def diagonal_minus_gram_cg(
+    d: Tensor,
+    Q: Tensor,
+    b: Tensor,
+    *,
+    rtol: float,
+    max_iter: int,
+    check_every: int = 5,
+    give_up: bool = False,
+    gram_diagonal: Tensor | None = None,
+) -> GramCGResult:
+    """Solve (diag(d) - Q^T Q) x = b for a batch by Jacobi-preconditioned CG, matrix-free.
+
+    d (B, n), Q (B, m, n), b (B, n); the operator must be positive semidefinite, and where it
+    is singular the system must be consistent (b in its range): then CG needs no gauge and
+    the residual stays in the range. Entries with d = 0 are absent (their column of Q and
+    entry of b are zero) and come out as 0. This is the form of a Schur complement
+    C - B^T A^-1 B with a diagonal A (Q = A^-1/2 B). ``gram_diagonal``: diag(Q^T Q) where the
+    caller has it more cheaply (by default it is computed from Q).
+
+    The preconditioner is applied as a change of variables folded into Q, which is
+    overwritten by Q D^-1/2: an iteration is then two matrix-vector products and a handful
+    of fused, in-place vector operations on buffers allocated once, which matters where
+    the dispatch cost of an operation rivals a product. A system whose residual meets
+    ``rtol`` times its right-hand side (in the scaled variables) is frozen at the next check
+    (every ``check_every`` iterations, one host sync each).
+
+    ``give_up``: stop early, unconverged, once the residual's observed rate of decrease
+    predicts that some system would need more than ``max_iter`` iterations (a caller with a
+    direct solver to fall back on then has spent little).
+    """
+    scale = _jacobi_scaling(d, Q, gram_diagonal)
+    Q.mul_(scale.unsqueeze(-2))
+    neg_d = (d * scale * scale).neg_().unsqueeze(1)  # -d' (B, 1, n)
+    cg = _GramCG(Q, neg_d, (scale * b).unsqueeze(1))
+    prev = cg.norms()
+    limit = [rtol * nrm for nrm in prev]
+    last_check, next_check = 0, check_every
+    it = 0
+    for it in range(1, max_iter + 1):
+        cg.step()
+        if it != next_check:
+            continue
+        norms = cg.norms()
+        going = [nrm > lim for nrm, lim in zip(norms, limit, strict=True)]
+        if not any(going):
+            break
+        if not all(going):
+            cg.freeze_all_but(going)
+        more = _predicted_iterations(norms, prev, limit, it - last_check)
+        # the rate over the first iterations understates CG's (it accelerates): a give-up
+        # needs two checks' worth of evidence
+        if give_up and it >= 2 * check_every and it + more > max_iter:
+            break
+        # check again when the slowest system should be done, and at least as often
+        next_check = it + (max(1, math.ceil(more)) if more < check_every else check_every)
+        last_check, prev = it, norms
+    limit_t = torch.tensor(limit, dtype=Q.dtype, device=Q.device)
+    converged = cg.res.squeeze(1).norm(dim=-1) <= limit_t
+    return GramCGResult(cg.x.squeeze(1) * scale, converged, it)
+
+
+class _GramCG:
+    """The state of :func:`diagonal_minus_gram_cg`, every vector a row (B, 1, n) that the
+    products take without reshaping.
+
+    x and the residual share one buffer, as do p and -A p, so that one fused update advances
+    both; dot products add a tiny floor in the same call, which keeps 0 / 0 out of a frozen
+    system's step sizes.
+    """
+
+    def __init__(self, Q: Tensor, neg_d: Tensor, rhs: Tensor) -> None:
+        B, m, n = Q.shape
+        self.Q, self.neg_d, self.tiny = Q, neg_d, torch.finfo(Q.dtype).tiny
+        self.floor = torch.full((B, 1, 1), self.tiny, dtype=Q.dtype, device=Q.device)
+        self.xr = torch.zeros(2, B, 1, n, dtype=Q.dtype, device=Q.device)  # [x; residual]
+        self.x, self.res = self.xr
+        self.res.copy_(rhs)
+        self.pq = torch.empty_like(self.xr)  # [p; -A p]
+        self.p, self.neg_ap = self.pq
+        self.p.copy_(self.res)
+        # transposed views made once: views cost as much as the small operations themselves
+        self.p_t, self.neg_ap_t, self.res_t = self.p.mT, self.neg_ap.mT, self.res.mT
+        self.qp = Q.new_empty(B, m, 1)
+        self.qp_t = self.qp.mT
+        self.dp = torch.empty_like(self.p)
+        self.rr, self.rr_new, self.pap, self.alpha, self.beta = (
+            torch.empty_like(self.floor) for _ in range(5)
+        )
+        torch.baddbmm(self.floor, self.res, self.res_t, out=self.rr)  # (B, 1, 1)
+
+    def step(self) -> None:
+        """One CG iteration, in place: A p = d' o p - Q'^T (Q' p)."""
+        torch.mul(self.neg_d, self.p, out=self.dp)
+        torch.bmm(self.Q, self.p_t, out=self.qp)
+        torch.baddbmm(self.dp, self.qp_t, self.Q, out=self.neg_ap)
+        torch.baddbmm(self.floor, self.p, self.neg_ap_t, alpha=-1, out=self.pap)
+        torch.div(self.rr, self.pap, out=self.alpha)
+        self.xr.addcmul_(self.alpha, self.pq)  # x += alpha p, res -= alpha A p
+        torch.baddbmm(self.floor, self.res, self.res_t, out=self.rr_new)
+        torch.div(self.rr_new, self.rr, out=self.beta)
+        torch.addcmul(self.res, self.beta, self.p, out=self.p)
+        self.rr, self.rr_new = self.rr_new, self.rr
+
+    def norms(self) -> list[float]:
+        """Residual norms from the floored squared norms rr = tiny + res.res (host floats)."""
+        return [math.sqrt(max(v - self.tiny, 0.0)) for v in self.rr.view(-1).tolist()]
+
+    def freeze_all_but(self, going: list[bool]) -> None:
+        """Zero the residual and direction of the systems not ``going``: every later step
+        they take is exactly zero."""
+        keep = torch.tensor(going, device=self.Q.device).view(-1, 1, 1)
+        self.res.mul_(keep)
+        self.p.mul_(keep)
+        torch.where(keep, self.rr, self.floor, out=self.rr)
+
+
+def _predicted_iterations(norms, prev_norms, limit, steps) -> float:
+    """Iterations still needed by the slowest system at its residual's recent rate (lists)."""
+    worst = 0.0
+    for now, before, lim in zip(norms, prev_norms, limit, strict=True):
+        if now <= lim:
+            continue
+        if not 0 < now < before:
+            return math.inf
+        rate = math.log(now / before) / steps
+        worst = max(worst, math.log(lim / now) / rate)
+    return worst

@@ -44,7 +44,7 @@ from benchutil import (
 )
 
 import ddn_layers as ddn
-from ddn_layers.ot.solver import solve_sinkhorn
+from ddn_layers.ot import solve_sinkhorn
 
 GAMMA, TOL, MAX_ITER = 10.0, 1e-6, 20_000
 VARIANTS = [
@@ -140,12 +140,11 @@ def measure(mode, solver, M, V, device, budget_s, **kw):
 def unroll_fits(mode, B, m, n, iters_hint):
     """Whether an autograd-recorded solve to convergence fits UNROLL_BUDGET_BYTES.
 
-    ``unroll`` keeps two (m x n) buffers an iteration by the profiler's count; the process
-    grows by about 3.3 MiB an iteration at 500 x 500 float32 (allocator slack: 1.2 GiB
-    resident at the 210 iterations it needs), so 8 buffers an iteration is budgeted. POT's
-    log-domain Sinkhorn has no acceleration (about 5x our iterations: 5205 against 1100 to
-    1e-6 in float64 at 500 x 500) and keeps more per iteration: 100 buffers of our iterations
-    are budgeted (runs of it at 500 x 500 were OOM-killed at 17-24 GiB).
+    ``unroll`` keeps two (m x n) buffers an iteration by the profiler's count, but the process
+    grows by more (allocator slack), so 8 buffers an iteration are budgeted. POT's log-domain
+    Sinkhorn has no acceleration (several times our iterations) and keeps more per iteration:
+    100 buffers of our iterations are budgeted. The measurements behind both numbers are in
+    docs/benchmarks/ot/README.md ("Design notes").
     """
     if mode == "unroll":
         return 8 * 4 * B * m * n * max(iters_hint, 1) < UNROLL_BUDGET_BYTES
@@ -156,9 +155,8 @@ def unroll_fits(mode, B, m, n, iters_hint):
 
 def same_its(mode: str, hint: int) -> dict:
     """``unroll`` runs exactly the forward's iteration count ``hint``: in float32 its
-    log-domain iteration stalls at a marginal error of ~1.0e-6-1.4e-6 (100 x 100 and
-    500 x 500, gamma 10), above tol = 1e-6, and would otherwise record max_iter = 20000
-    iterations (the OOM kills of earlier runs)."""
+    log-domain iteration can stall just above tol = 1e-6 (docs/benchmarks/ot/README.md), and
+    it would otherwise record up to max_iter iterations of graph."""
     return dict(tol=1e-30, max_iter=hint) if mode == "unroll" else {}
 
 

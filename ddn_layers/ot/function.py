@@ -1,63 +1,29 @@
-"""``sinkhorn`` and ``OptimalTransport``: the entropic optimal transport layer."""
+"""``sinkhorn``: the functional form of the entropic optimal transport layer."""
 
 from __future__ import annotations
 
 import warnings
 
 import torch
+from torch import Tensor
 
-from ddn_layers.base import DeclarativeLayer, SolverInfo
-from ddn_layers.checks import (
-    ConvergenceWarning,
-    check_choice,
-    check_int,
-    check_positive,
-    check_tensor,
-    compute_dtype,
+from ddn_layers.base import LayerSpec, SolverInfo, run_layer
+from ddn_layers.checks import ConvergenceWarning, check_tensor, compute_dtype
+from ddn_layers.modes import BackwardMode
+from ddn_layers.ot.backward import BACKWARDS
+from ddn_layers.ot.options import OTOptions
+from ddn_layers.ot.solver import solve
+
+SPEC = LayerSpec(
+    name="sinkhorn",
+    solve=solve,
+    backwards=BACKWARDS,
+    extra_keys=("omega", "rate"),
+    # full's dense solve is built by differentiable operations; implicit's solves write into
+    # preallocated buffers (out=), which autograd cannot follow, and approx differentiated
+    # again would approximate dP/dM a second time, not differentiate its own first derivative
+    twice=frozenset({BackwardMode.FULL, BackwardMode.UNROLL}),
 )
-from ddn_layers.modes import BackwardMode, first_derivatives_only
-from ddn_layers.ot.backward import (
-    IMPLICIT_SOLVERS,
-    approx_backward,
-    full_backward,
-    implicit_backward,
-)
-from ddn_layers.ot.solver import SinkhornSolution, solve_sinkhorn
-from ddn_layers.ot.unrolled import unrolled_sinkhorn
-
-
-class _SinkhornFunction(torch.autograd.Function):
-    """P(M, r, c) for normalised r, c; the backward is chosen by ``mode``."""
-
-    @staticmethod
-    def forward(ctx, M, r, c, gamma, tol, max_iter, check_every, mode, solver, out):
-        sol = solve_sinkhorn(M, r, c, gamma, tol, max_iter, check_every)
-        out.append(sol)
-        ctx.save_for_backward(sol.P)
-        ctx.gamma, ctx.mode, ctx.solver = gamma, mode, solver
-        return sol.P
-
-    @staticmethod
-    def backward(ctx, V):
-        if ctx.mode is not BackwardMode.FULL:
-            # implicit's solves write into preallocated buffers (out=), which autograd cannot
-            # follow; approx differentiated again would approximate dP/dM a second time, not
-            # differentiate its own first derivative
-            first_derivatives_only(
-                "sinkhorn", ctx.mode, "backward_mode='full' or 'unroll' differentiates twice"
-            )
-        (P,) = ctx.saved_tensors
-        # The marginals P actually has (equal to r, c within tol once converged): the system
-        # matrix [[diag(P 1), P], [P^T, diag(P^T 1)]] is then PSD for any P, so a truncated
-        # forward (max_iter reached) gets the exact gradient of the problem that P solves.
-        r, c = P.sum(-1), P.sum(-2)
-        if ctx.mode is BackwardMode.IMPLICIT:
-            dM, dr, dc = implicit_backward(P, r, c, V, ctx.gamma, ctx.solver)
-        elif ctx.mode is BackwardMode.FULL:
-            dM, dr, dc = full_backward(P, r, c, V, ctx.gamma)
-        else:
-            dM, dr, dc = approx_backward(P, r, c, V, ctx.gamma)
-        return dM, dr, dc, None, None, None, None, None, None, None
 
 
 def _check_marginal(x, name: str, B: int | None, size: int, dim_name: str, dtype, device):
@@ -80,7 +46,7 @@ def _check_marginal(x, name: str, B: int | None, size: int, dim_name: str, dtype
     return x
 
 
-def _normalise(x: torch.Tensor) -> torch.Tensor:
+def _normalise(x: Tensor) -> Tensor:
     """x / sum(x) with zero gradient for the zero (padding) entries.
 
     The sum is taken over the positive entries only with a detached mask, so a padded entry
@@ -91,9 +57,9 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
 
 
 def sinkhorn(
-    M: torch.Tensor,
-    r: torch.Tensor | None = None,
-    c: torch.Tensor | None = None,
+    M: Tensor,
+    r: Tensor | None = None,
+    c: Tensor | None = None,
     *,
     gamma: float = 10.0,
     tol: float = 1e-6,
@@ -146,104 +112,53 @@ def sinkhorn(
     """
     mode = BackwardMode.parse(backward_mode)
     check_tensor(M, "M", ndims=(2, 3))
-    gamma = check_positive(gamma, "gamma")
-    tol = check_positive(tol, "tol")
-    max_iter = check_int(max_iter, "max_iter", 1)
-    check_every = check_int(check_every, "check_every", 1)
-    check_choice(implicit_solver, "implicit_solver", IMPLICIT_SOLVERS)
-
-    batched = M.dim() == 3
-    B = M.shape[0] if batched else None
-    m, n = M.shape[-2:]
-    in_dtype = M.dtype
-    dtype = compute_dtype(in_dtype)
-    rr = _check_marginal(r, "r", B, m, "rows", dtype, M.device)
-    cc = _check_marginal(c, "c", B, n, "columns", dtype, M.device)
-    Mb = (M if batched else M.unsqueeze(0)).to(dtype)
-    rr, cc = _normalise(rr), _normalise(cc)
-
-    if mode is BackwardMode.UNROLL:
-        sol = unrolled_sinkhorn(Mb, rr, cc, gamma, tol, max_iter, check_every)
-        P = sol.P
-    else:
-        out: list[SinkhornSolution] = []
-        P = _SinkhornFunction.apply(
-            Mb, rr, cc, gamma, tol, max_iter, check_every, mode, implicit_solver, out
-        )
-        sol = out[0]
-
-    info = SolverInfo(
-        sol.iterations, sol.residual, sol.converged, extra={"omega": sol.omega, "rate": sol.rate}
+    opts = OTOptions(
+        gamma=gamma,
+        tol=tol,
+        max_iter=max_iter,
+        implicit_solver=implicit_solver,
+        check_every=check_every,
+        warn=warn,
     )
-    if warn:
-        n_bad = int((~sol.converged).sum())
-        if n_bad:
-            stalled = bool((sol.iterations[~sol.converged] < max_iter).any())
-            hint = (
-                "an unrolled solve stopped where its error stalled at the precision floor: "
-                "raise tol or use float64"
-                if stalled
-                else "raise max_iter or lower gamma"
-            )
-            warnings.warn(
-                f"sinkhorn: {n_bad} of {sol.converged.numel()} sample(s) did not reach "
-                f"tol={tol:g} within max_iter={max_iter} (largest marginal error "
-                f"{float(sol.residual.max()):.3g}); {hint}",
-                ConvergenceWarning,
-                stacklevel=2,
-            )
-    P = P.to(in_dtype)
-    if not batched:
-        P = P.squeeze(0)
+    P, info = sinkhorn_with_options(M, r, c, mode, opts)
     return (P, info) if return_info else P
 
 
-class OptimalTransport(DeclarativeLayer):
-    """Entropic optimal transport as a module: ``ot(M, r=None, c=None) -> P``.
+def sinkhorn_with_options(
+    M: Tensor, r: Tensor | None, c: Tensor | None, mode: BackwardMode, opts: OTOptions
+) -> tuple[Tensor, SolverInfo]:
+    """:func:`sinkhorn` once M, the mode and the options are checked: P and its SolverInfo.
+    The marginals are checked and normalised here, outside the layer's Function, so that
+    autograd differentiates the normalisation."""
+    batched = M.dim() == 3
+    B = M.shape[0] if batched else None
+    m, n = M.shape[-2:]
+    dtype = compute_dtype(M.dtype)
+    rr = _normalise(_check_marginal(r, "r", B, m, "rows", dtype, M.device))
+    cc = _normalise(_check_marginal(c, "c", B, n, "columns", dtype, M.device))
+    Mb = (M if batched else M.unsqueeze(0)).to(dtype)
+    P, info = run_layer(SPEC, mode, opts, Mb, rr, cc)
+    if opts.warn:
+        _warn_unconverged(info, opts)
+    P = P.to(M.dtype)
+    return (P if batched else P.squeeze(0)), info
 
-    Shapes: M (B, m, n) or (m, n); r (m,) or (B, m); c (n,) or (B, n); P like M.
-    ``last_info`` holds the per-sample iterations and residuals of the latest call.
-    See :func:`sinkhorn` for the arguments.
-    """
 
-    def __init__(
-        self,
-        gamma: float = 10.0,
-        tol: float = 1e-6,
-        max_iter: int = 1000,
-        backward_mode: BackwardMode | str = BackwardMode.IMPLICIT,
-        implicit_solver: str = "auto",
-        check_every: int = 10,
-        warn: bool = True,
-    ) -> None:
-        super().__init__(backward_mode)
-        self.gamma = check_positive(gamma, "gamma")
-        self.tol = check_positive(tol, "tol")
-        self.max_iter = check_int(max_iter, "max_iter", 1)
-        self.implicit_solver = check_choice(implicit_solver, "implicit_solver", IMPLICIT_SOLVERS)
-        self.check_every = check_int(check_every, "check_every", 1)
-        if not isinstance(warn, bool):
-            raise ValueError(f"warn must be True or False, got {warn!r}")
-        self.warn = warn
-
-    def forward(self, M, r=None, c=None):
-        P, self.last_info = sinkhorn(
-            M,
-            r,
-            c,
-            gamma=self.gamma,
-            tol=self.tol,
-            max_iter=self.max_iter,
-            backward_mode=self.backward_mode,
-            implicit_solver=self.implicit_solver,
-            check_every=self.check_every,
-            warn=self.warn,
-            return_info=True,
-        )
-        return P
-
-    def extra_repr(self) -> str:
-        return (
-            f"gamma={self.gamma}, tol={self.tol}, max_iter={self.max_iter}, "
-            f"backward_mode={self.backward_mode.value}, implicit_solver={self.implicit_solver}"
-        )
+def _warn_unconverged(info: SolverInfo, opts: OTOptions) -> None:
+    n_bad = int((~info.converged).sum())
+    if not n_bad:
+        return
+    stalled = bool((info.iterations[~info.converged] < opts.max_iter).any())
+    hint = (
+        "an unrolled solve stopped where its error stalled at the precision floor: "
+        "raise tol or use float64"
+        if stalled
+        else "raise max_iter or lower gamma"
+    )
+    warnings.warn(
+        f"sinkhorn: {n_bad} of {info.converged.numel()} sample(s) did not reach "
+        f"tol={opts.tol:g} within max_iter={opts.max_iter} (largest marginal error "
+        f"{float(info.residual.max()):.3g}); {hint}",
+        ConvergenceWarning,
+        stacklevel=4,
+    )

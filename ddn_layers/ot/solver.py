@@ -2,23 +2,23 @@
 
 The iterate is represented as ``P = diag(u) K diag(v)`` with ``K = exp(-gamma*M + f (+) g)``
 (Schmitzer's stabilisation). The inner loop is the plain scaling iteration (two matrix-vector
-products and two vector ops per iteration). Every ``check_every`` iterations, with one transfer
-to the host (errors and the range of the scalings, a few numbers per sample), the solver
-measures the marginal error of each sample and
+products and two vector ops per iteration, see blocks.py). Every ``check_every`` iterations,
+with one transfer to the host (errors and the range of the scalings, a few numbers per
+sample), the solver measures the marginal error of each sample and
 
 * absorbs large scalings into the log potentials ``f, g`` (one ``exp`` over the matrix, only
   when ``max|log u|`` or ``max|log v|`` exceeds ``tau``), which is what makes any gamma safe;
 * falls back to exact log-domain (logsumexp) iterations for one block where the scaling domain
   over- or under-flowed (a kernel row that is all zeros at the first solve with a large gamma);
 * adapts each sample's over-relaxation factor ``omega`` (u <- u + omega (r / K v - u))
-  from its observed error decay (see ``OmegaSchedule``): five to ten times fewer iterations
-  than the plain iteration on slowly converging problems, the same on fast ones;
+  from its observed error decay (see schedule.py), which saves most iterations on slowly
+  converging problems and costs nothing on fast ones;
 * freezes converged samples (the active batch is compacted, so they cost nothing more).
 
-Entries of ``K`` below ``exp(lo)`` are flushed to zero so that no denormal numbers reach the
-matrix-vector products (they are 100x slower on x86). A sample is only accepted as converged
-when its scalings are within ``exp(+-tau)``, so the flushed mass is below
-``m n exp(lo + 2 tau)``: 1e-8 in float32 for m = n = 1000, far below any useful tolerance.
+Entries of ``K`` below ``exp(lo)`` are flushed to zero (no denormal numbers in the products).
+A sample is only accepted as converged when its scalings are within ``exp(+-tau)``, so the
+flushed mass is below ``m n exp(lo + 2 tau)``: 1e-8 in float32 for m = n = 1000, far below any
+useful tolerance.
 
 Zero entries of ``r`` or ``c`` are padding: those rows/columns of P are exactly zero.
 """
@@ -26,139 +26,365 @@ Zero entries of ``r`` or ``c`` are padding: those rows/columns of P are exactly 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
+from torch import Tensor
 
-# (flush threshold for log K, absorption threshold for |log u|, |log v|) per dtype.
-_LIMITS = {torch.float32: (-60.0, 15.0), torch.float64: (-600.0, 100.0)}
-_OMEGA_MAX = 1.95
+from ddn_layers.base import Solved, SolverInfo
+from ddn_layers.ot import blocks
+from ddn_layers.ot.blocks import kernel_t_times, kernel_times
+from ddn_layers.ot.schedule import OmegaSchedule
 
-
-def backed_off(w: float, mu2: float) -> tuple[float, float]:
-    """An over-relaxation factor and rate estimate after a setback: omega - 1 and mu^2 halved
-    (a factor below 1.02 becomes the plain iteration's 1)."""
-    w = 1.0 + (w - 1.0) / 2
-    return (1.0 if w < 1.02 else w), mu2 / 2
-
-
-class OmegaSchedule:
-    """Each sample's over-relaxation factor, adapted from its observed error decay.
-
-    For a linearly convergent iteration whose plain rate is mu^2, over-relaxation by omega
-    (below the optimum) converges at the rate lam solving (lam + omega - 1)^2 = lam omega^2 mu^2,
-    so an observed lam at a known omega gives mu^2; the optimum is then
-    omega* = 2 / (1 + sqrt(1 - mu^2)). Sinkhorn's error decays sublinearly before it reaches its
-    asymptotic rate, so the estimate only ever grows; an error that does not improve on the best
-    seen (or a scaling that left the positive reals) halves omega - 1 and the estimate instead.
-    Such a setback near the precision floor (error below 300 eps) means the error is rounding
-    noise that omega amplifies: the sample then finishes with the plain iteration (in float32
-    at 500 x 500, gamma 10, this takes tol = 1e-6 in 210 iterations instead of 1150). Higher,
-    the rule catches slowly converging problems that merely improve by less than 10% a check:
-    at 1000 eps float32 50 x 50 took 6430 iterations instead of 540, batch 16 at 100 x 100
-    4350 instead of 350, and gamma 50 problems did not converge in 20000.
-
-    The state is a handful of scalars per sample, kept on the host as Python floats: the solver
-    already brings each check's errors to the host for its decisions, and a few float
-    operations per sample cost far less than the dozens of tiny tensor operations (one
-    dispatch each) that the same logic takes on the device.
-    """
-
-    def __init__(self, batch: int, eps: float):
-        self.omega = [1.0] * batch
-        self.mu2 = [0.0] * batch
-        self.best = [math.inf] * batch
-        self.prev = [math.inf] * batch
-        self.plain = [False] * batch  # settled at the precision floor: no more over-relaxation
-        self.floor = 300 * eps
-
-    def keep(self, rows: list[int]) -> None:
-        """Restrict the state to the samples at positions ``rows`` (the ones still active)."""
-        for name in ("omega", "mu2", "best", "prev", "plain"):
-            old = getattr(self, name)
-            setattr(self, name, [old[i] for i in rows])
-
-    def reset(self, i: int) -> None:
-        """Forget sample i's history (its iterate was replaced)."""
-        self.omega[i], self.mu2[i], self.best[i], self.prev[i] = 1.0, 0.0, math.inf, math.inf
-        self.plain[i] = False
-
-    def update(self, errs: list[float], finite: list[bool], steps: int) -> None:
-        for i, (err, ok) in enumerate(zip(errs, finite, strict=True)):
-            w, mu2, prev = self.omega[i], self.mu2[i], self.prev[i]
-            if ok and 0 < err < prev < math.inf:
-                lam = min(max((err / prev) ** (1.0 / steps), 1e-12), 1.0)
-                mu2 = max(mu2, min((lam + w - 1) ** 2 / (lam * w * w), 1.0))
-            # Over-relaxation also amplifies rounding noise: near the precision floor an error
-            # that stops falling is treated like one that grows (elsewhere SOR may oscillate).
-            limit = (0.9 if err < self.floor else 2.0) * self.best[i]
-            blowup = w > 1 and not (ok and err <= limit)
-            if blowup and ok and err < self.floor:
-                # At the floor the over-relaxed error only swings with the rounding noise that
-                # omega amplifies; the plain iteration, whose column sums are exact after each
-                # half-step, finishes from here.
-                self.plain[i] = True
-            if self.plain[i]:
-                self.best[i] = min(self.best[i], err) if ok else self.best[i]
-                w = 1.0
-            elif blowup:
-                self.best[i] = err if ok else self.best[i]
-                w, mu2 = backed_off(w, mu2)
-            else:
-                self.best[i] = min(self.best[i], err) if ok else self.best[i]
-                w = 2.0 / (1.0 + math.sqrt(1.0 - mu2)) if mu2 > 0.05 else 1.0
-                w = min(w, _OMEGA_MAX)
-            self.omega[i], self.mu2[i] = w, mu2
-            self.prev[i] = err if ok else math.inf
-
-    def tensor(self, like: torch.Tensor) -> torch.Tensor:
-        """omega as a (B, 1, 1) tensor."""
-        return torch.tensor(self.omega, dtype=like.dtype, device=like.device).view(-1, 1, 1)
-
-    def keep_weight(self, like: torch.Tensor) -> torch.Tensor:
-        """1 - omega as a (B, 1, 1) tensor: the weight of the previous iterate."""
-        keep = [1.0 - w for w in self.omega]
-        return torch.tensor(keep, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+LIMITS = {torch.float32: (-60.0, 15.0), torch.float64: (-600.0, 100.0)}
+"""(flush threshold for log K, absorption threshold for |log u|, |log v|) per dtype."""
 
 
 @dataclass
 class SinkhornSolution:
     """Everything the forward pass found, per sample (leading dimension B)."""
 
-    P: torch.Tensor  # (B, m, n) transport plan
+    P: Tensor  # (B, m, n) transport plan
     # log potentials, -inf on padding: P = exp(-gamma M' + f (+) g), where M' is M less its row
     # minima and then its column minima
-    f: torch.Tensor  # (B, m)
-    g: torch.Tensor  # (B, n)
-    iterations: torch.Tensor  # (B,) int64
-    residual: torch.Tensor  # (B,) L1 marginal error of P
-    converged: torch.Tensor  # (B,) bool
-    omega: torch.Tensor  # (B,) over-relaxation factor in use at the end
+    f: Tensor  # (B, m)
+    g: Tensor  # (B, n)
+    iterations: Tensor  # (B,) int64
+    residual: Tensor  # (B,) L1 marginal error of P
+    converged: Tensor  # (B,) bool
+    omega: Tensor  # (B,) over-relaxation factor in use at the end
     # (B,) estimated rate of the plain iteration (error factor per iteration, 0 = not seen):
     # 1 / (1 - rate) approximates the condition number of the backward's Schur complement
-    rate: torch.Tensor
+    rate: Tensor
+
+    def info(self) -> SolverInfo:
+        """The per-sample record, with ``omega`` and ``rate`` as extras."""
+        extra = {"omega": self.omega, "rate": self.rate}
+        return SolverInfo(self.iterations, self.residual, self.converged, extra)
 
 
-def _kernel(
-    M: torch.Tensor,
-    gamma: float,
-    f: torch.Tensor,
-    g: torch.Tensor,
-    rmask: torch.Tensor,
-    cmask: torch.Tensor,
-    lo: float,
-    padded: bool,
-) -> torch.Tensor:
-    """exp(-gamma M + f (+) g) with entries below exp(lo) and padded rows/columns set to 0."""
-    K = torch.add(f.unsqueeze(-1), g.unsqueeze(-2))
-    K.add_(M, alpha=-gamma).exp_()
-    torch.nn.functional.threshold_(K, math.exp(lo), 0.0)
-    if padded:
-        K.mul_(rmask.unsqueeze(-1)).mul_(cmask.unsqueeze(-2))
-    return K
+@dataclass
+class _Marginals:
+    """The fixed data of the active samples, compacted with them.
+
+    Padded rows/columns get a unit "marginal" (``r_col``, ``c_row``) and a unit kernel sum
+    (``pad_rows``, ``pad_cols``; None without padding) so that their scaling stays 1; their
+    kernel entries are zero, so they never carry mass.
+    """
+
+    M: Tensor  # (B, m, n) cost less its row and column minima
+    row_mask: Tensor  # (B, m) 1 on real rows, 0 on padding
+    col_mask: Tensor  # (B, n)
+    log_r: Tensor  # (B, m), -inf on padding
+    log_c: Tensor  # (B, n)
+    r_col: Tensor  # (B, m, 1)
+    c_row: Tensor  # (B, 1, n)
+    neg_r: Tensor  # -r_col
+    neg_c: Tensor  # -c_row
+    pad_rows: Tensor | None  # (B, m, 1) 1 on padded rows
+    pad_cols: Tensor | None  # (B, 1, n)
+
+    @classmethod
+    def of(cls, M: Tensor, r: Tensor, c: Tensor) -> _Marginals:
+        # P is invariant to adding a row or a column constant to M; removing the row and column
+        # minima keeps the potentials (and the cancellation in -gamma M + f + g) small.
+        M = M - M.amin(-1, keepdim=True)
+        M = M - M.amin(-2, keepdim=True)
+        row_mask, col_mask = (r > 0).to(M.dtype), (c > 0).to(M.dtype)
+        padded = bool((row_mask == 0).any()) or bool((col_mask == 0).any())
+        r_col = (r + (1 - row_mask)).unsqueeze(-1)
+        c_row = (c + (1 - col_mask)).unsqueeze(-2)
+        return cls(
+            M,
+            row_mask,
+            col_mask,
+            torch.where(r > 0, r.log(), torch.full_like(r, -math.inf)),
+            torch.where(c > 0, c.log(), torch.full_like(c, -math.inf)),
+            r_col,
+            c_row,
+            -r_col,
+            -c_row,
+            (1 - row_mask).unsqueeze(-1) if padded else None,
+            (1 - col_mask).unsqueeze(-2) if padded else None,
+        )
+
+    @property
+    def padded(self) -> bool:
+        return self.pad_rows is not None
+
+    def select(self, sel: Tensor) -> _Marginals:
+        """The samples at positions ``sel``."""
+        picked = (getattr(self, f.name) for f in fields(self))
+        return _Marginals(*(x[sel] if x is not None else None for x in picked))
 
 
-def _plan(K, u, v, sel):
+@dataclass
+class _Iterate:
+    """The scalings of the active samples: P = diag(su u) K diag(sv v).
+
+    ``su``, ``sv`` are host scales (1 except inside the shared-factor block's representation,
+    see blocks.shared_factor_block); K v and K^T u are stored scaled alike (sv K v, su K^T u).
+    ``Ku`` is only current right after a block.
+    """
+
+    f: Tensor  # (B, m) log potentials
+    g: Tensor  # (B, n)
+    K: Tensor  # (B, m, n) exp(-gamma M + f (+) g)
+    u: Tensor  # (B, m, 1)
+    v: Tensor  # (B, 1, n)
+    Kv: Tensor  # (B, m, 1)
+    Ku: Tensor | None = None  # (B, 1, n)
+    su: float = 1.0
+    sv: float = 1.0
+
+
+@dataclass
+class _Settings:
+    gamma: float
+    tol: float
+    check_every: int
+    overrelax: bool
+    lo: float  # log K below this is flushed to 0
+    small: float  # scalings outside [small, big] are absorbed into the potentials
+    big: float
+    zero: Tensor  # 0-d constants for blocks.times
+    one: Tensor
+
+
+@dataclass
+class _Check:
+    """The findings of one convergence check, per active sample (host lists)."""
+
+    errors: list[float]  # L1 marginal error
+    finite: list[bool]  # scalings finite and positive
+    big: list[bool]  # scalings to absorb (or not finite)
+    done: list[bool]  # converged
+    overflow: list[bool]  # not finite at omega = 1: the scaling domain over/underflowed
+    omega_before: list[float]  # the factors the block ran with
+
+
+class _Results:
+    """The per-sample outputs, written as samples finish (host lists, tensors at the end)."""
+
+    def __init__(self, B: int, m: int, n: int, max_iter: int, like: Tensor) -> None:
+        self.shape, self.dtype, self.device = (B, m, n), like.dtype, like.device
+        self.plans: list[tuple[Tensor, Tensor]] = []  # (batch rows, their P)
+        self.f = torch.zeros(B, m, dtype=like.dtype, device=like.device)
+        self.g = torch.zeros(B, n, dtype=like.dtype, device=like.device)
+        self.iterations = [max_iter] * B
+        self.residual = [math.inf] * B
+        self.converged = [False] * B
+        self.omega = [1.0] * B
+        self.rate = [0.0] * B
+
+    def record_potentials(self, rows: Tensor, row_mask, col_mask, f, g, u, v) -> None:
+        """The final log potentials f + log u, g + log v of the samples at batch ``rows``."""
+        self.f[rows] = torch.where(row_mask > 0, f + u.log()[..., 0], -math.inf)
+        self.g[rows] = torch.where(col_mask > 0, g + v.log()[:, 0], -math.inf)
+
+    def solution(self) -> SinkhornSolution:
+        """P assembled in batch order, and the record as tensors."""
+        B, m, n = self.shape
+        # samples are compacted in order, so a single plan of all B holds them in batch order
+        if len(self.plans) == 1 and self.plans[0][1].shape[0] == B:
+            P = self.plans[0][1]
+        else:
+            P = torch.empty(B, m, n, dtype=self.dtype, device=self.device)
+            for rows, part in self.plans:
+                P[rows] = part
+        P = torch.nan_to_num_(P, nan=0.0, posinf=0.0)  # only where a sample failed outright
+        # Entries below sqrt(smallest normal) are flushed to zero: their products (P^T P in
+        # the backward) would be slow denormal numbers. The mass removed is below m n 1e-19 in
+        # float32, far under any tolerance.
+        torch.nn.functional.threshold_(P, math.sqrt(torch.finfo(self.dtype).tiny), 0.0)
+
+        def tensor(values, dtype=self.dtype):
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        return SinkhornSolution(
+            P,
+            self.f,
+            self.g,
+            tensor(self.iterations, torch.long),
+            tensor(self.residual),
+            tensor(self.converged, torch.bool),
+            tensor(self.omega),
+            tensor(self.rate),
+        )
+
+
+class _Run:
+    """Everything the solve loop updates: the active samples' data, iterate and schedule."""
+
+    def __init__(self, M, r, c, gamma, tol, max_iter, check_every, overrelax) -> None:
+        B, m, n = M.shape
+        dtype, device = M.dtype, M.device
+        lo, tau = LIMITS.get(dtype, LIMITS[torch.float32])
+        self.settings = _Settings(
+            gamma,
+            tol,
+            check_every,
+            overrelax,
+            lo,
+            math.exp(-tau),
+            math.exp(tau),
+            torch.zeros((), dtype=dtype, device=device),
+            torch.ones((), dtype=dtype, device=device),
+        )
+        self.data = _Marginals.of(M, r, c)
+        self.padded = self.data.padded
+        self.rows = list(range(B))  # the active samples' positions in the batch
+        self.results = _Results(B, m, n, max_iter, M)
+        f = torch.zeros(B, m, dtype=dtype, device=device)
+        g = torch.zeros(B, n, dtype=dtype, device=device)
+        self.iterate = _fresh_iterate(self, f, g)
+        self.schedule = OmegaSchedule(B, torch.finfo(dtype).eps)
+        self.keep_w = self.schedule.keep_weight(self.iterate.u)  # 1 - omega, per sample
+        self.buffers = blocks.BlockBuffers()
+
+    def unscaled(self, x: Tensor, s: float) -> Tensor:
+        return x if s == 1.0 else blocks.times(x, s, self.settings.zero, self.settings.one)
+
+    def unscale(self) -> None:
+        """Fold the host scales back into u, v and K v (K^T u is not needed after a check)."""
+        it = self.iterate
+        it.u, it.v = self.unscaled(it.u, it.su), self.unscaled(it.v, it.sv)
+        it.Kv = self.unscaled(it.Kv, it.sv)
+        it.su = it.sv = 1.0
+
+
+def _fresh_iterate(run: _Run, f: Tensor, g: Tensor) -> _Iterate:
+    """The iterate u = v = 1 on the kernel of the potentials f, g."""
+    data, s = run.data, run.settings
+    K = blocks.kernel(data.M, s.gamma, f, g, data.row_mask, data.col_mask, s.lo, run.padded)
+    B, m, n = K.shape
+    u = torch.ones(B, m, 1, dtype=K.dtype, device=K.device)
+    v = torch.ones(B, 1, n, dtype=K.dtype, device=K.device)
+    return _Iterate(f, g, K, u, v, kernel_times(K, v, data.pad_rows))
+
+
+def _run_block(run: _Run, steps: int) -> tuple[Tensor, Tensor, float, float]:
+    """Advance the active samples by ``steps`` iterations in the cheapest loop that fits.
+
+    Returns the iterate the block started from (u, v and their scales), which the block
+    leaves as it was: the check restores it where a scaling left the positive reals.
+    """
+    s, data, it, omega = run.settings, run.data, run.iterate, run.schedule.omega
+    relaxed = s.overrelax and any(w != 1.0 for w in omega)
+    shared = relaxed and not run.padded and len(set(omega)) == 1
+    if not shared:
+        run.unscale()
+    start = (it.u, it.v, it.su, it.sv)
+    # Over-relaxed: u <- w r / Kv + (1 - w) u. This is the linear form of the geometric update
+    # u^(1-w) (r / Kv)^w (the same first-order behaviour at the fixed point, hence the same
+    # rate) at one fused operation instead of four; an overshoot to u <= 0 is caught at the
+    # check and undone.
+    if shared:
+        out = run.buffers.take(it.u, it.v)
+        it.u, it.Ku, it.v, it.Kv, it.su, it.sv = blocks.shared_factor_block(
+            it.K,
+            it.u,
+            it.v,
+            it.Kv,
+            it.su,
+            it.sv,
+            data.r_col,
+            data.c_row,
+            omega[0],
+            steps,
+            s.zero,
+            s.one,
+            out,
+        )
+    elif run.padded:
+        keep_w = run.keep_w if relaxed else None
+        it.u, it.Ku, it.v, it.Kv = blocks.padded_block(
+            it.K,
+            it.u,
+            it.v,
+            it.Kv,
+            data.r_col,
+            data.c_row,
+            data.pad_rows,
+            data.pad_cols,
+            keep_w,
+            steps,
+        )
+    elif relaxed:
+        it.u, it.Ku, it.v, it.Kv = blocks.per_sample_factor_block(
+            it.K, it.u, it.v, it.Kv, data.r_col, data.c_row, run.keep_w, steps
+        )
+    else:
+        out = run.buffers.take(it.u, it.v)
+        it.u, it.Ku, it.v, it.Kv = blocks.plain_block(
+            it.K, it.Kv, data.r_col, data.c_row, steps, out
+        )
+    return start
+
+
+def _scaling_ranges(u: Tensor, v: Tensor) -> list[Tensor]:
+    """min u, max u, min v, max v per sample, each of shape (B,)."""
+    if u.shape[0] == 1:
+        # both extremes of a vector in one reduction over all of it: the four reductions along
+        # a dim would dominate the check
+        return [t.view(1) for t in (*torch.aminmax(u), *torch.aminmax(v))]
+    # amin and amax: aminmax along a dim is slower on CPUs
+    m, n = u.shape[-2], v.shape[-1]
+    return [u.reshape(-1, m).amin(-1), u.reshape(-1, m).amax(-1)] + [
+        v.reshape(-1, n).amin(-1),
+        v.reshape(-1, n).amax(-1),
+    ]
+
+
+def _check(run: _Run, steps: int) -> _Check:
+    """Errors and ranges of the scalings, brought to the host at once, and what they mean."""
+    it, data, s = run.iterate, run.data, run.settings
+    # u * Kv and v * Ku are the row and column sums of the current P (Ku is from this u),
+    # through the scales: su * u * sv * Kv; the ranges are scaled on the host below
+    scale = it.su * it.sv
+    row_error = torch.addcmul(data.neg_r, it.u, it.Kv, value=scale)
+    col_error = torch.addcmul(data.neg_c, it.v, it.Ku, value=scale)
+    stats = [
+        torch.linalg.vector_norm(row_error, 1, dim=(-2, -1)),
+        torch.linalg.vector_norm(col_error, 1, dim=(-2, -1)),
+        *_scaling_ranges(it.u, it.v),
+    ]
+    check = _Check([], [], [], [], [], list(run.schedule.omega))
+    for e_r, e_c, u_lo, u_hi, v_lo, v_hi in zip(*torch.stack(stats).tolist(), strict=True):
+        e = e_r + e_c
+        u_lo, u_hi = (it.su * u_lo, it.su * u_hi) if it.su > 0 else (it.su * u_hi, it.su * u_lo)
+        v_lo, v_hi = (it.sv * v_lo, it.sv * v_hi) if it.sv > 0 else (it.sv * v_hi, it.sv * v_lo)
+        # every comparison with a NaN is False, so NaN anywhere fails `ok`
+        ok = u_lo > 0 and v_lo > 0 and u_hi < math.inf and v_hi < math.inf
+        ok = ok and math.isfinite(e)
+        big = not ok or max(u_hi, v_hi) > s.big or min(u_lo, v_lo) < s.small
+        check.errors.append(e)
+        check.finite.append(ok)
+        check.big.append(big)
+        check.done.append(ok and not big and e <= s.tol)
+    if s.overrelax:
+        run.schedule.update(check.errors, check.finite, steps)
+    # A non-finite or non-positive scaling: where it was over-relaxed the schedule has just
+    # shrunk omega, which is the whole remedy; at omega = 1 it is an over/underflow of the
+    # scaling domain, which an exact log-domain block resolves.
+    check.overflow = [
+        not ok and w == 1.0 for ok, w in zip(check.finite, check.omega_before, strict=True)
+    ]
+    return check
+
+
+def _restore_failed(run: _Run, check: _Check, start: tuple[Tensor, Tensor, float, float]) -> None:
+    """Samples whose scalings left the positive reals go back to the block's starting point
+    (their scalings are then absorbed, as ``big`` holds for them)."""
+    u0, v0, su0, sv0 = start
+    u0, v0 = run.unscaled(u0, su0), run.unscaled(v0, sv0)
+    it = run.iterate
+    bad = torch.tensor([not ok for ok in check.finite], device=it.u.device).view(-1, 1, 1)
+    it.u = torch.where(bad, u0, it.u)
+    it.v = torch.where(bad, v0, it.v)
+
+
+def _plan(K: Tensor, u: Tensor, v: Tensor, sel: Tensor | None) -> Tensor:
     """diag(u) K diag(v) for the active samples at positions ``sel``; for all of them (sel
     None) in K's own memory, which is not needed afterwards."""
     if sel is None:
@@ -166,124 +392,107 @@ def _plan(K, u, v, sel):
     return K[sel].mul_(u[sel]).mul_(v[sel])
 
 
-def _masked_lse(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """logsumexp that returns -inf (not NaN) for an all -inf slice."""
-    mx = x.amax(dim=dim, keepdim=True)
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    return (x - mx).exp().sum(dim=dim).log() + mx.squeeze(dim)
+def _retire_converged(run: _Run, check: _Check, iterations: int) -> None:
+    """Record the converged samples' plans and potentials, and drop them from the active batch.
 
-
-def _log_domain_block(
-    M: torch.Tensor,
-    gamma: float,
-    f: torch.Tensor,
-    g: torch.Tensor,
-    log_r: torch.Tensor,
-    log_c: torch.Tensor,
-    iters: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact (logsumexp) Sinkhorn iterations on the potentials: slow, never over/underflows.
-
-    Padded rows/columns have log r = -inf and stay at f = -inf (g = -inf).
+    P = diag(u) K diag(v) with the K the iterations ran on, so the marginals just measured
+    are P's own: rebuilding it from the final potentials as exp(f' (+) g' - gamma M) would
+    re-round the exponent at the scale of the potentials, which at large gamma moves the
+    marginals past the tolerance.
     """
-    logK = M * (-gamma)
-    for _ in range(iters):
-        f = log_r - _masked_lse(logK + g.unsqueeze(-2), dim=-1)
-        f = torch.where(torch.isfinite(log_r), f, log_r)
-        g = log_c - _masked_lse(logK + f.unsqueeze(-1), dim=-2)
-        g = torch.where(torch.isfinite(log_c), g, log_c)
-    return f, g
+    it, res, sched = run.iterate, run.results, run.schedule
+    device = it.K.device
+    rows = [i for i, d in enumerate(check.done) if d]
+    sel = torch.tensor(rows, device=device)
+    batch_rows = torch.tensor([run.rows[i] for i in rows], device=device)
+    masks = (run.data.row_mask[sel], run.data.col_mask[sel])
+    res.record_potentials(batch_rows, *masks, it.f[sel], it.g[sel], it.u[sel], it.v[sel])
+    some = sel if len(rows) < len(run.rows) else None
+    res.plans.append((batch_rows, _plan(it.K, it.u, it.v, some)))
+    for i in rows:
+        b = run.rows[i]
+        res.iterations[b], res.residual[b], res.converged[b] = iterations, check.errors[i], True
+        res.omega[b], res.rate[b] = sched.omega[i], sched.mu2[i]
+    keep = [i for i, d in enumerate(check.done) if not d]
+    run.rows = [run.rows[i] for i in keep]
+    if not run.rows:
+        return
+    sched.keep(keep)
+    check.big = [check.big[i] for i in keep]
+    check.overflow = [check.overflow[i] for i in keep]
+    sel = torch.tensor(keep, device=device)
+    run.data = run.data.select(sel)
+    it.f, it.g, it.u, it.v, it.Kv, it.K = (x[sel] for x in (it.f, it.g, it.u, it.v, it.Kv, it.K))
 
 
-# |a| and |b| below which _relaxed_block folds a scale back into its vector: the scaled
-# vectors then stay within a factor 1e4 * 50 of the true scalings (|1 - omega| >= 0.02)
-_RESCALE_BELOW = 1e-4
+def _absorb(run: _Run, check: _Check) -> None:
+    """Absorb the scalings into the log potentials (exact for every sample) and restart from
+    u = v = 1 on the new kernel; where the scaling domain overflowed, run an exact log-domain
+    block first."""
+    it, data, s = run.iterate, run.data, run.settings
+    f = torch.where(data.row_mask > 0, it.f + it.u.log()[..., 0], it.f)
+    g = torch.where(data.col_mask > 0, it.g + it.v.log()[:, 0], it.g)
+    if any(check.overflow):
+        f, g = blocks.log_domain_block(
+            data.M, s.gamma, f, g, data.log_r, data.log_c, min(s.check_every, 10)
+        )
+        f = torch.where(data.row_mask > 0, f, 0.0)
+        g = torch.where(data.col_mask > 0, g, 0.0)
+        for i, overflowed in enumerate(check.overflow):
+            if overflowed:
+                run.schedule.reset(i)
+    run.iterate = _fresh_iterate(run, f, g)
 
 
-def _times(x: torch.Tensor, s: float, zero: torch.Tensor, one: torch.Tensor, out=None):
-    """s * x for a host float s (into ``out`` if given), as ``addcmul``'s scalar ``value``:
-    ``x * s`` would first wrap s in a tensor and convert it (three dispatches, ~4x the time of
-    the product itself)."""
-    return torch.addcmul(zero, x, one, value=s, out=out)
+def _refresh_keep_weight(run: _Run, check: _Check) -> None:
+    """Rebuild the per-sample weight 1 - omega when the batch changed or a factor moved by
+    more than 1e-3 (a smaller move keeps its tensor: one allocation fewer a check). Only the
+    per-sample loops read it: padded problems, or batches whose factors differ."""
+    if not (run.padded or len(run.rows) > 1):
+        return
+    if any(check.done) or any(
+        abs(w - w0) > 1e-3 for w, w0 in zip(run.schedule.omega, check.omega_before, strict=True)
+    ):
+        run.keep_w = run.schedule.keep_weight(run.iterate.u)
 
 
-def _relaxed_block(K, u, v, Kv, a, b, r_col, c_row, w, steps, zero, one, out):
-    """``steps`` over-relaxed iterations at one factor ``w`` shared by the batch, each at the
-    cost of a plain one: two matrix-vector products and two fused vector operations, all in
-    place in the buffers ``out`` = (u~, v~, K v~, K^T u~), which are returned with the scales.
-
-    The scalings are kept as scaled vectors with host scales, u = a u~ and v = b v~ (and
-    K v = b K v~, K^T u = a K^T u~). The update u <- w r / K v + (1 - w) u is then
-    u~ <- u~ + (w / (a' b)) r / K v~ with a' = (1 - w) a: a single ``addcdiv`` (likewise for
-    v). A scale is folded back into its vector once it falls below 1e-4 (the scaled vector
-    grows as 1 / |1 - w| a step). In place, an iteration allocates nothing: 3-5 us less than
-    the out-of-place form at m = n = 500 on a CPU (10% of an iteration). The block starts from
-    copies of u, v, K v, which stay as they were.
-    """
-    uu, vv, kv, ku = out
-    uu.copy_(u)
-    vv.copy_(v)
-    kv.copy_(Kv)
-    ut, vt = uu.mT, vv.mT
-    kw = 1.0 - w
-    for _ in range(steps):
-        if abs(a) < _RESCALE_BELOW:
-            _times(uu, a, zero, one, out=uu)
-            a = 1.0
-        if abs(b) < _RESCALE_BELOW:
-            _times(vv, b, zero, one, out=vv)
-            _times(kv, b, zero, one, out=kv)
-            b = 1.0
-        a *= kw
-        uu.addcdiv_(r_col, kv, value=w / (a * b))
-        torch.bmm(ut, K, out=ku)
-        b *= kw
-        vv.addcdiv_(c_row, ku, value=w / (a * b))
-        torch.bmm(K, vt, out=kv)
-    return uu, ku, vv, kv, a, b
+def _after_block(run: _Run, start, steps: int, iterations: int) -> None:
+    """The check after a block, and what follows from it: restore, retire, absorb."""
+    check = _check(run, steps)
+    if not all(check.finite) or any(check.done) or any(check.big):
+        run.unscale()  # what follows reads the true scalings
+    if not all(check.finite):
+        _restore_failed(run, check, start)
+    if any(check.done):
+        _retire_converged(run, check, iterations)
+        if not run.rows:
+            return
+    if any(check.big):
+        _absorb(run, check)
+    _refresh_keep_weight(run, check)
 
 
-def _plain_block(K, Kv, r_col, c_row, steps, out):
-    """``steps`` plain scaling iterations from K v, in place in the buffers ``out`` (as in
-    ``_relaxed_block``); returns u, K^T u, v, K v."""
-    uu, vv, kv, ku = out
-    kv.copy_(Kv)
-    ut, vt = uu.mT, vv.mT
-    for _ in range(steps):
-        torch.div(r_col, kv, out=uu)
-        torch.bmm(ut, K, out=ku)
-        torch.div(c_row, ku, out=vv)
-        torch.bmm(K, vt, out=kv)
-    return uu, ku, vv, kv
-
-
-class _BlockBuffers:
-    """Two sets of (u~, v~, K v~, K^T u~) buffers for the in-place blocks, used in turn: a
-    block writes into the set the previous block did not, so the iterate a block started from
-    (kept to restore at the check) is never overwritten by it. Reallocated when the active
-    batch shrinks."""
-
-    def __init__(self) -> None:
-        self.sets: list[tuple[torch.Tensor, ...]] = []
-        self.turn = 0
-
-    def take(self, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if not self.sets or self.sets[0][0].shape != u.shape:
-            self.sets = [
-                tuple(
-                    torch.empty_like(x, memory_format=torch.contiguous_format) for x in (u, v, u, v)
-                )
-                for _ in range(2)
-            ]
-        self.turn ^= 1
-        return self.sets[self.turn]
+def _record_unconverged(run: _Run) -> None:
+    """The samples still active at max_iter: their plans, potentials and marginal errors."""
+    run.unscale()
+    it, data, res = run.iterate, run.data, run.results
+    Ku = kernel_t_times(it.K, it.u, data.pad_cols)  # the last block's may predate an absorption
+    err = torch.linalg.vector_norm(torch.addcmul(data.neg_r, it.u, it.Kv), 1, dim=(-2, -1))
+    err += torch.linalg.vector_norm(torch.addcmul(data.neg_c, it.v, Ku), 1, dim=(-2, -1))
+    rows = torch.tensor(run.rows, device=it.K.device)
+    res.record_potentials(rows, data.row_mask, data.col_mask, it.f, it.g, it.u, it.v)
+    for i, e in zip(run.rows, torch.nan_to_num(err, nan=math.inf).tolist(), strict=True):
+        res.residual[i] = e
+    for i, w, mu2 in zip(run.rows, run.schedule.omega, run.schedule.mu2, strict=True):
+        res.omega[i], res.rate[i] = w, mu2
+    res.plans.append((rows, _plan(it.K, it.u, it.v, None)))
 
 
 @torch.no_grad()
 def solve_sinkhorn(
-    M: torch.Tensor,
-    r: torch.Tensor,
-    c: torch.Tensor,
+    M: Tensor,
+    r: Tensor,
+    c: Tensor,
     gamma: float,
     tol: float,
     max_iter: int,
@@ -292,240 +501,33 @@ def solve_sinkhorn(
 ) -> SinkhornSolution:
     """Solve min <P, M> + KL(P || r c^T) / gamma  s.t.  P 1 = r, P^T 1 = c, per sample.
 
+    The layer's forward, on inputs already checked and normalised (use :func:`ddn.sinkhorn`
+    for anything else); public for benchmarks that time the solver alone.
+
     Args:
         M: (B, m, n) cost, float32 or float64.
         r: (B, m) and c: (B, n) non-negative marginals summing to 1 per sample (zeros = padding).
         tol: a sample has converged when ||P 1 - r||_1 + ||P^T 1 - c||_1 <= tol.
         max_iter: at most this many iterations per sample (one = a row and a column update).
         check_every: iterations between convergence checks (each costs one host sync).
-        overrelax: accelerate with an adaptively estimated over-relaxation factor.
+        overrelax: accelerate with an adaptively estimated over-relaxation factor (False: the
+            plain scaling iteration, kept stable the same way).
     """
-    B, m, n = M.shape
-    dtype, device = M.dtype, M.device
-    # P is invariant to adding a row or a column constant to M; removing the row and column
-    # minima keeps the potentials (and the cancellation in -gamma M + f + g) small.
-    M = M - M.amin(-1, keepdim=True)
-    M = M - M.amin(-2, keepdim=True)
-    lo, tau = _LIMITS.get(dtype, _LIMITS[torch.float32])
-    rmask, cmask = (r > 0).to(dtype), (c > 0).to(dtype)
-    padded = bool((rmask == 0).any()) or bool((cmask == 0).any())
-    log_r = torch.where(r > 0, r.log(), torch.full_like(r, -math.inf))
-    log_c = torch.where(c > 0, c.log(), torch.full_like(c, -math.inf))
+    run = _Run(M, r, c, gamma, tol, max_iter, check_every, overrelax)
+    iterations = 0
+    while iterations < max_iter and run.rows:
+        steps = min(check_every, max_iter - iterations)
+        start = _run_block(run, steps)
+        iterations += steps
+        _after_block(run, start, steps, iterations)
+    if run.rows:  # not converged within max_iter: report where they stand
+        _record_unconverged(run)
+    results = run.results
+    del run  # the iterate and its buffers, before P is assembled
+    return results.solution()
 
-    # Outputs, written as samples finish; host-side lists, turned into tensors at the end.
-    plans: list[tuple[torch.Tensor, torch.Tensor]] = []  # (batch rows, their P)
-    f_out = torch.zeros(B, m, dtype=dtype, device=device)
-    g_out = torch.zeros(B, n, dtype=dtype, device=device)
-    iters_out = [max_iter] * B
-    res_out = [math.inf] * B
-    conv_out = [False] * B
-    omega_out = [1.0] * B
-    rate_out = [0.0] * B
 
-    # State of the active (unconverged) samples; `idx` maps them back to the batch.
-    # u is a column (B, m, 1) and v a row (B, 1, n): the two matrix-vector products are then
-    # K @ v^T and u^T @ K, the layouts that batched GEMV handles fast for any batch size.
-    # Padded rows/columns get a unit "marginal" and a unit kernel sum so that their scaling
-    # stays 1; their kernel entries are zero, so they never carry mass.
-    idx = list(range(B))
-    Ma, rm, cm, lra, lca = M, rmask, cmask, log_r, log_c
-    r_col = (r + (1 - rmask)).unsqueeze(-1)
-    c_row = (c + (1 - cmask)).unsqueeze(-2)
-    neg_r, neg_c = -r_col, -c_row
-    pr_col, pc_row = (1 - rmask).unsqueeze(-1), (1 - cmask).unsqueeze(-2)
-    f = torch.zeros(B, m, dtype=dtype, device=device)
-    g = torch.zeros(B, n, dtype=dtype, device=device)
-    K = _kernel(Ma, gamma, f, g, rm, cm, lo, padded)
-    u = torch.ones(B, m, 1, dtype=dtype, device=device)
-    v = torch.ones(B, 1, n, dtype=dtype, device=device)
-    sched = OmegaSchedule(B, torch.finfo(dtype).eps)
-    keep_w = sched.keep_weight(u)  # 1 - omega, the weight of the previous iterate
-    big_s = math.exp(tau)
-
-    def k_v(K, v, pr_col):
-        Kv = torch.bmm(K, v.mT)
-        return Kv.add_(pr_col) if padded else Kv
-
-    def kt_u(K, u, pc_row):
-        Ku = torch.bmm(u.mT, K)
-        return Ku.add_(pc_row) if padded else Ku
-
-    small_s, big_s = math.exp(-tau), math.exp(tau)
-    Kv = k_v(K, v, pr_col)
-    it = 0
-    # In the over-relaxed iteration at one factor for the batch, u, v, Kv and Ku are scaled:
-    # the true ones are su * u, sv * v, sv * Kv and su * Ku (see _relaxed_block); the check
-    # reads them through the scales, and they are unscaled only where a true value is needed.
-    su = sv = 1.0
-    buffers = _BlockBuffers()
-    zero = torch.zeros((), dtype=dtype, device=device)
-    one = torch.ones((), dtype=dtype, device=device)
-
-    def unscaled(x, s):
-        return x if s == 1.0 else _times(x, s, zero, one)
-
-    while it < max_iter and idx:
-        relaxed = overrelax and any(w != 1.0 for w in sched.omega)
-        uniform = relaxed and not padded and len(set(sched.omega)) == 1
-        if not uniform:
-            u, v, Kv, su, sv = unscaled(u, su), unscaled(v, sv), unscaled(Kv, sv), 1.0, 1.0
-        u_safe, v_safe, su_safe, sv_safe = u, v, su, sv  # every update is out of place
-        steps = min(check_every, max_iter - it)
-        # Over-relaxed: u <- w r / Kv + (1 - w) u, per-sample w. This is the linear form of
-        # the geometric update u^(1-w) (r / Kv)^w (the same first-order behaviour at the fixed
-        # point, hence the same rate) at one fused operation instead of four; an overshoot to
-        # u <= 0 is caught at the check and undone. The loop is written out per case: at
-        # m = n = 500 on a CPU each Python-level call costs a tenth of a matrix-vector product.
-        if uniform:
-            out = buffers.take(u, v)
-            u, Ku, v, Kv, su, sv = _relaxed_block(
-                K, u, v, Kv, su, sv, r_col, c_row, sched.omega[0], steps, zero, one, out
-            )
-        elif relaxed and not padded:
-            for _ in range(steps):
-                u = torch.div(r_col, Kv).lerp_(u, keep_w)
-                Ku = torch.bmm(u.mT, K)
-                v = torch.div(c_row, Ku).lerp_(v, keep_w)
-                Kv = torch.bmm(K, v.mT)  # for the check, then for the next row update
-        elif not padded:
-            u, Ku, v, Kv = _plain_block(K, Kv, r_col, c_row, steps, buffers.take(u, v))
-        else:
-            for _ in range(steps):
-                u = torch.div(r_col, Kv).lerp_(u, keep_w) if relaxed else torch.div(r_col, Kv)
-                Ku = kt_u(K, u, pc_row)
-                v = torch.div(c_row, Ku).lerp_(v, keep_w) if relaxed else torch.div(c_row, Ku)
-                Kv = k_v(K, v, pr_col)
-        it += steps
-
-        # --- check: two errors and the range of the scalings, brought to the host at once ---
-        # u * Kv and v * Ku are the row and column sums of the current P (Ku is from this u).
-        # (through the scales: su * u * sv * Kv; the ranges are scaled on the host below)
-        stats = [
-            torch.linalg.vector_norm(torch.addcmul(neg_r, u, Kv, value=su * sv), 1, dim=(-2, -1)),
-            torch.linalg.vector_norm(torch.addcmul(neg_c, v, Ku, value=su * sv), 1, dim=(-2, -1)),
-        ]
-        if len(idx) == 1:
-            # one sample: both extremes of a vector in one reduction over all of it (the
-            # four reductions along a dim cost half of a check at m = n = 500)
-            stats += [t.view(1) for t in (*torch.aminmax(u), *torch.aminmax(v))]
-        else:
-            # (amin and amax: aminmax along a dim is up to 4x slower on CPU in torch 2.14)
-            stats += [u.reshape(-1, m).amin(-1), u.reshape(-1, m).amax(-1)]
-            stats += [v.reshape(-1, n).amin(-1), v.reshape(-1, n).amax(-1)]
-        errs, finite, big, done = [], [], [], []
-        for e_r, e_c, u_lo, u_hi, v_lo, v_hi in zip(*torch.stack(stats).tolist(), strict=True):
-            e = e_r + e_c
-            u_lo, u_hi = (su * u_lo, su * u_hi) if su > 0 else (su * u_hi, su * u_lo)
-            v_lo, v_hi = (sv * v_lo, sv * v_hi) if sv > 0 else (sv * v_hi, sv * v_lo)
-            # every comparison with a NaN is False, so NaN anywhere fails `ok`
-            ok = u_lo > 0 and v_lo > 0 and u_hi < math.inf and v_hi < math.inf
-            ok = ok and math.isfinite(e)
-            bg = not ok or max(u_hi, v_hi) > big_s or min(u_lo, v_lo) < small_s
-            errs.append(e)
-            finite.append(ok)
-            big.append(bg)
-            done.append(ok and not bg and e <= tol)
-        w_before = list(sched.omega)
-        if overrelax:
-            sched.update(errs, finite, steps)
-
-        # A non-finite or non-positive scaling: restore the last good state. Where it was
-        # over-relaxed the schedule has just shrunk omega, which is the whole remedy; at
-        # omega = 1 it is an over/underflow of the scaling domain, which an exact log-domain
-        # block resolves.
-        overflow = [not ok and w == 1.0 for ok, w in zip(finite, w_before, strict=True)]
-        if not all(finite) or any(done) or any(big):  # these read the true scalings
-            u, v, Kv, su, sv = unscaled(u, su), unscaled(v, sv), unscaled(Kv, sv), 1.0, 1.0
-        if not all(finite):
-            u_safe, v_safe = unscaled(u_safe, su_safe), unscaled(v_safe, sv_safe)
-            bad_t = torch.tensor([not ok for ok in finite], device=device).view(-1, 1, 1)
-            u = torch.where(bad_t, u_safe, u)
-            v = torch.where(bad_t, v_safe, v)  # `big` holds for these: absorbed below
-
-        if any(done):
-            rows = [i for i, d in enumerate(done) if d]
-            sel = torch.tensor(rows, device=device)
-            out_rows = torch.tensor([idx[i] for i in rows], device=device)
-            lu, lv = u[sel].log(), v[sel].log()
-            f_out[out_rows] = torch.where(rm[sel] > 0, f[sel] + lu[..., 0], -math.inf)
-            g_out[out_rows] = torch.where(cm[sel] > 0, g[sel] + lv[:, 0], -math.inf)
-            plans.append((out_rows, _plan(K, u, v, sel if len(rows) < len(idx) else None)))
-            for i in rows:
-                iters_out[idx[i]], res_out[idx[i]] = it, errs[i]
-                conv_out[idx[i]], omega_out[idx[i]] = True, sched.omega[i]
-                rate_out[idx[i]] = sched.mu2[i]
-            keep = [i for i, d in enumerate(done) if not d]
-            idx = [idx[i] for i in keep]
-            if not idx:
-                break
-            sched.keep(keep)
-            big = [big[i] for i in keep]
-            overflow = [overflow[i] for i in keep]
-            sel = torch.tensor(keep, device=device)
-            Ma, rm, cm, lra, lca = Ma[sel], rm[sel], cm[sel], lra[sel], lca[sel]
-            r_col, c_row, neg_r, neg_c = r_col[sel], c_row[sel], neg_r[sel], neg_c[sel]
-            pr_col, pc_row = pr_col[sel], pc_row[sel]
-            f, g, u, v, Kv, K = f[sel], g[sel], u[sel], v[sel], Kv[sel], K[sel]
-
-        if any(big):
-            # Absorb the scalings into the log potentials (exact for every sample).
-            f = torch.where(rm > 0, f + u.log()[..., 0], f)
-            g = torch.where(cm > 0, g + v.log()[:, 0], g)
-            if any(overflow):
-                f, g = _log_domain_block(Ma, gamma, f, g, lra, lca, min(check_every, 10))
-                f = torch.where(rm > 0, f, 0.0)
-                g = torch.where(cm > 0, g, 0.0)
-                for i, o in enumerate(overflow):
-                    if o:
-                        sched.reset(i)
-            K = _kernel(Ma, gamma, f, g, rm, cm, lo, padded)
-            u, v = torch.ones_like(u), torch.ones_like(v)
-            Kv = k_v(K, v, pr_col)
-        # a factor that moved by less than 1e-3 keeps its tensor: one allocation fewer a check
-        # (after a compaction the batch changed: always rebuild)
-        moved = (abs(w - w0) > 1e-3 for w, w0 in zip(sched.omega, w_before, strict=True))
-        # (only the per-sample update reads it: padded, or factors that differ in a batch)
-        if (padded or len(idx) > 1) and (any(done) or any(moved)):
-            keep_w = sched.keep_weight(u)
-
-    if idx:  # not converged within max_iter: report where they stand
-        u, v, Kv = unscaled(u, su), unscaled(v, sv), unscaled(Kv, sv)
-        Ku = kt_u(K, u, pc_row)  # the loop's may predate an absorption or a compaction
-        err = torch.linalg.vector_norm(torch.addcmul(neg_r, u, Kv), 1, dim=(-2, -1))
-        err += torch.linalg.vector_norm(torch.addcmul(neg_c, v, Ku), 1, dim=(-2, -1))
-        rows = torch.tensor(idx, device=device)
-        f_out[rows] = torch.where(rm > 0, f + u.log()[..., 0], -math.inf)
-        g_out[rows] = torch.where(cm > 0, g + v.log()[:, 0], -math.inf)
-        for i, e in zip(idx, torch.nan_to_num(err, nan=math.inf).tolist(), strict=True):
-            res_out[i] = e
-        for i, w, mu2 in zip(idx, sched.omega, sched.mu2, strict=True):
-            omega_out[i], rate_out[i] = w, mu2
-        plans.append((rows, _plan(K, u, v, None)))
-    del K, Ku, Kv, u, v
-
-    # P = diag(u) K diag(v) with the K the iterations ran on: the marginals just measured are
-    # P's own. Recomputing it as exp(f' (+) g' - gamma M) from the final potentials re-rounds
-    # the exponent at the scale of the potentials: at gamma 1000 in float32 that moved the
-    # marginals of a sample measured at 5e-8 by 2e-4, past its tolerance.
-    # (samples are compacted in order, so a single plan of all B holds them in batch order)
-    if len(plans) == 1 and plans[0][1].shape[0] == B:
-        P = plans[0][1]
-    else:
-        P = torch.empty(B, m, n, dtype=dtype, device=device)
-        for rows, part in plans:
-            P[rows] = part
-    P = torch.nan_to_num_(P, nan=0.0, posinf=0.0)  # only where a sample failed outright
-    # Entries below sqrt(smallest normal) are flushed to zero: their products (P^T P in the
-    # backward) would be denormal numbers, which make the matrix products there 2-3x slower
-    # on x86. The mass removed is below m n 1e-19 in float32, far under any tolerance.
-    torch.nn.functional.threshold_(P, math.sqrt(torch.finfo(dtype).tiny), 0.0)
-    return SinkhornSolution(
-        P,
-        f_out,
-        g_out,
-        torch.tensor(iters_out, dtype=torch.long, device=device),
-        torch.tensor(res_out, dtype=dtype, device=device),
-        torch.tensor(conv_out, dtype=torch.bool, device=device),
-        torch.tensor(omega_out, dtype=dtype, device=device),
-        torch.tensor(rate_out, dtype=dtype, device=device),
-    )
+def solve(opts, M: Tensor, r: Tensor, c: Tensor) -> Solved:
+    """The layer's solver (``LayerSpec.solve``): P, saved for the backward, and its record."""
+    sol = solve_sinkhorn(M, r, c, opts.gamma, opts.tol, opts.max_iter, opts.check_every)
+    return Solved(sol.P, (sol.P,), sol.info())

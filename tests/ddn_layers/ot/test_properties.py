@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ddn_layers as ddn
+from tests.ddn_layers.testing import ALL_MODES
 
 
 @st.composite
@@ -40,7 +41,7 @@ def ot_problems(draw):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(problem=ot_problems(), mode=st.sampled_from(["implicit", "full", "approx", "unroll"]))
+@given(problem=ot_problems(), mode=st.sampled_from(ALL_MODES))
 def test_valid_plan_warning_or_value_error(problem, mode):
     M, r, c, gamma = problem
     M = M.clone().requires_grad_()

@@ -10,7 +10,10 @@ import pytest
 import torch
 
 import ddn_layers as ddn
-from tests.ddn_layers.ot_helpers import TIGHT, problem
+from ddn_layers.ot.blocks import BlockBuffers, shared_factor_block
+from ddn_layers.ot.schedule import OmegaSchedule
+from tests.ddn_layers.ot.helpers import TIGHT, problem
+from tests.ddn_layers.testing import ALL_MODES, F64
 
 ot = pytest.importorskip("ot")
 
@@ -51,7 +54,7 @@ def test_unbatched_shared_marginals_and_module():
     assert isinstance(layer, ddn.DeclarativeLayer) and "gamma=3.0" in repr(layer)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("gamma", [100.0, 1000.0])
 def test_stable_at_large_gamma(dtype, gamma):
     """gamma * M up to 1e4: no NaN, no underflow to an all-zero row, marginals met."""
@@ -82,10 +85,10 @@ def _plain_sinkhorn_iterations(M, r, c, gamma, tol):
 
 def test_fewer_iterations_than_plain_sinkhorn():
     g = torch.Generator().manual_seed(0)
-    M = torch.randn(100, 120, generator=g, dtype=torch.float64)
+    M = torch.randn(100, 120, generator=g, dtype=F64)
     r, c = (
-        torch.full((100,), 0.01, dtype=torch.float64),
-        torch.full((120,), 1 / 120, dtype=torch.float64),
+        torch.full((100,), 0.01, dtype=F64),
+        torch.full((120,), 1 / 120, dtype=F64),
     )
     # gamma = 30: a slowly converging problem, where acceleration matters
     _, info = ddn.sinkhorn(M, r, c, gamma=30.0, tol=1e-6, max_iter=100_000, return_info=True)
@@ -127,7 +130,7 @@ def test_converged_samples_are_frozen():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["implicit", "full", "approx", "unroll"])
+@pytest.mark.parametrize("mode", ALL_MODES, ids=str)
 def test_low_precision_solved_in_float32(dtype, mode):
     M, r, c = problem(2, 8, 6, dtype=torch.float32, seed=2)
     ref = ddn.sinkhorn(M, r, c, gamma=5.0, tol=1e-6)
@@ -150,8 +153,6 @@ def test_omega_schedule_backs_off_on_blowup_and_on_non_finite_scalings():
     """The over-relaxation factor rises to 2 / (1 + sqrt(1 - mu^2)) on steady decay, halves
     its excess over 1 when the error grows or a scaling leaves the positive reals, and snaps
     back to exactly 1 (plain Sinkhorn, which cannot overshoot) when the excess is small."""
-    from ddn_layers.ot.solver import OmegaSchedule
-
     s = OmegaSchedule(2, eps=1e-16)
     err = 1.0
     for _ in range(2):  # plain iteration with rate 0.9 per step, 10 steps between checks
@@ -169,8 +170,6 @@ def test_omega_schedule_backs_off_on_blowup_and_on_non_finite_scalings():
 def test_omega_schedule_settles_on_plain_iteration_at_the_precision_floor():
     """A setback below 300 eps is rounding noise amplified by omega: from then on the sample
     runs the plain iteration, even if its error falls again (no swinging back)."""
-    from ddn_layers.ot.solver import OmegaSchedule
-
     s = OmegaSchedule(1, eps=1e-7)  # floor 3e-5
     for err in (1e-2, 1e-3, 3e-5 * 0.5):
         s.update([err], [True], 10)
@@ -250,18 +249,16 @@ def test_relaxed_block_on_scaled_vectors_matches_the_relaxed_update(w):
     u <- w r / K v + (1 - w) u written out, in float64 (to 1e-8: at w = 1.95 the iteration
     amplifies the different rounding of the two forms to ~3e-10 in 12 steps; an algebra slip
     would be of order one)."""
-    from ddn_layers.ot.solver import _BlockBuffers, _relaxed_block
-
     g = torch.Generator().manual_seed(0)
-    K = torch.rand(2, 7, 5, generator=g, dtype=torch.float64) + 0.1
-    r = torch.rand(2, 7, 1, generator=g, dtype=torch.float64) + 0.5
-    c = torch.rand(2, 1, 5, generator=g, dtype=torch.float64) + 0.5
-    u = torch.rand(2, 7, 1, generator=g, dtype=torch.float64) + 0.5
-    v = torch.rand(2, 1, 5, generator=g, dtype=torch.float64) + 0.5
-    zero, one = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
+    K = torch.rand(2, 7, 5, generator=g, dtype=F64) + 0.1
+    r = torch.rand(2, 7, 1, generator=g, dtype=F64) + 0.5
+    c = torch.rand(2, 1, 5, generator=g, dtype=F64) + 0.5
+    u = torch.rand(2, 7, 1, generator=g, dtype=F64) + 0.5
+    v = torch.rand(2, 1, 5, generator=g, dtype=F64) + 0.5
+    zero, one = torch.zeros((), dtype=F64), torch.ones((), dtype=F64)
     u0, v0 = u.clone(), v.clone()
-    out = _BlockBuffers().take(u, v)
-    ut, Kut, vt, Kvt, a, b = _relaxed_block(
+    out = BlockBuffers().take(u, v)
+    ut, Kut, vt, Kvt, a, b = shared_factor_block(
         K, u, v, K @ v.mT, 1.0, 1.0, r, c, w, 12, zero, one, out
     )
     assert torch.equal(u, u0) and torch.equal(v, v0)  # in place, but in the buffers only

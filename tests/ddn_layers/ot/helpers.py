@@ -1,10 +1,10 @@
-"""Problem builders shared by the optimal transport tests."""
+"""Problem builders and constants shared by the optimal transport tests."""
 
 from __future__ import annotations
 
 import torch
 
-F64 = torch.float64
+from tests.ddn_layers.testing import F64
 
 
 def problem(B, m, n, *, uniform=False, dtype=F64, scale=1.0, seed=0, kind="rand"):
@@ -30,3 +30,4 @@ def pad(M, r, c, extra_rows, extra_cols, value=3.0):
 
 
 TIGHT = dict(tol=1e-13, max_iter=100_000)
+"""Solver options for results exact to ~1e-13 (finite differences, references)."""

@@ -1,0 +1,29 @@
+"""The optimal transport layer's options: each one checked once, when the options are built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ddn_layers.base import LayerOptions, option
+from ddn_layers.checks import at_least, check_bool, check_positive, one_of
+
+IMPLICIT_SOLVERS = ("auto", "cholesky", "cg")
+"""How ``implicit`` solves its Schur complement: ``auto`` chooses by cost (see backward.py)."""
+
+
+@dataclass(frozen=True)
+class OTOptions(LayerOptions):
+    """Options of :func:`~ddn_layers.sinkhorn` and :class:`~ddn_layers.OptimalTransport`.
+
+    ``gamma``: inverse regularisation strength; ``tol``: L1 marginal error at which a sample
+    has converged; ``max_iter``: iteration limit per sample; ``implicit_solver``: one of
+    :data:`IMPLICIT_SOLVERS`; ``check_every``: iterations between convergence checks (each is
+    one host sync); ``warn``: raise a ConvergenceWarning for samples that did not converge.
+    """
+
+    gamma: float = option(10.0, check=check_positive)
+    tol: float = option(1e-6, check=check_positive)
+    max_iter: int = option(1000, check=at_least(1))
+    implicit_solver: str = option("auto", check=one_of(IMPLICIT_SOLVERS))
+    check_every: int = option(10, check=at_least(1))
+    warn: bool = option(True, check=check_bool)
