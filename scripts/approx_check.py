@@ -208,11 +208,11 @@ def train_trace(mode: str, steps: int, seed: int) -> list[str]:
         except StopIteration:
             batches = iter(data.train_dataloader())
             b = next(batches)
-        A = net(b["kpts0"], b["kpts1"], b["mask0"], b["mask1"])
+        A = net(b)
         loss = matching_nll(A, b["matches0"], b["matches1"], b["mask0"], b["mask1"]).mean()
         if step % 50 == 0:
             with torch.no_grad():
-                S = net.scores(b["kpts0"], b["kpts1"], b["mask0"], b["mask1"])
+                S = net.scores(b)
                 real = b["mask0"].unsqueeze(2) & b["mask1"].unsqueeze(1)
                 gt = torch.zeros_like(real)
                 bi, ii = (b["matches0"] >= 0).nonzero(as_tuple=True)

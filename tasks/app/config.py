@@ -34,8 +34,8 @@ class DDNConfig:
     # Measure each declarative layer's forward/backward time and memory every N training
     # batches (0: never; nothing is hooked or synchronised then).
     profile_every_n_steps: int = 25
-    # On CPU, peak memory comes from the torch profiler's allocation records, which slows the
-    # profiled step; false keeps the timings only. On GPU memory is always measured (cheap).
+    # On CPU memory comes from the torch profiler, which slows the batch it records: false
+    # keeps the timings only (on GPU memory is always measured).
     profile_memory: bool = True
 
 

@@ -75,12 +75,8 @@ def hyperparameters(cfg: DictConfig, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _wandb_id(run_dir: Path) -> str:
-    # One W&B id per run directory, so that online a resumed run continues the same W&B run.
-    # Offline it cannot: wandb (0.30) does not resume offline runs, so a resumed segment is a
-    # second offline folder under the same id, and syncing both keeps the later one's history
-    # only (the CSV log keeps every segment, csv/version_N). Under a `wandb agent` the id is
-    # the one the agent chose (WANDB_RUN_ID), so that the sweep controller sees its run
-    # report back.
+    # One id per run directory, so that a resumed online run continues its W&B run; under a
+    # `wandb agent` it is the agent's (WANDB_RUN_ID), so that the sweep sees its run report.
     path = run_dir / _WANDB_ID_FILE
     if path.is_file():
         return path.read_text().strip()

@@ -7,6 +7,8 @@ business: the runner sets ``ddn.backward_mode`` on the built module.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +18,13 @@ from omegaconf import OmegaConf
 from torchmetrics import MeanMetric, MetricCollection
 
 from tasks.app.optim import configure as configure_optimization
+
+
+def arguments_of(fn: Callable[..., Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``options`` that name a parameter of ``fn``: a task's ``model`` section
+    holds its network's arguments beside options of its own (loss weights, thresholds)."""
+    names = inspect.signature(fn).parameters
+    return {key: value for key, value in options.items() if key in names}
 
 
 @dataclass

@@ -62,7 +62,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[pl
         DDNProfiler(cfg.ddn.profile_every_n_steps, cfg.ddn.profile_memory),
         StepTimer(),
     ]
-    # Lightning 2.6 still writes last.ckpt at the end of a fast_dev_run, where it would be
+    # Lightning writes last.ckpt even at the end of a fast_dev_run, where it would be
     # mistaken for a run to resume; smoke runs get no checkpoint callback at all.
     if not cfg.trainer.fast_dev_run:
         validating = cfg.trainer.limit_val_batches != 0

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from tasks.app.data import SplitData
 from tasks.classification.config import CIFAR_DIRS
 from tasks.classification.corruption import Corruption
 
@@ -103,13 +103,12 @@ class Prepared(Dataset):
         return (x - self.mean) / self.std, y
 
 
-class ClassificationData(pl.LightningDataModule):
+class ClassificationData(SplitData):
     """``num_classes``, ``in_channels`` and ``image_size`` are known at construction (the
     model is built from them); the images are loaded in :meth:`setup`."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.image_size = cfg.image_size or _NATIVE_SIZE[cfg.dataset]
         if cfg.dataset == "digits":
             self.num_classes, self.in_channels = 10, 1
@@ -118,7 +117,6 @@ class ClassificationData(pl.LightningDataModule):
         else:
             classes, _ = datasets.folder.find_classes(str(_folder_tree(Path(cfg.root))))
             self.num_classes, self.in_channels = len(classes), cfg.channels
-        self.splits: dict[str, Dataset] = {}
 
     def prepare_data(self) -> None:
         # Runs on one process per node before setup: the only place that may download.
@@ -160,25 +158,7 @@ class ClassificationData(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         train = self.splits["train"]
         # A lone last sample would break BatchNorm; dropping it costs nothing.
-        return self._loader(train, shuffle=True, drop_last=len(train) > self.cfg.batch_size)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.splits["val"])
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.splits["test"])
-
-    def _loader(self, ds: Dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
-        workers = self.cfg.num_workers
-        return DataLoader(
-            ds,
-            batch_size=self.cfg.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return self.loader(train, shuffle=True, drop_last=len(train) > self.cfg.batch_size)
 
     def _augmentation(self) -> v2.Transform:
         pad = max(1, self.image_size // 8)

@@ -114,9 +114,8 @@ class Classifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled (B, C) features."""
         x = self.backbone(x)
-        # Distances between C-dimensional feature vectors grow like sqrt(C): pooling the
-        # features divided by sqrt(C) makes the robust penalty's alpha mean the same at every
-        # width. Average and max pooling commute with the scaling, so they are unchanged.
+        # Distances between C-dimensional vectors grow like sqrt(C), so dividing by it makes
+        # alpha mean the same at every width (average and max pooling commute with it).
         scale = x.shape[1] ** 0.5
         return self.pool(x / scale) * scale
 

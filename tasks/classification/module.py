@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from tasks.app.module import DeclarativeTask, Evaluation
+from tasks.app.module import DeclarativeTask, Evaluation, arguments_of
 from tasks.classification.model import Classifier
 
 
@@ -25,17 +25,7 @@ class ClassificationModule(DeclarativeTask):
     ) -> None:
         accuracy = MulticlassAccuracy(num_classes, average="micro")
         super().__init__(optim, MetricCollection({"acc": accuracy}))
-        self.net = Classifier(
-            num_classes=num_classes,
-            in_channels=in_channels,
-            arch=model["arch"],
-            width=model["width"],
-            pool=model["pool"],
-            penalty=model["penalty"],
-            alpha=model["alpha"],
-            pool_kwargs=model["pool_kwargs"],
-            dropout=model["dropout"],
-        )
+        self.net = Classifier(num_classes, in_channels, **arguments_of(Classifier, model))
         self.label_smoothing = model["label_smoothing"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -187,11 +187,10 @@ class BaselineConfig:
 
 @dataclass
 class MatchingRun(RunConfig):
-    """The task's defaults train on 2 CPU cores in about 5 minutes (one intra-op thread):
-    16 epochs of 2048 fresh samples in batches of 16 (on a CPU an update costs what its
-    samples cost, and this budget is better spent on more updates), AdamW at 1e-2 after a
-    one-epoch warm-up, cosine-decayed to 0, gradients clipped at norm 1. Measured in
-    docs/benchmarks/matching_cpu.md: test F1 0.91 against 0.36 for the best baseline."""
+    """The task's defaults: 16 epochs of 2048 fresh samples in small batches of 16 (on a CPU
+    an update costs what its samples cost, so a budget buys more updates this way), AdamW at
+    1e-2 after a one-epoch warm-up, cosine-decayed to 0, gradients clipped at norm 1. What
+    they reach: docs/benchmarks/matching_cpu.md."""
 
     task: str = "matching"
     data: DataConfig = field(default_factory=DataConfig)

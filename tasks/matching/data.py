@@ -23,10 +23,11 @@ from functools import cached_property
 from typing import Protocol
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from tasks.app.data import SplitData
 
 Sample = dict[str, torch.Tensor]
 _SPLIT_CODES = {"val": 1, "test": 2}
@@ -304,15 +305,14 @@ def build_sources(cfg: DictConfig) -> tuple[PairSource, PairSource]:
     return source, source
 
 
-class MatchingData(pl.LightningDataModule):
-    """``descriptor_dim`` is known at construction (the model is built from it)."""
+class MatchingData(SplitData):
+    """``descriptor_dim`` is known at construction (the model is built from it). Training
+    items are random already, so the training loader does not shuffle them."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg, collate_fn=collate_pairs)
         self.train_source, self.eval_source = build_sources(cfg)
         self.descriptor_dim = self.train_source.descriptor_dim
-        self.splits: dict[str, Dataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -323,24 +323,3 @@ class MatchingData(pl.LightningDataModule):
             "val": Fixed(self.eval_source, cfg.val_size, cfg.split_seed, "val"),
             "test": Fixed(self.eval_source, cfg.test_size, cfg.split_seed, "test"),
         }
-
-    def train_dataloader(self) -> DataLoader:
-        # Every item is random already: shuffling the indices would add nothing.
-        return self._loader(self.splits["train"])
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.splits["val"])
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.splits["test"])
-
-    def _loader(self, ds: Dataset) -> DataLoader:
-        workers = self.cfg.num_workers
-        return DataLoader(
-            ds,
-            batch_size=self.cfg.batch_size,
-            collate_fn=collate_pairs,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )

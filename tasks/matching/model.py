@@ -18,6 +18,7 @@ point j of set 1, ``assignment[i, n]`` that it has no match.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -26,10 +27,11 @@ from torch import nn
 
 import ddn_layers as ddn
 
-# Smallest assignment probability the loss takes the log of. Costs are in [-1, 1], so a
-# converged plan has no entry below about exp(-2 gamma) / (m + n) in exact arithmetic; the
-# clamp only guards float32 underflow, where it would otherwise give -inf (and a NaN gradient).
+# Smallest assignment probability the loss takes the log of: it guards float32 underflow (-inf,
+# a NaN gradient) only, since costs in [-1, 1] keep a plan's entries above exp(-2 gamma) / (m + n).
 LOG_FLOOR = 1e-12
+
+Batch = Mapping[str, torch.Tensor]
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -54,11 +56,9 @@ def standardize(points: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Ten
         return x / rms.clamp_min(1e-6)
     cov = x.transpose(1, 2) @ x / count
     a, b, d = cov[:, 0, 0], cov[:, 0, 1], cov[:, 1, 1]
-    # Closed-form inverse square root of a 2 x 2 SPD matrix, C^(-1/2) = adj(C + sI) / (s t)
-    # with s = sqrt(det C), t = sqrt(tr C + 2 s): differentiable even where the eigenvalues
-    # coincide (an isotropic set), where an eigendecomposition's gradient is infinite. A set
-    # on a line or a single point has det C = 0; the floor, relative to the trace, keeps every
-    # other set's map exactly affine-equivariant.
+    # C^(-1/2) = adj(C + sI) / (s t), s = sqrt(det C), t = sqrt(tr C + 2 s), is differentiable
+    # where the eigenvalues coincide (an eigendecomposition's gradient is infinite there); the
+    # floor on det C, relative to the trace, touches only sets on a line or at one point.
     trace = a + d
     det = (a * d - b * b).clamp_min((1e-6 * trace) ** 2 + torch.finfo(x.dtype).tiny)
     s = det.sqrt()
@@ -97,7 +97,7 @@ class LocalShape(nn.Module):
         self.k = k
         self.radial_frame = radial_frame
         # One linear map per edge and the MLP after the max: k times fewer rows than an MLP
-        # per edge, and most of the encoder's cost otherwise.
+        # per edge.
         self.edge = nn.Linear(3 if radial_frame else 4, dim)
         self.post = nn.Sequential(nn.GELU(), nn.Linear(dim, dim))
 
@@ -155,7 +155,8 @@ class Attention(nn.Module):
 
 
 class MatchingNet(nn.Module):
-    """``net(kpts0, kpts1, mask0, mask1[, desc0, desc1]) -> assignment`` (B, M+1, N+1).
+    """``net(batch) -> assignment`` (B, M+1, N+1), where ``batch`` holds ``kpts0``, ``kpts1``,
+    ``mask0``, ``mask1`` and optionally ``desc0``, ``desc1`` (see ``collate_pairs``).
 
     ``assignment[b, :m, :n]`` holds match probabilities, column N the dustbin of set 0 and
     row M the dustbin of set 1 (rows and columns of real points sum to 1; padding is 0).
@@ -212,25 +213,18 @@ class MatchingNet(nn.Module):
             h = h + self.descriptor(desc)
         return h
 
-    def scores(
-        self,
-        kpts0: torch.Tensor,
-        kpts1: torch.Tensor,
-        mask0: torch.Tensor,
-        mask1: torch.Tensor,
-        desc0: torch.Tensor | None = None,
-        desc1: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def scores(self, batch: Batch) -> torch.Tensor:
         """Cosine similarities (B, M, N) of the final embeddings, in [-1, 1]."""
+        kpts0, kpts1, mask0, mask1 = (batch[k] for k in ("kpts0", "kpts1", "mask0", "mask1"))
         B, M, N = kpts0.shape[0], kpts0.shape[1], kpts1.shape[1]
         # Both sets go through every layer as one batch of 2B sets padded to a common length:
-        # half the operations, which is what the time of these small tensors is made of.
+        # half the operations, whose overhead is what these small tensors cost.
         length = max(M, N)
         points = torch.cat([_pad(kpts0, length), _pad(kpts1, length)])
         mask = torch.cat([_pad(mask0, length), _pad(mask1, length)])
         desc = None
-        if desc0 is not None and desc1 is not None:
-            desc = torch.cat([_pad(desc0, length), _pad(desc1, length)])
+        if "desc0" in batch and "desc1" in batch:
+            desc = torch.cat([_pad(batch["desc0"], length), _pad(batch["desc1"], length)])
         h = self.embed(standardize(points, mask, self.normalize), mask, desc)
         # Each set's context in cross-attention is the other set of its pair.
         other = torch.cat([torch.arange(B, 2 * B), torch.arange(B)]).to(points.device)
@@ -240,16 +234,10 @@ class MatchingNet(nn.Module):
         f = F.normalize(self.head(h), dim=-1)
         return f[:B, :M] @ f[B:, :N].transpose(1, 2)
 
-    def forward(
-        self,
-        kpts0: torch.Tensor,
-        kpts1: torch.Tensor,
-        mask0: torch.Tensor,
-        mask1: torch.Tensor,
-        desc0: torch.Tensor | None = None,
-        desc1: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        S = self.scores(kpts0, kpts1, mask0, mask1, desc0, desc1)
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """The assignment (B, M+1, N+1) of a batch as ``collate_pairs`` makes it."""
+        S = self.scores(batch)
+        mask0, mask1 = batch["mask0"], batch["mask1"]
         B, M, N = S.shape
         bin_col = self.dustbin.expand(B, M, 1)
         bin_row = self.dustbin.expand(B, 1, N + 1)

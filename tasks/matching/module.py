@@ -9,12 +9,10 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tasks.app.module import DeclarativeTask, Evaluation
+from tasks.app.module import DeclarativeTask, Evaluation, arguments_of
 from tasks.matching import baselines
 from tasks.matching.metrics import match_metrics
-from tasks.matching.model import MatchingNet, matching_nll, mutual_matches
-
-Batch = dict[str, torch.Tensor]
+from tasks.matching.model import Batch, MatchingNet, matching_nll, mutual_matches
 
 
 class MatchingModule(DeclarativeTask):
@@ -32,20 +30,8 @@ class MatchingModule(DeclarativeTask):
         descriptor_dim: int,
     ) -> None:
         super().__init__(optim, match_metrics())
-        self.net = MatchingNet(
-            dim=model["dim"],
-            layers=model["layers"],
-            heads=model["heads"],
-            knn=model["knn"],
-            radial_frame=model["radial_frame"],
-            normalize=model["normalize"],
-            descriptor_dim=descriptor_dim,
-            gamma=model["gamma"],
-            ot_tol=model["ot_tol"],
-            ot_max_iter=model["ot_max_iter"],
-            ot_kwargs=model["ot_kwargs"],
-            dustbin_init=model["dustbin_init"],
-        )
+        options = arguments_of(MatchingNet, model)
+        self.net = MatchingNet(descriptor_dim=descriptor_dim, **options)
         self.unmatched_weight = model["unmatched_weight"]
         self.threshold = model["match_threshold"]
         self.baseline_metrics = torch.nn.ModuleDict(
@@ -70,14 +56,7 @@ class MatchingModule(DeclarativeTask):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """The assignment matrix (B, M+1, N+1) of a collated batch (see MatchingNet)."""
-        return self.net(
-            batch["kpts0"],
-            batch["kpts1"],
-            batch["mask0"],
-            batch["mask1"],
-            batch.get("desc0"),
-            batch.get("desc1"),
-        )
+        return self.net(batch)
 
     def evaluate(self, batch: Batch, split: str) -> Evaluation:
         assignment = self(batch)

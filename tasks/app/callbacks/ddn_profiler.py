@@ -18,11 +18,10 @@ it for free) the callback logs, under ``ddn/<layer>/``:
   record (``layer.last_info.summary()``).
 
 On a CPU the times and the memory come from two consecutive batches: the torch profiler that
-records the allocations slows what it records, and not by the same factor for every mode
-(measured in a matching run: implicit forward 3.9 -> 7.7 ms, unroll backward 14.7 -> 19.1
-ms), so the timed batch runs without it and the next batch runs under it for the ``*_mib``
-values only (both come from one batch when it is the run's last). The record is logged at
-the step of the timed batch, the step its ``train/loss`` has.
+records the allocations slows what it records, unevenly across modes
+(docs/benchmarks/matching_cpu.md), so the timed batch runs without it and the next batch runs
+under it for the ``*_mib`` values only (both come from one batch when it is the run's last).
+The record is logged at the step of the timed batch, the step its ``train/loss`` has.
 
 Cost: on batches that are not profiled the callback only counts (no hooks are attached, nothing
 is synchronised); ``every_n_steps=0`` switches it off. A profiled batch synchronises the device

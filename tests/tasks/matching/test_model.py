@@ -39,7 +39,7 @@ def samples(n: int = 3, seed: int = 0):
 
 def run(net, batch, weight=0.7):
     batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
-    assignment = net(batch["kpts0"], batch["kpts1"], batch["mask0"], batch["mask1"])
+    assignment = net(batch)
     keys = ("matches0", "matches1", "mask0", "mask1")
     return assignment, matching_nll(assignment, *(batch[k] for k in keys), weight)
 
