@@ -225,6 +225,21 @@ def _is_max_time(value: object) -> bool:
 
 
 def _check_trainer(cfg: DictConfig, problems: list[str]) -> None:
+    _check_launch(cfg, problems)
+    _check_loops(cfg, problems)
+
+
+def _devices_ok(devices: Any) -> bool:
+    return (
+        (_is_int(devices) and devices >= -1)
+        or devices == "auto"
+        or (isinstance(devices, str) and all(p.strip().isdigit() for p in devices.split(",")))
+        or (hasattr(devices, "__len__") and all(_is_int(d) and d >= 0 for d in devices))
+    )
+
+
+def _check_launch(cfg: DictConfig, problems: list[str]) -> None:
+    """Where the run's processes go: accelerator, precision, strategy, devices, nodes."""
     from pytorch_lightning.strategies import StrategyRegistry
 
     t = cfg.trainer
@@ -239,20 +254,23 @@ def _check_trainer(cfg: DictConfig, problems: list[str]) -> None:
             f"trainer.strategy={t.strategy!r}: spawn strategies are not supported; use ddp "
             "(configs/ddp.yaml), which launches the processes itself"
         )
-    if t.max_time is not None and not _is_max_time(t.max_time):
-        problems.append(f"trainer.max_time={t.max_time!r} must be DD:HH:MM:SS, e.g. 00:12:00:00")
-    devices = t.devices
-    ok_devices = (
-        (_is_int(devices) and devices >= -1)
-        or devices == "auto"
-        or (isinstance(devices, str) and all(p.strip().isdigit() for p in devices.split(",")))
-        or (hasattr(devices, "__len__") and all(_is_int(d) and d >= 0 for d in devices))
-    )
-    if not ok_devices:
+    if not _devices_ok(t.devices):
         problems.append(
-            f"trainer.devices={devices!r} must be a count (int, -1 for all), 'auto', "
+            f"trainer.devices={t.devices!r} must be a count (int, -1 for all), 'auto', "
             "or a list of device indices"
         )
+    if t.sync_batchnorm and t.accelerator == "cpu":
+        problems.append(
+            "trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm is CUDA-only)"
+        )
+    check_range(cfg, "trainer.num_nodes", problems, low=1)
+
+
+def _check_loops(cfg: DictConfig, problems: list[str]) -> None:
+    """How long the loops run and what they do on the way: epochs, batches, validation."""
+    t = cfg.trainer
+    if t.max_time is not None and not _is_max_time(t.max_time):
+        problems.append(f"trainer.max_time={t.max_time!r} must be DD:HH:MM:SS, e.g. 00:12:00:00")
     if not (isinstance(t.fast_dev_run, bool) or (_is_int(t.fast_dev_run) and t.fast_dev_run >= 0)):
         problems.append(f"trainer.fast_dev_run={t.fast_dev_run!r} must be true/false or a count")
     for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
@@ -269,13 +287,8 @@ def _check_trainer(cfg: DictConfig, problems: list[str]) -> None:
         problems.append(
             f"trainer.deterministic={t.deterministic!r} is not one of [true, false, 'warn']"
         )
-    if t.sync_batchnorm and t.accelerator == "cpu":
-        problems.append(
-            "trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm is CUDA-only)"
-        )
     if t.profiler is not None:
         check_choice(cfg, "trainer.profiler", ["simple", "advanced", "pytorch", "xla"], problems)
-    check_range(cfg, "trainer.num_nodes", problems, low=1)
     check_range(cfg, "trainer.max_epochs", problems, low=-1)
     check_range(cfg, "trainer.accumulate_grad_batches", problems, low=1)
     check_range(cfg, "trainer.log_every_n_steps", problems, low=1)
