@@ -119,7 +119,7 @@ def argmin_with_options(
     problem: Problem, inputs: Sequence[Tensor], options: ArgminOptions, mode: BackwardMode
 ) -> tuple[Tensor, SolverInfo]:
     """y and its record for validated options (the module's forward and ``argmin``)."""
-    B, in_dtype = check_inputs(inputs)
+    _, in_dtype = check_inputs(inputs)
     if mode is BackwardMode.APPROX and problem.hessian_approx is None:
         raise ValueError(
             "backward_mode='approx' needs hessian_approx=fn(*inputs, y) returning a cheap "
