@@ -12,7 +12,8 @@ import torch
 from torch.autograd import gradgradcheck
 
 import ddn_layers as ddn
-from tests.ddn_layers.generic_helpers import F64, load_example
+from tests.ddn_layers.generic.helpers import load_example
+from tests.ddn_layers.testing import F64
 
 ONCE = {
     "pool": ("implicit", "full", "approx"),
