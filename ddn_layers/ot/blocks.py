@@ -53,39 +53,39 @@ def times(x: Tensor, s: float, zero: Tensor, one: Tensor, out=None) -> Tensor:
     return torch.addcmul(zero, x, one, value=s, out=out)
 
 
-def shared_factor_block(K, u, v, Kv, a, b, r_col, c_row, w, steps, zero, one, out):
+def shared_factor_block(K, u, v, Kv, u_scale, v_scale, r_col, c_row, w, steps, zero, one, out):
     """``steps`` over-relaxed iterations at one factor ``w`` shared by the batch, each at the
     cost of a plain one: two matrix-vector products and two fused vector operations, all in
     place in the buffers ``out`` = (u~, v~, K v~, K^T u~), which are returned with the scales.
 
-    The scalings are kept as scaled vectors with host scales, u = a u~ and v = b v~ (and
-    K v = b K v~, K^T u = a K^T u~). The update u <- w r / K v + (1 - w) u is then
-    u~ <- u~ + (w / (a' b)) r / K v~ with a' = (1 - w) a: a single ``addcdiv`` (likewise for
-    v). A scale is folded back into its vector once it falls below ``RESCALE_BELOW`` (the
-    scaled vector grows as 1 / |1 - w| a step). The block starts from copies of u, v, K v,
-    which stay as they were.
+    The scalings are kept as scaled vectors with host scales, u = a u~ and v = b v~ (a =
+    ``u_scale``, b = ``v_scale``; K v = b K v~, K^T u = a K^T u~). The update
+    u <- w r / K v + (1 - w) u is then u~ <- u~ + (w / (a' b)) r / K v~ with a' = (1 - w) a:
+    a single ``addcdiv`` (likewise for v). A scale is folded back into its vector once it
+    falls below ``RESCALE_BELOW`` (the scaled vector grows as 1 / |1 - w| a step). The block
+    starts from copies of u, v, K v, which stay as they were.
     """
-    uu, vv, kv, ku = out
-    uu.copy_(u)
-    vv.copy_(v)
-    kv.copy_(Kv)
-    ut, vt = uu.mT, vv.mT
-    kw = 1.0 - w
+    u_scaled, v_scaled, kv_scaled, ku_scaled = out
+    u_scaled.copy_(u)
+    v_scaled.copy_(v)
+    kv_scaled.copy_(Kv)
+    u_row, v_col = u_scaled.mT, v_scaled.mT
+    keep = 1.0 - w
     for _ in range(steps):
-        if abs(a) < RESCALE_BELOW:
-            times(uu, a, zero, one, out=uu)
-            a = 1.0
-        if abs(b) < RESCALE_BELOW:
-            times(vv, b, zero, one, out=vv)
-            times(kv, b, zero, one, out=kv)
-            b = 1.0
-        a *= kw
-        uu.addcdiv_(r_col, kv, value=w / (a * b))
-        torch.bmm(ut, K, out=ku)
-        b *= kw
-        vv.addcdiv_(c_row, ku, value=w / (a * b))
-        torch.bmm(K, vt, out=kv)
-    return uu, ku, vv, kv, a, b
+        if abs(u_scale) < RESCALE_BELOW:
+            times(u_scaled, u_scale, zero, one, out=u_scaled)
+            u_scale = 1.0
+        if abs(v_scale) < RESCALE_BELOW:
+            times(v_scaled, v_scale, zero, one, out=v_scaled)
+            times(kv_scaled, v_scale, zero, one, out=kv_scaled)
+            v_scale = 1.0
+        u_scale *= keep
+        u_scaled.addcdiv_(r_col, kv_scaled, value=w / (u_scale * v_scale))
+        torch.bmm(u_row, K, out=ku_scaled)
+        v_scale *= keep
+        v_scaled.addcdiv_(c_row, ku_scaled, value=w / (u_scale * v_scale))
+        torch.bmm(K, v_col, out=kv_scaled)
+    return u_scaled, ku_scaled, v_scaled, kv_scaled, u_scale, v_scale
 
 
 def per_sample_factor_block(K, u, v, Kv, r_col, c_row, keep_w, steps):
@@ -102,15 +102,15 @@ def per_sample_factor_block(K, u, v, Kv, r_col, c_row, keep_w, steps):
 def plain_block(K, Kv, r_col, c_row, steps, out):
     """``steps`` plain scaling iterations from K v, in place in the buffers ``out`` (as in
     :func:`shared_factor_block`); returns u, K^T u, v, K v."""
-    uu, vv, kv, ku = out
-    kv.copy_(Kv)
-    ut, vt = uu.mT, vv.mT
+    u, v, Kv_out, Ku = out
+    Kv_out.copy_(Kv)
+    u_row, v_col = u.mT, v.mT
     for _ in range(steps):
-        torch.div(r_col, kv, out=uu)
-        torch.bmm(ut, K, out=ku)
-        torch.div(c_row, ku, out=vv)
-        torch.bmm(K, vt, out=kv)
-    return uu, ku, vv, kv
+        torch.div(r_col, Kv_out, out=u)
+        torch.bmm(u_row, K, out=Ku)
+        torch.div(c_row, Ku, out=v)
+        torch.bmm(K, v_col, out=Kv_out)
+    return u, Ku, v, Kv_out
 
 
 def padded_block(K, u, v, Kv, r_col, c_row, pad_rows, pad_cols, keep_w, steps):

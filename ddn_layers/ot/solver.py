@@ -120,11 +120,11 @@ class _Marginals:
 
 @dataclass
 class _Iterate:
-    """The scalings of the active samples: P = diag(su u) K diag(sv v).
+    """The scalings of the active samples: P = diag(u_scale u) K diag(v_scale v).
 
-    ``su``, ``sv`` are host scales (1 except inside the shared-factor block's representation,
-    see blocks.shared_factor_block); K v and K^T u are stored scaled alike (sv K v, su K^T u).
-    ``Ku`` is only current right after a block.
+    ``u_scale``, ``v_scale`` are host scales (1 except in the representation of the
+    shared-factor block, see blocks.shared_factor_block); K v and K^T u are stored scaled
+    alike (by v_scale and u_scale). ``Ku`` is only current right after a block.
     """
 
     f: Tensor  # (B, m) log potentials
@@ -134,8 +134,8 @@ class _Iterate:
     v: Tensor  # (B, 1, n)
     Kv: Tensor  # (B, m, 1)
     Ku: Tensor | None = None  # (B, 1, n)
-    su: float = 1.0
-    sv: float = 1.0
+    u_scale: float = 1.0
+    v_scale: float = 1.0
 
 
 @dataclass
@@ -247,16 +247,18 @@ class _Run:
 
     def unscale(self) -> None:
         """Fold the host scales back into u, v and K v (K^T u is not needed after a check)."""
-        it = self.iterate
-        it.u, it.v = self.unscaled(it.u, it.su), self.unscaled(it.v, it.sv)
-        it.Kv = self.unscaled(it.Kv, it.sv)
-        it.su = it.sv = 1.0
+        cur = self.iterate
+        cur.u, cur.v = self.unscaled(cur.u, cur.u_scale), self.unscaled(cur.v, cur.v_scale)
+        cur.Kv = self.unscaled(cur.Kv, cur.v_scale)
+        cur.u_scale = cur.v_scale = 1.0
 
 
 def _fresh_iterate(run: _Run, f: Tensor, g: Tensor) -> _Iterate:
     """The iterate u = v = 1 on the kernel of the potentials f, g."""
-    data, s = run.data, run.settings
-    K = blocks.kernel(data.M, s.gamma, f, g, data.row_mask, data.col_mask, s.lo, run.padded)
+    data, settings = run.data, run.settings
+    K = blocks.kernel(
+        data.M, settings.gamma, f, g, data.row_mask, data.col_mask, settings.lo, run.padded
+    )
     B, m, n = K.shape
     u = torch.ones(B, m, 1, dtype=K.dtype, device=K.device)
     v = torch.ones(B, 1, n, dtype=K.dtype, device=K.device)
@@ -269,40 +271,40 @@ def _run_block(run: _Run, steps: int) -> tuple[Tensor, Tensor, float, float]:
     Returns the iterate the block started from (u, v and their scales), which the block
     leaves as it was: the check restores it where a scaling left the positive reals.
     """
-    s, data, it, omega = run.settings, run.data, run.iterate, run.schedule.omega
-    relaxed = s.overrelax and any(w != 1.0 for w in omega)
+    settings, data, cur, omega = run.settings, run.data, run.iterate, run.schedule.omega
+    relaxed = settings.overrelax and any(w != 1.0 for w in omega)
     shared = relaxed and not run.padded and len(set(omega)) == 1
     if not shared:
         run.unscale()
-    start = (it.u, it.v, it.su, it.sv)
+    start = (cur.u, cur.v, cur.u_scale, cur.v_scale)
     # Over-relaxed: u <- w r / Kv + (1 - w) u. This is the linear form of the geometric update
     # u^(1-w) (r / Kv)^w (the same first-order behaviour at the fixed point, hence the same
     # rate) at one fused operation instead of four; an overshoot to u <= 0 is caught at the
     # check and undone.
     if shared:
-        out = run.buffers.take(it.u, it.v)
-        it.u, it.Ku, it.v, it.Kv, it.su, it.sv = blocks.shared_factor_block(
-            it.K,
-            it.u,
-            it.v,
-            it.Kv,
-            it.su,
-            it.sv,
+        out = run.buffers.take(cur.u, cur.v)
+        cur.u, cur.Ku, cur.v, cur.Kv, cur.u_scale, cur.v_scale = blocks.shared_factor_block(
+            cur.K,
+            cur.u,
+            cur.v,
+            cur.Kv,
+            cur.u_scale,
+            cur.v_scale,
             data.r_col,
             data.c_row,
             omega[0],
             steps,
-            s.zero,
-            s.one,
+            settings.zero,
+            settings.one,
             out,
         )
     elif run.padded:
         keep_w = run.keep_w if relaxed else None
-        it.u, it.Ku, it.v, it.Kv = blocks.padded_block(
-            it.K,
-            it.u,
-            it.v,
-            it.Kv,
+        cur.u, cur.Ku, cur.v, cur.Kv = blocks.padded_block(
+            cur.K,
+            cur.u,
+            cur.v,
+            cur.Kv,
             data.r_col,
             data.c_row,
             data.pad_rows,
@@ -311,13 +313,13 @@ def _run_block(run: _Run, steps: int) -> tuple[Tensor, Tensor, float, float]:
             steps,
         )
     elif relaxed:
-        it.u, it.Ku, it.v, it.Kv = blocks.per_sample_factor_block(
-            it.K, it.u, it.v, it.Kv, data.r_col, data.c_row, run.keep_w, steps
+        cur.u, cur.Ku, cur.v, cur.Kv = blocks.per_sample_factor_block(
+            cur.K, cur.u, cur.v, cur.Kv, data.r_col, data.c_row, run.keep_w, steps
         )
     else:
-        out = run.buffers.take(it.u, it.v)
-        it.u, it.Ku, it.v, it.Kv = blocks.plain_block(
-            it.K, it.Kv, data.r_col, data.c_row, steps, out
+        out = run.buffers.take(cur.u, cur.v)
+        cur.u, cur.Ku, cur.v, cur.Kv = blocks.plain_block(
+            cur.K, cur.Kv, data.r_col, data.c_row, steps, out
         )
     return start
 
@@ -338,31 +340,39 @@ def _scaling_ranges(u: Tensor, v: Tensor) -> list[Tensor]:
 
 def _check(run: _Run, steps: int) -> _Check:
     """Errors and ranges of the scalings, brought to the host at once, and what they mean."""
-    it, data, s = run.iterate, run.data, run.settings
+    cur, data, settings = run.iterate, run.data, run.settings
     # u * Kv and v * Ku are the row and column sums of the current P (Ku is from this u),
-    # through the scales: su * u * sv * Kv; the ranges are scaled on the host below
-    scale = it.su * it.sv
-    row_error = torch.addcmul(data.neg_r, it.u, it.Kv, value=scale)
-    col_error = torch.addcmul(data.neg_c, it.v, it.Ku, value=scale)
+    # through the scales: u_scale * u * v_scale * Kv; the ranges are scaled on the host below
+    scale = cur.u_scale * cur.v_scale
+    row_error = torch.addcmul(data.neg_r, cur.u, cur.Kv, value=scale)
+    col_error = torch.addcmul(data.neg_c, cur.v, cur.Ku, value=scale)
     stats = [
         torch.linalg.vector_norm(row_error, 1, dim=(-2, -1)),
         torch.linalg.vector_norm(col_error, 1, dim=(-2, -1)),
-        *_scaling_ranges(it.u, it.v),
+        *_scaling_ranges(cur.u, cur.v),
     ]
     check = _Check([], [], [], [], [], list(run.schedule.omega))
     for e_r, e_c, u_lo, u_hi, v_lo, v_hi in zip(*torch.stack(stats).tolist(), strict=True):
         e = e_r + e_c
-        u_lo, u_hi = (it.su * u_lo, it.su * u_hi) if it.su > 0 else (it.su * u_hi, it.su * u_lo)
-        v_lo, v_hi = (it.sv * v_lo, it.sv * v_hi) if it.sv > 0 else (it.sv * v_hi, it.sv * v_lo)
+        u_lo, u_hi = (
+            (cur.u_scale * u_lo, cur.u_scale * u_hi)
+            if cur.u_scale > 0
+            else (cur.u_scale * u_hi, cur.u_scale * u_lo)
+        )
+        v_lo, v_hi = (
+            (cur.v_scale * v_lo, cur.v_scale * v_hi)
+            if cur.v_scale > 0
+            else (cur.v_scale * v_hi, cur.v_scale * v_lo)
+        )
         # every comparison with a NaN is False, so NaN anywhere fails `ok`
         ok = u_lo > 0 and v_lo > 0 and u_hi < math.inf and v_hi < math.inf
         ok = ok and math.isfinite(e)
-        big = not ok or max(u_hi, v_hi) > s.big or min(u_lo, v_lo) < s.small
+        big = not ok or max(u_hi, v_hi) > settings.big or min(u_lo, v_lo) < settings.small
         check.errors.append(e)
         check.finite.append(ok)
         check.big.append(big)
-        check.done.append(ok and not big and e <= s.tol)
-    if s.overrelax:
+        check.done.append(ok and not big and e <= settings.tol)
+    if settings.overrelax:
         run.schedule.update(check.errors, check.finite, steps)
     # A non-finite or non-positive scaling: where it was over-relaxed the schedule has just
     # shrunk omega, which is the whole remedy; at omega = 1 it is an over/underflow of the
@@ -376,12 +386,12 @@ def _check(run: _Run, steps: int) -> _Check:
 def _restore_failed(run: _Run, check: _Check, start: tuple[Tensor, Tensor, float, float]) -> None:
     """Samples whose scalings left the positive reals go back to the block's starting point
     (their scalings are then absorbed, as ``big`` holds for them)."""
-    u0, v0, su0, sv0 = start
-    u0, v0 = run.unscaled(u0, su0), run.unscaled(v0, sv0)
-    it = run.iterate
-    bad = torch.tensor([not ok for ok in check.finite], device=it.u.device).view(-1, 1, 1)
-    it.u = torch.where(bad, u0, it.u)
-    it.v = torch.where(bad, v0, it.v)
+    u0, v0, u0_scale, v0_scale = start
+    u0, v0 = run.unscaled(u0, u0_scale), run.unscaled(v0, v0_scale)
+    cur = run.iterate
+    bad = torch.tensor([not ok for ok in check.finite], device=cur.u.device).view(-1, 1, 1)
+    cur.u = torch.where(bad, u0, cur.u)
+    cur.v = torch.where(bad, v0, cur.v)
 
 
 def _plan(K: Tensor, u: Tensor, v: Tensor, sel: Tensor | None) -> Tensor:
@@ -400,15 +410,15 @@ def _retire_converged(run: _Run, check: _Check, iterations: int) -> None:
     re-round the exponent at the scale of the potentials, which at large gamma moves the
     marginals past the tolerance.
     """
-    it, res, sched = run.iterate, run.results, run.schedule
-    device = it.K.device
+    cur, res, sched = run.iterate, run.results, run.schedule
+    device = cur.K.device
     rows = [i for i, d in enumerate(check.done) if d]
     sel = torch.tensor(rows, device=device)
     batch_rows = torch.tensor([run.rows[i] for i in rows], device=device)
     masks = (run.data.row_mask[sel], run.data.col_mask[sel])
-    res.record_potentials(batch_rows, *masks, it.f[sel], it.g[sel], it.u[sel], it.v[sel])
+    res.record_potentials(batch_rows, *masks, cur.f[sel], cur.g[sel], cur.u[sel], cur.v[sel])
     some = sel if len(rows) < len(run.rows) else None
-    res.plans.append((batch_rows, _plan(it.K, it.u, it.v, some)))
+    res.plans.append((batch_rows, _plan(cur.K, cur.u, cur.v, some)))
     for i in rows:
         b = run.rows[i]
         res.iterations[b], res.residual[b], res.converged[b] = iterations, check.errors[i], True
@@ -422,19 +432,21 @@ def _retire_converged(run: _Run, check: _Check, iterations: int) -> None:
     check.overflow = [check.overflow[i] for i in keep]
     sel = torch.tensor(keep, device=device)
     run.data = run.data.select(sel)
-    it.f, it.g, it.u, it.v, it.Kv, it.K = (x[sel] for x in (it.f, it.g, it.u, it.v, it.Kv, it.K))
+    cur.f, cur.g, cur.u, cur.v, cur.Kv, cur.K = (
+        x[sel] for x in (cur.f, cur.g, cur.u, cur.v, cur.Kv, cur.K)
+    )
 
 
 def _absorb(run: _Run, check: _Check) -> None:
     """Absorb the scalings into the log potentials (exact for every sample) and restart from
     u = v = 1 on the new kernel; where the scaling domain overflowed, run an exact log-domain
     block first."""
-    it, data, s = run.iterate, run.data, run.settings
-    f = torch.where(data.row_mask > 0, it.f + it.u.log()[..., 0], it.f)
-    g = torch.where(data.col_mask > 0, it.g + it.v.log()[:, 0], it.g)
+    cur, data, settings = run.iterate, run.data, run.settings
+    f = torch.where(data.row_mask > 0, cur.f + cur.u.log()[..., 0], cur.f)
+    g = torch.where(data.col_mask > 0, cur.g + cur.v.log()[:, 0], cur.g)
     if any(check.overflow):
         f, g = blocks.log_domain_block(
-            data.M, s.gamma, f, g, data.log_r, data.log_c, min(s.check_every, 10)
+            data.M, settings.gamma, f, g, data.log_r, data.log_c, min(settings.check_every, 10)
         )
         f = torch.where(data.row_mask > 0, f, 0.0)
         g = torch.where(data.col_mask > 0, g, 0.0)
@@ -475,17 +487,17 @@ def _after_block(run: _Run, start, steps: int, iterations: int) -> None:
 def _record_unconverged(run: _Run) -> None:
     """The samples still active at max_iter: their plans, potentials and marginal errors."""
     run.unscale()
-    it, data, res = run.iterate, run.data, run.results
-    Ku = kernel_t_times(it.K, it.u, data.pad_cols)  # the last block's may predate an absorption
-    err = torch.linalg.vector_norm(torch.addcmul(data.neg_r, it.u, it.Kv), 1, dim=(-2, -1))
-    err += torch.linalg.vector_norm(torch.addcmul(data.neg_c, it.v, Ku), 1, dim=(-2, -1))
-    rows = torch.tensor(run.rows, device=it.K.device)
-    res.record_potentials(rows, data.row_mask, data.col_mask, it.f, it.g, it.u, it.v)
+    cur, data, res = run.iterate, run.data, run.results
+    Ku = kernel_t_times(cur.K, cur.u, data.pad_cols)  # the last block's may predate an absorption
+    err = torch.linalg.vector_norm(torch.addcmul(data.neg_r, cur.u, cur.Kv), 1, dim=(-2, -1))
+    err += torch.linalg.vector_norm(torch.addcmul(data.neg_c, cur.v, Ku), 1, dim=(-2, -1))
+    rows = torch.tensor(run.rows, device=cur.K.device)
+    res.record_potentials(rows, data.row_mask, data.col_mask, cur.f, cur.g, cur.u, cur.v)
     for i, e in zip(run.rows, torch.nan_to_num(err, nan=math.inf).tolist(), strict=True):
         res.residual[i] = e
     for i, w, mu2 in zip(run.rows, run.schedule.omega, run.schedule.mu2, strict=True):
         res.omega[i], res.rate[i] = w, mu2
-    res.plans.append((rows, _plan(it.K, it.u, it.v, None)))
+    res.plans.append((rows, _plan(cur.K, cur.u, cur.v, None)))
 
 
 @torch.no_grad()

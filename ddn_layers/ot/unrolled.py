@@ -55,25 +55,29 @@ class _State:
     stuck: list[int] | None = None  # checks in a row without improvement, over-relaxed
 
 
-def _step(p: _Problem, s: _State, first: bool) -> None:
+def _step(problem: _Problem, state: _State, first: bool) -> None:
     """One over-relaxed log-domain iteration (row, then column update) of the active samples."""
-    w = s.omega.view(-1, 1)
-    f_new = p.log_r - torch.logsumexp(p.logK + s.g.unsqueeze(-2), dim=-1)
-    f_new = torch.where(p.row_mask, f_new if first else (1 - w) * s.f + w * f_new, -math.inf)
-    g_new = p.log_c - torch.logsumexp(p.logK + f_new.unsqueeze(-1), dim=-2)
-    g_new = torch.where(p.col_mask, g_new if first else (1 - w) * s.g + w * g_new, -math.inf)
-    s.f = torch.where(s.active.unsqueeze(-1), f_new, s.f)
-    s.g = torch.where(s.active.unsqueeze(-1), g_new, s.g)
+    w = state.omega.view(-1, 1)
+    f_new = problem.log_r - torch.logsumexp(problem.logK + state.g.unsqueeze(-2), dim=-1)
+    f_new = torch.where(
+        problem.row_mask, f_new if first else (1 - w) * state.f + w * f_new, -math.inf
+    )
+    g_new = problem.log_c - torch.logsumexp(problem.logK + f_new.unsqueeze(-1), dim=-2)
+    g_new = torch.where(
+        problem.col_mask, g_new if first else (1 - w) * state.g + w * g_new, -math.inf
+    )
+    state.f = torch.where(state.active.unsqueeze(-1), f_new, state.f)
+    state.g = torch.where(state.active.unsqueeze(-1), g_new, state.g)
 
 
-def _marginal_error(p: _Problem, f: Tensor, g: Tensor) -> Tensor:
-    logP = p.logK + f.unsqueeze(-1) + g.unsqueeze(-2)
-    row = torch.where(p.row_mask, torch.logsumexp(logP, dim=-1).exp(), 0.0)
-    col = torch.where(p.col_mask, torch.logsumexp(logP, dim=-2).exp(), 0.0)
-    return (row - p.r).abs().sum(-1) + (col - p.c).abs().sum(-1)
+def _marginal_error(problem: _Problem, f: Tensor, g: Tensor) -> Tensor:
+    logP = problem.logK + f.unsqueeze(-1) + g.unsqueeze(-2)
+    row = torch.where(problem.row_mask, torch.logsumexp(logP, dim=-1).exp(), 0.0)
+    col = torch.where(problem.col_mask, torch.logsumexp(logP, dim=-2).exp(), 0.0)
+    return (row - problem.r).abs().sum(-1) + (col - problem.c).abs().sum(-1)
 
 
-def _adapt_omega(s: _State, errs: list[float], it: int, like: Tensor) -> Tensor:
+def _adapt_omega(state: _State, errs: list[float], it: int, like: Tensor) -> Tensor:
     """Update the factors from the errors ``errs``; the samples stalled at their floor (B,).
 
     A sample settled at its precision floor (see OmegaSchedule) whose error no longer
@@ -84,53 +88,55 @@ def _adapt_omega(s: _State, errs: list[float], it: int, like: Tensor) -> Tensor:
     this rule is not in OmegaSchedule, where it would also catch the scaling iteration's
     float32 errors that hover just above the precision floor.
     """
-    sched, on = s.schedule, s.active.tolist()
+    sched, on = state.schedule, state.active.tolist()
     w_frozen, best = list(sched.omega), list(sched.best)
-    sched.update(errs, [math.isfinite(x) for x in errs], it - s.last_check)
+    sched.update(errs, [math.isfinite(x) for x in errs], it - state.last_check)
     # frozen samples keep the factor they converged with
     sched.omega = [w if a else w0 for w, w0, a in zip(sched.omega, w_frozen, on, strict=True)]
     for i, (x, b) in enumerate(zip(errs, best, strict=True)):
         flat = sched.plain[i] and on[i] and not x < 0.99 * b
-        s.stall[i] = s.stall[i] + 1 if flat else 0
-        s.stuck[i] = s.stuck[i] + 1 if on[i] and not x < b else 0
-        if s.stuck[i] >= 2 and sched.omega[i] > 1.0:
+        state.stall[i] = state.stall[i] + 1 if flat else 0
+        state.stuck[i] = state.stuck[i] + 1 if on[i] and not x < b else 0
+        if state.stuck[i] >= 2 and sched.omega[i] > 1.0:
             sched.omega[i], sched.mu2[i] = backed_off(sched.omega[i], sched.mu2[i])
-            s.stuck[i] = 0
-    s.omega = sched.tensor(like)
-    return torch.tensor([k >= 3 for k in s.stall], device=like.device)
+            state.stuck[i] = 0
+    state.omega = sched.tensor(like)
+    return torch.tensor([k >= 3 for k in state.stall], device=like.device)
 
 
 @torch.no_grad()
-def _check(p: _Problem, s: _State, it: int, overrelax: bool, like: Tensor) -> None:
+def _check(problem: _Problem, state: _State, it: int, overrelax: bool, like: Tensor) -> None:
     """Measure the errors, adapt omega, and stop the converged (or stalled) samples."""
-    e = _marginal_error(p, s.f, s.g)
-    stalled = _adapt_omega(s, e.tolist(), it, like) if overrelax else None
-    s.last_check = it
-    s.error = torch.where(s.active, e, s.error)
+    e = _marginal_error(problem, state.f, state.g)
+    stalled = _adapt_omega(state, e.tolist(), it, like) if overrelax else None
+    state.last_check = it
+    state.error = torch.where(state.active, e, state.error)
     if stalled is not None:
-        s.iterations = torch.where(s.active & stalled & (e > p.tol), it, s.iterations)
-        s.active = s.active & ~(stalled & (e > p.tol))
-    newly = s.active & (e <= p.tol)
-    s.iterations = torch.where(newly, it, s.iterations)
-    s.active = s.active & ~newly
+        state.iterations = torch.where(
+            state.active & stalled & (e > problem.tol), it, state.iterations
+        )
+        state.active = state.active & ~(stalled & (e > problem.tol))
+    newly = state.active & (e <= problem.tol)
+    state.iterations = torch.where(newly, it, state.iterations)
+    state.active = state.active & ~newly
 
 
-def _final_plan(p: _Problem, s: _State) -> Tensor:
+def _final_plan(problem: _Problem, state: _State) -> Tensor:
     """P from the potentials; an unconverged sample first gets one plain column update.
 
     An unconverged sample may end inside an over-relaxed overshoot, where f + g is large
     enough for exp to overflow; the plain column update makes every column of P sum to its
     marginal (P finite), and its error is measured again.
     """
-    unfinished = bool(s.active.any())
+    unfinished = bool(state.active.any())
     if unfinished:
-        g_plain = p.log_c - torch.logsumexp(p.logK + s.f.unsqueeze(-1), dim=-2)
-        s.g = torch.where(s.active.unsqueeze(-1) & p.col_mask, g_plain, s.g)
-    P = torch.exp(p.logK + s.f.unsqueeze(-1) + s.g.unsqueeze(-2))
+        g_plain = problem.log_c - torch.logsumexp(problem.logK + state.f.unsqueeze(-1), dim=-2)
+        state.g = torch.where(state.active.unsqueeze(-1) & problem.col_mask, g_plain, state.g)
+    P = torch.exp(problem.logK + state.f.unsqueeze(-1) + state.g.unsqueeze(-2))
     if unfinished:
         with torch.no_grad():
-            e = (P.sum(-1) - p.r).abs().sum(-1) + (P.sum(-2) - p.c).abs().sum(-1)
-            s.error = torch.where(s.active, e, s.error)
+            e = (P.sum(-1) - problem.r).abs().sum(-1) + (P.sum(-2) - problem.c).abs().sum(-1)
+            state.error = torch.where(state.active, e, state.error)
     return P
 
 
@@ -138,9 +144,9 @@ def _start(M: Tensor, r: Tensor, c: Tensor, gamma: float, tol: float, max_iter: 
     B = M.shape[0]
     row_mask, col_mask = r > 0, c > 0
     logK = torch.where(row_mask.unsqueeze(-1) & col_mask.unsqueeze(-2), M * (-gamma), 0.0)
-    p = _Problem(r, c, row_mask, col_mask, _safe_log(r), _safe_log(c), logK, tol)
+    problem = _Problem(r, c, row_mask, col_mask, _safe_log(r), _safe_log(c), logK, tol)
     schedule = OmegaSchedule(B, torch.finfo(M.dtype).eps)
-    s = _State(
+    state = _State(
         f=torch.zeros_like(r),
         g=torch.where(col_mask, torch.zeros_like(c), -math.inf),
         active=torch.ones(B, dtype=torch.bool, device=M.device),
@@ -151,7 +157,7 @@ def _start(M: Tensor, r: Tensor, c: Tensor, gamma: float, tol: float, max_iter: 
         stall=[0] * B,
         stuck=[0] * B,
     )
-    return p, s
+    return problem, state
 
 
 def unrolled_sinkhorn(
@@ -165,19 +171,19 @@ def unrolled_sinkhorn(
     overrelax: bool = True,
 ) -> SinkhornSolution:
     """The problem of :func:`~ddn_layers.ot.solver.solve_sinkhorn`, recorded by autograd."""
-    p, s = _start(M, r, c, gamma, tol, max_iter)
+    problem, state = _start(M, r, c, gamma, tol, max_iter)
     for it in range(1, max_iter + 1):
-        _step(p, s, first=it == 1)
+        _step(problem, state, first=it == 1)
         if it % check_every == 0 or it == max_iter:
-            _check(p, s, it, overrelax, M)
-            if not bool(s.active.any()):
+            _check(problem, state, it, overrelax, M)
+            if not bool(state.active.any()):
                 break
-    P = _final_plan(p, s)
-    rate = torch.tensor(s.schedule.mu2, dtype=M.dtype, device=M.device)
-    converged = ~s.active & (s.error <= tol)  # a stalled sample stopped unconverged
-    omega = s.omega.view(M.shape[0])
+    P = _final_plan(problem, state)
+    rate = torch.tensor(state.schedule.mu2, dtype=M.dtype, device=M.device)
+    converged = ~state.active & (state.error <= tol)  # a stalled sample stopped unconverged
+    omega = state.omega.view(M.shape[0])
     return SinkhornSolution(
-        P, s.f.detach(), s.g.detach(), s.iterations, s.error, converged, omega, rate
+        P, state.f.detach(), state.g.detach(), state.iterations, state.error, converged, omega, rate
     )
 
 

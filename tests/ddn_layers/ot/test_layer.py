@@ -75,4 +75,3 @@ def test_the_solver_record_comes_out_with_its_extras():
         for t in (info.iterations, info.residual, info.converged, *info.extra.values()):
             assert t.shape == (2,) and not t.requires_grad
         assert (info.extra["omega"] >= 1).all() and (info.extra["rate"] >= 0).all()
-

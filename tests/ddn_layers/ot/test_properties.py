@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ddn_layers as ddn
-from tests.ddn_layers.testing import ALL_MODES
+from tests.ddn_layers.testing import ALL_MODES, F64
 
 
 @st.composite
@@ -17,7 +17,7 @@ def ot_problems(draw):
     B = draw(st.integers(1, 3))
     m = draw(st.integers(1, 7))
     n = draw(st.integers(1, 7))
-    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    dtype = draw(st.sampled_from([torch.float32, F64]))
     scale = draw(st.sampled_from([0.0, 1e-3, 1.0, 10.0, 1e3]))
     gamma = draw(st.sampled_from([1e-3, 0.1, 1.0, 10.0, 100.0, 1000.0]))
     seed = draw(st.integers(0, 2**16))
