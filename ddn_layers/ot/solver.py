@@ -177,10 +177,17 @@ class _Results:
         self.omega = [1.0] * B
         self.rate = [0.0] * B
 
-    def record_potentials(self, rows: Tensor, row_mask, col_mask, f, g, u, v) -> None:
-        """The final log potentials f + log u, g + log v of the samples at batch ``rows``."""
-        self.f[rows] = torch.where(row_mask > 0, f + u.log()[..., 0], -math.inf)
-        self.g[rows] = torch.where(col_mask > 0, g + v.log()[:, 0], -math.inf)
+    def record_potentials(self, rows: Tensor, data: _Marginals, cur: _Iterate, sel=None) -> None:
+        """The final log potentials f + log u, g + log v of the active samples at positions
+        ``sel`` (all when None), which are the samples at batch ``rows``."""
+
+        def pick(x: Tensor) -> Tensor:  # indexed one at a time: fewer vectors alive at once
+            return x if sel is None else x[sel]
+
+        log_u = pick(cur.u).log()[..., 0]
+        self.f[rows] = torch.where(pick(data.row_mask) > 0, pick(cur.f) + log_u, -math.inf)
+        log_v = pick(cur.v).log()[:, 0]
+        self.g[rows] = torch.where(pick(data.col_mask) > 0, pick(cur.g) + log_v, -math.inf)
 
     def solution(self) -> SinkhornSolution:
         """P assembled in batch order, and the record as tensors."""
@@ -253,16 +260,20 @@ class _Run:
         cur.u_scale = cur.v_scale = 1.0
 
 
-def _fresh_iterate(run: _Run, f: Tensor, g: Tensor) -> _Iterate:
-    """The iterate u = v = 1 on the kernel of the potentials f, g."""
+def _new_kernel(run: _Run, f: Tensor, g: Tensor) -> Tensor:
     data, settings = run.data, run.settings
-    K = blocks.kernel(
+    return blocks.kernel(
         data.M, settings.gamma, f, g, data.row_mask, data.col_mask, settings.lo, run.padded
     )
+
+
+def _fresh_iterate(run: _Run, f: Tensor, g: Tensor) -> _Iterate:
+    """The iterate u = v = 1 on the kernel of the potentials f, g."""
+    K = _new_kernel(run, f, g)
     B, m, n = K.shape
     u = torch.ones(B, m, 1, dtype=K.dtype, device=K.device)
     v = torch.ones(B, 1, n, dtype=K.dtype, device=K.device)
-    return _Iterate(f, g, K, u, v, kernel_times(K, v, data.pad_rows))
+    return _Iterate(f, g, K, u, v, kernel_times(K, v, run.data.pad_rows))
 
 
 def _run_block(run: _Run, steps: int) -> tuple[Tensor, Tensor, float, float]:
@@ -344,11 +355,13 @@ def _check(run: _Run, steps: int) -> _Check:
     # u * Kv and v * Ku are the row and column sums of the current P (Ku is from this u),
     # through the scales: u_scale * u * v_scale * Kv; the ranges are scaled on the host below
     scale = cur.u_scale * cur.v_scale
-    row_error = torch.addcmul(data.neg_r, cur.u, cur.Kv, value=scale)
-    col_error = torch.addcmul(data.neg_c, cur.v, cur.Ku, value=scale)
     stats = [
-        torch.linalg.vector_norm(row_error, 1, dim=(-2, -1)),
-        torch.linalg.vector_norm(col_error, 1, dim=(-2, -1)),
+        torch.linalg.vector_norm(
+            torch.addcmul(data.neg_r, cur.u, cur.Kv, value=scale), 1, dim=(-2, -1)
+        ),
+        torch.linalg.vector_norm(
+            torch.addcmul(data.neg_c, cur.v, cur.Ku, value=scale), 1, dim=(-2, -1)
+        ),
         *_scaling_ranges(cur.u, cur.v),
     ]
     check = _Check([], [], [], [], [], list(run.schedule.omega))
@@ -415,8 +428,7 @@ def _retire_converged(run: _Run, check: _Check, iterations: int) -> None:
     rows = [i for i, d in enumerate(check.done) if d]
     sel = torch.tensor(rows, device=device)
     batch_rows = torch.tensor([run.rows[i] for i in rows], device=device)
-    masks = (run.data.row_mask[sel], run.data.col_mask[sel])
-    res.record_potentials(batch_rows, *masks, cur.f[sel], cur.g[sel], cur.u[sel], cur.v[sel])
+    res.record_potentials(batch_rows, run.data, cur, sel)
     some = sel if len(rows) < len(run.rows) else None
     res.plans.append((batch_rows, _plan(cur.K, cur.u, cur.v, some)))
     for i in rows:
@@ -440,20 +452,24 @@ def _retire_converged(run: _Run, check: _Check, iterations: int) -> None:
 def _absorb(run: _Run, check: _Check) -> None:
     """Absorb the scalings into the log potentials (exact for every sample) and restart from
     u = v = 1 on the new kernel; where the scaling domain overflowed, run an exact log-domain
-    block first."""
+    block first. The iterate is replaced field by field, so that each old tensor is freed as
+    soon as its successor exists."""
     cur, data, settings = run.iterate, run.data, run.settings
-    f = torch.where(data.row_mask > 0, cur.f + cur.u.log()[..., 0], cur.f)
-    g = torch.where(data.col_mask > 0, cur.g + cur.v.log()[:, 0], cur.g)
+    cur.f = torch.where(data.row_mask > 0, cur.f + cur.u.log()[..., 0], cur.f)
+    cur.g = torch.where(data.col_mask > 0, cur.g + cur.v.log()[:, 0], cur.g)
     if any(check.overflow):
-        f, g = blocks.log_domain_block(
-            data.M, settings.gamma, f, g, data.log_r, data.log_c, min(settings.check_every, 10)
-        )
-        f = torch.where(data.row_mask > 0, f, 0.0)
-        g = torch.where(data.col_mask > 0, g, 0.0)
+        cur.f, cur.g = blocks.log_domain_block(
+            data.M, settings.gamma, cur.f, cur.g, data.log_r, data.log_c,
+            min(settings.check_every, 10),
+        )  # fmt: skip
+        cur.f = torch.where(data.row_mask > 0, cur.f, 0.0)
+        cur.g = torch.where(data.col_mask > 0, cur.g, 0.0)
         for i, overflowed in enumerate(check.overflow):
             if overflowed:
                 run.schedule.reset(i)
-    run.iterate = _fresh_iterate(run, f, g)
+    cur.K = _new_kernel(run, cur.f, cur.g)
+    cur.u, cur.v = torch.ones_like(cur.u), torch.ones_like(cur.v)
+    cur.Kv = kernel_times(cur.K, cur.v, data.pad_rows)
 
 
 def _refresh_keep_weight(run: _Run, check: _Check) -> None:
@@ -492,7 +508,7 @@ def _record_unconverged(run: _Run) -> None:
     err = torch.linalg.vector_norm(torch.addcmul(data.neg_r, cur.u, cur.Kv), 1, dim=(-2, -1))
     err += torch.linalg.vector_norm(torch.addcmul(data.neg_c, cur.v, Ku), 1, dim=(-2, -1))
     rows = torch.tensor(run.rows, device=cur.K.device)
-    res.record_potentials(rows, data.row_mask, data.col_mask, cur.f, cur.g, cur.u, cur.v)
+    res.record_potentials(rows, data, cur)
     for i, e in zip(run.rows, torch.nan_to_num(err, nan=math.inf).tolist(), strict=True):
         res.residual[i] = e
     for i, w, mu2 in zip(run.rows, run.schedule.omega, run.schedule.mu2, strict=True):
