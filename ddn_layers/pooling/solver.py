@@ -306,9 +306,10 @@ class _Records:
     @classmethod
     def empty(cls, starts: Tensor) -> _Records:
         B, S, _ = starts.shape
-        full = lambda v: torch.full((B, S), v, dtype=starts.dtype, device=starts.device)  # noqa: E731
         iterations = torch.zeros(B, S, dtype=torch.long, device=starts.device)
-        return cls(starts, iterations, torch.zeros_like(iterations), full(math.inf), full(math.nan))
+        residual = torch.full((B, S), math.inf, dtype=starts.dtype, device=starts.device)
+        objective = torch.full_like(residual, math.nan)
+        return cls(starts, iterations, torch.zeros_like(iterations), residual, objective)
 
     def write_back(self, plan: _Plan, run: _Active) -> None:
         if plan.need_objective:
