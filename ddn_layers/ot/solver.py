@@ -64,8 +64,8 @@ class SinkhornSolution:
 
 
 @dataclass
-class _Marginals:
-    """The fixed data of the active samples, compacted with them.
+class _Problem:
+    """The cost and marginals of the active samples, compacted with them.
 
     Padded rows/columns get a unit "marginal" (``r_col``, ``c_row``) and a unit kernel sum
     (``pad_rows``, ``pad_cols``; None without padding) so that their scaling stays 1; their
@@ -85,7 +85,7 @@ class _Marginals:
     pad_cols: Tensor | None  # (B, 1, n)
 
     @classmethod
-    def of(cls, M: Tensor, r: Tensor, c: Tensor) -> _Marginals:
+    def of(cls, M: Tensor, r: Tensor, c: Tensor) -> _Problem:
         # P is invariant to adding a row or a column constant to M; removing the row and column
         # minima keeps the potentials (and the cancellation in -gamma M + f + g) small.
         M = M - M.amin(-1, keepdim=True)
@@ -112,10 +112,10 @@ class _Marginals:
     def padded(self) -> bool:
         return self.pad_rows is not None
 
-    def select(self, sel: Tensor) -> _Marginals:
+    def select(self, sel: Tensor) -> _Problem:
         """The samples at positions ``sel``."""
         picked = (getattr(self, f.name) for f in fields(self))
-        return _Marginals(*(x[sel] if x is not None else None for x in picked))
+        return _Problem(*(x[sel] if x is not None else None for x in picked))
 
 
 @dataclass
@@ -177,7 +177,7 @@ class _Results:
         self.omega = [1.0] * B
         self.rate = [0.0] * B
 
-    def record_potentials(self, rows: Tensor, data: _Marginals, cur: _Iterate, sel=None) -> None:
+    def record_potentials(self, rows: Tensor, problem: _Problem, cur: _Iterate, sel=None) -> None:
         """The final log potentials f + log u, g + log v of the active samples at positions
         ``sel`` (all when None), which are the samples at batch ``rows``."""
 
@@ -185,9 +185,9 @@ class _Results:
             return x if sel is None else x[sel]
 
         log_u = pick(cur.u).log()[..., 0]
-        self.f[rows] = torch.where(pick(data.row_mask) > 0, pick(cur.f) + log_u, -math.inf)
+        self.f[rows] = torch.where(pick(problem.row_mask) > 0, pick(cur.f) + log_u, -math.inf)
         log_v = pick(cur.v).log()[:, 0]
-        self.g[rows] = torch.where(pick(data.col_mask) > 0, pick(cur.g) + log_v, -math.inf)
+        self.g[rows] = torch.where(pick(problem.col_mask) > 0, pick(cur.g) + log_v, -math.inf)
 
     def solution(self) -> SinkhornSolution:
         """P assembled in batch order, and the record as tensors."""
@@ -221,7 +221,7 @@ class _Results:
 
 
 class _Run:
-    """Everything the solve loop updates: the active samples' data, iterate and schedule."""
+    """Everything the solve loop updates: the active samples' problem, iterate and schedule."""
 
     def __init__(self, M, r, c, gamma, tol, max_iter, check_every, overrelax) -> None:
         B, m, n = M.shape
@@ -238,8 +238,8 @@ class _Run:
             torch.zeros((), dtype=dtype, device=device),
             torch.ones((), dtype=dtype, device=device),
         )
-        self.data = _Marginals.of(M, r, c)
-        self.padded = self.data.padded
+        self.problem = _Problem.of(M, r, c)
+        self.padded = self.problem.padded
         self.rows = list(range(B))  # the active samples' positions in the batch
         self.results = _Results(B, m, n, max_iter, M)
         f = torch.zeros(B, m, dtype=dtype, device=device)
@@ -261,9 +261,9 @@ class _Run:
 
 
 def _new_kernel(run: _Run, f: Tensor, g: Tensor) -> Tensor:
-    data, settings = run.data, run.settings
+    problem, settings = run.problem, run.settings
     return blocks.kernel(
-        data.M, settings.gamma, f, g, data.row_mask, data.col_mask, settings.lo, run.padded
+        problem.M, settings.gamma, f, g, problem.row_mask, problem.col_mask, settings.lo, run.padded
     )
 
 
@@ -273,7 +273,7 @@ def _fresh_iterate(run: _Run, f: Tensor, g: Tensor) -> _Iterate:
     B, m, n = K.shape
     u = torch.ones(B, m, 1, dtype=K.dtype, device=K.device)
     v = torch.ones(B, 1, n, dtype=K.dtype, device=K.device)
-    return _Iterate(f, g, K, u, v, kernel_times(K, v, run.data.pad_rows))
+    return _Iterate(f, g, K, u, v, kernel_times(K, v, run.problem.pad_rows))
 
 
 def _run_block(run: _Run, steps: int) -> tuple[Tensor, Tensor, float, float]:
@@ -282,7 +282,7 @@ def _run_block(run: _Run, steps: int) -> tuple[Tensor, Tensor, float, float]:
     Returns the iterate the block started from (u, v and their scales), which the block
     leaves as it was: the check restores it where a scaling left the positive reals.
     """
-    settings, data, cur, omega = run.settings, run.data, run.iterate, run.schedule.omega
+    settings, problem, cur, omega = run.settings, run.problem, run.iterate, run.schedule.omega
     relaxed = settings.overrelax and any(w != 1.0 for w in omega)
     shared = relaxed and not run.padded and len(set(omega)) == 1
     if not shared:
@@ -301,8 +301,8 @@ def _run_block(run: _Run, steps: int) -> tuple[Tensor, Tensor, float, float]:
             cur.Kv,
             cur.u_scale,
             cur.v_scale,
-            data.r_col,
-            data.c_row,
+            problem.r_col,
+            problem.c_row,
             omega[0],
             steps,
             settings.zero,
@@ -316,21 +316,21 @@ def _run_block(run: _Run, steps: int) -> tuple[Tensor, Tensor, float, float]:
             cur.u,
             cur.v,
             cur.Kv,
-            data.r_col,
-            data.c_row,
-            data.pad_rows,
-            data.pad_cols,
+            problem.r_col,
+            problem.c_row,
+            problem.pad_rows,
+            problem.pad_cols,
             keep_w,
             steps,
         )
     elif relaxed:
         cur.u, cur.Ku, cur.v, cur.Kv = blocks.per_sample_factor_block(
-            cur.K, cur.u, cur.v, cur.Kv, data.r_col, data.c_row, run.keep_w, steps
+            cur.K, cur.u, cur.v, cur.Kv, problem.r_col, problem.c_row, run.keep_w, steps
         )
     else:
         out = run.buffers.take(cur.u, cur.v)
         cur.u, cur.Ku, cur.v, cur.Kv = blocks.plain_block(
-            cur.K, cur.Kv, data.r_col, data.c_row, steps, out
+            cur.K, cur.Kv, problem.r_col, problem.c_row, steps, out
         )
     return start
 
@@ -351,16 +351,16 @@ def _scaling_ranges(u: Tensor, v: Tensor) -> list[Tensor]:
 
 def _check(run: _Run, steps: int) -> _Check:
     """Errors and ranges of the scalings, brought to the host at once, and what they mean."""
-    cur, data, settings = run.iterate, run.data, run.settings
+    cur, problem, settings = run.iterate, run.problem, run.settings
     # u * Kv and v * Ku are the row and column sums of the current P (Ku is from this u),
     # through the scales: u_scale * u * v_scale * Kv; the ranges are scaled on the host below
     scale = cur.u_scale * cur.v_scale
     stats = [
         torch.linalg.vector_norm(
-            torch.addcmul(data.neg_r, cur.u, cur.Kv, value=scale), 1, dim=(-2, -1)
+            torch.addcmul(problem.neg_r, cur.u, cur.Kv, value=scale), 1, dim=(-2, -1)
         ),
         torch.linalg.vector_norm(
-            torch.addcmul(data.neg_c, cur.v, cur.Ku, value=scale), 1, dim=(-2, -1)
+            torch.addcmul(problem.neg_c, cur.v, cur.Ku, value=scale), 1, dim=(-2, -1)
         ),
         *_scaling_ranges(cur.u, cur.v),
     ]
@@ -428,7 +428,7 @@ def _retire_converged(run: _Run, check: _Check, iterations: int) -> None:
     rows = [i for i, d in enumerate(check.done) if d]
     sel = torch.tensor(rows, device=device)
     batch_rows = torch.tensor([run.rows[i] for i in rows], device=device)
-    res.record_potentials(batch_rows, run.data, cur, sel)
+    res.record_potentials(batch_rows, run.problem, cur, sel)
     some = sel if len(rows) < len(run.rows) else None
     res.plans.append((batch_rows, _plan(cur.K, cur.u, cur.v, some)))
     for i in rows:
@@ -443,7 +443,7 @@ def _retire_converged(run: _Run, check: _Check, iterations: int) -> None:
     check.big = [check.big[i] for i in keep]
     check.overflow = [check.overflow[i] for i in keep]
     sel = torch.tensor(keep, device=device)
-    run.data = run.data.select(sel)
+    run.problem = run.problem.select(sel)
     cur.f, cur.g, cur.u, cur.v, cur.Kv, cur.K = (
         x[sel] for x in (cur.f, cur.g, cur.u, cur.v, cur.Kv, cur.K)
     )
@@ -454,22 +454,22 @@ def _absorb(run: _Run, check: _Check) -> None:
     u = v = 1 on the new kernel; where the scaling domain overflowed, run an exact log-domain
     block first. The iterate is replaced field by field, so that each old tensor is freed as
     soon as its successor exists."""
-    cur, data, settings = run.iterate, run.data, run.settings
-    cur.f = torch.where(data.row_mask > 0, cur.f + cur.u.log()[..., 0], cur.f)
-    cur.g = torch.where(data.col_mask > 0, cur.g + cur.v.log()[:, 0], cur.g)
+    cur, problem, settings = run.iterate, run.problem, run.settings
+    cur.f = torch.where(problem.row_mask > 0, cur.f + cur.u.log()[..., 0], cur.f)
+    cur.g = torch.where(problem.col_mask > 0, cur.g + cur.v.log()[:, 0], cur.g)
     if any(check.overflow):
         cur.f, cur.g = blocks.log_domain_block(
-            data.M, settings.gamma, cur.f, cur.g, data.log_r, data.log_c,
+            problem.M, settings.gamma, cur.f, cur.g, problem.log_r, problem.log_c,
             min(settings.check_every, 10),
         )  # fmt: skip
-        cur.f = torch.where(data.row_mask > 0, cur.f, 0.0)
-        cur.g = torch.where(data.col_mask > 0, cur.g, 0.0)
+        cur.f = torch.where(problem.row_mask > 0, cur.f, 0.0)
+        cur.g = torch.where(problem.col_mask > 0, cur.g, 0.0)
         for i, overflowed in enumerate(check.overflow):
             if overflowed:
                 run.schedule.reset(i)
     cur.K = _new_kernel(run, cur.f, cur.g)
     cur.u, cur.v = torch.ones_like(cur.u), torch.ones_like(cur.v)
-    cur.Kv = kernel_times(cur.K, cur.v, data.pad_rows)
+    cur.Kv = kernel_times(cur.K, cur.v, problem.pad_rows)
 
 
 def _refresh_keep_weight(run: _Run, check: _Check) -> None:
@@ -503,12 +503,14 @@ def _after_block(run: _Run, start, steps: int, iterations: int) -> None:
 def _record_unconverged(run: _Run) -> None:
     """The samples still active at max_iter: their plans, potentials and marginal errors."""
     run.unscale()
-    cur, data, res = run.iterate, run.data, run.results
-    Ku = kernel_t_times(cur.K, cur.u, data.pad_cols)  # the last block's may predate an absorption
-    err = torch.linalg.vector_norm(torch.addcmul(data.neg_r, cur.u, cur.Kv), 1, dim=(-2, -1))
-    err += torch.linalg.vector_norm(torch.addcmul(data.neg_c, cur.v, Ku), 1, dim=(-2, -1))
+    cur, problem, res = run.iterate, run.problem, run.results
+    Ku = kernel_t_times(
+        cur.K, cur.u, problem.pad_cols
+    )  # the last block's may predate an absorption
+    err = torch.linalg.vector_norm(torch.addcmul(problem.neg_r, cur.u, cur.Kv), 1, dim=(-2, -1))
+    err += torch.linalg.vector_norm(torch.addcmul(problem.neg_c, cur.v, Ku), 1, dim=(-2, -1))
     rows = torch.tensor(run.rows, device=cur.K.device)
-    res.record_potentials(rows, data, cur)
+    res.record_potentials(rows, problem, cur)
     for i, e in zip(run.rows, torch.nan_to_num(err, nan=math.inf).tolist(), strict=True):
         res.residual[i] = e
     for i, w, mu2 in zip(run.rows, run.schedule.omega, run.schedule.mu2, strict=True):
