@@ -29,10 +29,11 @@ from torch import Tensor
 def guarded_cholesky(a: Tensor, pivot_floor: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
     """Lower Cholesky factors of the batch ``a`` (B, n, n) and per-sample success (B,).
 
-    A sample fails when the factorisation does (``cholesky_ex``'s info), when a pivot is not
-    finite, or when its smallest squared pivot is at most ``pivot_floor``: a number or a (B,)
-    tensor (an absolute floor), or None for 64 n eps times the largest squared pivot (a
-    direction singular at working precision, whose solution would be amplified noise). Only
+    A sample fails when the factorisation does (``cholesky_ex``'s info), and, unless
+    ``pivot_floor`` is 0, when a pivot is not finite or its smallest squared pivot is at most
+    ``pivot_floor``: a number or a (B,) tensor (an absolute floor), or None for 64 n eps times
+    the largest squared pivot (a direction singular at working precision, whose solution
+    would be amplified noise). Only
     the lower triangle of ``a`` is read. Failed factors are replaced by the identity. Under
     autograd (``a`` requires grad) the matrix itself is replaced before the factorisation that
     is differentiated: the backward of a failed factorisation is NaN or inf, and a zero
@@ -40,10 +41,12 @@ def guarded_cholesky(a: Tensor, pivot_floor: Tensor | float | None = None) -> tu
     """
     with torch.no_grad():
         L, info = torch.linalg.cholesky_ex(a)
-        sq = torch.diagonal(L, dim1=-2, dim2=-1).square()
-        if pivot_floor is None:
-            pivot_floor = 64 * a.shape[-1] * torch.finfo(a.dtype).eps * sq.amax(-1)
-        ok = (info == 0) & torch.isfinite(sq).all(-1) & (sq.amin(-1) > pivot_floor)
+        ok = info == 0  # LAPACK also stops at a NaN pivot
+        if pivot_floor is None or isinstance(pivot_floor, Tensor) or pivot_floor > 0:
+            lo, hi = torch.aminmax(torch.diagonal(L, dim1=-2, dim2=-1), dim=-1)
+            if pivot_floor is None:
+                pivot_floor = (64 * a.shape[-1] * torch.finfo(a.dtype).eps) * hi.square()
+            ok &= torch.isfinite(hi) & (lo.square() > pivot_floor)
     if bool(ok.all()):
         return (torch.linalg.cholesky_ex(a)[0] if a.requires_grad else L), ok
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
