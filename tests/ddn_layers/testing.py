@@ -52,6 +52,9 @@ class BaseTester:
     gradcheck_tolerances: dict = {"atol": 1e-6}
     modes: Sequence[ddn.BackwardMode] = ALL_MODES
     """The modes the layer implements (every layer of this project: all of them)."""
+    twice: frozenset = frozenset({ddn.BackwardMode.UNROLL})
+    """The modes whose gradient can itself be differentiated (create_graph=True); the others
+    must refuse, since a gradient without a graph would make every second derivative zero."""
 
     def module(self, mode, **options) -> ddn.DeclarativeLayer:
         raise NotImplementedError  # pragma: no cover - each layer's tester defines it
@@ -97,6 +100,21 @@ class BaseTester:
         for got in grads.values():
             for a, b in zip(got, ref, strict=True):
                 assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+    @pytest.mark.parametrize("mode", ALL_MODES, ids=str)
+    def test_second_derivative_is_exact_or_refused(self, mode):
+        if mode not in self.modes:
+            pytest.skip(f"the layer has no {mode}")
+        leaves, rest = self._leaves(F64)
+        first, others = leaves[0], [*leaves[1:], *rest]
+        fn = lambda x: self.call(x, *others, mode=mode)  # noqa: E731
+        (g,) = torch.autograd.grad(fn(first).square().sum(), first)  # first order: every mode
+        assert torch.isfinite(g).all()
+        if mode in self.twice:
+            assert torch.autograd.gradgradcheck(fn, (first,), **self.gradcheck_tolerances)
+        else:
+            with pytest.raises(RuntimeError, match=f"backward_mode={mode} gives first deriv"):
+                torch.autograd.grad(fn(first).square().sum(), first, create_graph=True)
 
     def test_unknown_mode_is_a_value_error(self):
         with pytest.raises(ValueError, match="backward_mode must be one of"):

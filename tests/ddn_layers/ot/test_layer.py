@@ -25,6 +25,7 @@ class TestOptimalTransport(BaseTester):
     options = {"gamma": 10.0, **TIGHT}
     differentiable = 3
     gradcheck_tolerances = {"atol": 1e-7, "rtol": 1e-4}
+    twice = frozenset({ddn.BackwardMode.FULL, ddn.BackwardMode.UNROLL})  # full: autograd's solve
 
     def module(self, mode, **options):
         return ddn.OptimalTransport(backward_mode=mode, **options)
