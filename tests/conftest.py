@@ -58,6 +58,19 @@ def quiet(runs_dir) -> list[str]:
     ]
 
 
+@pytest.fixture
+def make_checkpoint():
+    """``make_checkpoint(path)`` writes a small torch checkpoint that checks out, for tests of
+    how runs and checkpoints are found (no training needed)."""
+
+    def write(path: Path, **contents) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"epoch": 0, **contents}, path)
+        return path
+
+    return write
+
+
 # Property-based tests explore new examples locally but replay a fixed set in CI, so that a
 # landing never depends on luck.
 try:

@@ -99,11 +99,10 @@ def test_run_files_and_wandb_offline(quiet, runs_dir):
     assert (run_dir / "wandb_id").read_text().strip() in offline.name
 
 
-def test_docstring_commands_are_valid(runs_dir):
+def test_docstring_commands_are_valid(runs_dir, make_checkpoint):
     # Every `train.py ...` command in train.py's docstring parses and validates.
     resumable = runs_dir / "classification-implicit-20250101-120000"
-    (resumable / "checkpoints").mkdir(parents=True)
-    (resumable / "checkpoints" / "last.ckpt").write_bytes(b"")
+    make_checkpoint(resumable / "checkpoints" / "last.ckpt")
     (resumable / "config.yaml").write_text("model:\n  pool: avg\n")
     text = train.__doc__.replace("\\\n", " ")
     commands = [line.split("train.py", 1)[1] for line in text.splitlines() if "train.py " in line]

@@ -3,6 +3,10 @@
 Sources merge left to right over the task's schema: the saved config of the run being resumed
 (``ckpt=last``), then each ``-c`` file, then the ``key=value`` overrides. Every problem is
 reported as a :class:`~tasks.app.config.ConfigError` naming the key, before anything is built.
+
+``ckpt=last`` resumes the run's newest checkpoint that checks out (``last.ckpt`` unless it is
+damaged on disk: then, with a :class:`ResumeWarning` naming it, the newest good one before it);
+a ``ckpt=PATH`` that is damaged is an error.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,15 +78,31 @@ def load_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> Dic
 
     if resume_dir is not None:
         cfg.name = resume_dir.name
-        cfg.ckpt = str(rundir.last_checkpoint(resume_dir))
-    elif cfg.ckpt is not None and not Path(cfg.ckpt).is_file():
-        raise ConfigError(f"ckpt={cfg.ckpt!r}: no such checkpoint file (or use ckpt=last)")
+        cfg.ckpt = str(_newest_good_checkpoint(resume_dir))
+    elif cfg.ckpt is not None:
+        if not Path(cfg.ckpt).is_file():
+            raise ConfigError(f"ckpt={cfg.ckpt!r}: no such checkpoint file (or use ckpt=last)")
+        problem = rundir.checkpoint_problem(cfg.ckpt)
+        if problem is not None:
+            damaged = rundir.DamagedCheckpointError(cfg.ckpt, problem)
+            raise ConfigError(f"ckpt={cfg.ckpt!r}: {damaged}")
     if cfg.name is None:
         cfg.name = os.environ.get(rundir.RUN_NAME_ENV) or rundir.new_run_name(
             cfg.task, cfg.ddn.backward_mode
         )
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+class ResumeWarning(UserWarning):
+    """``ckpt=last`` passed over a damaged checkpoint for an older one."""
+
+
+def _newest_good_checkpoint(run_dir: Path) -> Path:
+    path, passed_over = rundir.resume_checkpoint(run_dir)
+    for problem in passed_over:
+        warnings.warn(f"ckpt=last: {problem}; resuming from {path} instead", ResumeWarning, 2)
+    return path
 
 
 def _load_file(path: str, label: str) -> DictConfig:

@@ -94,11 +94,17 @@ class LoggerConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Which checkpoints a run keeps; ``last.ckpt`` (what ``ckpt=last`` resumes) is rewritten
+    at the end of every ``every_n_epochs``-th epoch and, when ``every_n_steps`` > 0, every that
+    many optimiser steps as well, so that a killed run loses at most those steps."""
+
     # null: the task's own metric (val/acc for classification).
     monitor: str | None = None
     mode: str | None = None
     save_top_k: int = 1
     every_n_epochs: int = 1
+    # 0: no step checkpoints, only the per-epoch ones.
+    every_n_steps: int = 0
 
 
 @dataclass
@@ -316,6 +322,9 @@ def validate_run(cfg: DictConfig) -> list[str]:
         )
     check_range(cfg, "checkpoint.save_top_k", problems, low=-1)
     check_range(cfg, "checkpoint.every_n_epochs", problems, low=1)
+    check_range(cfg, "checkpoint.every_n_steps", problems, low=0)
+    # the range Lightning's seed_everything takes
+    check_range(cfg, "seed", problems, low=0, high=2**32 - 1)
     if cfg.name is not None and (not cfg.name or "/" in cfg.name or cfg.name in (".", "..")):
         problems.append(f"name={cfg.name!r} must be a plain directory name (no '/')")
     return problems

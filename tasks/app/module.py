@@ -15,9 +15,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
+from pytorch_lightning.utilities import rank_zero_info
 from torchmetrics import MeanMetric, MetricCollection
 
 from tasks.app.optim import configure as configure_optimization
+from tasks.app.optim import continue_schedule
 
 
 def arguments_of(fn: Callable[..., Any], options: Mapping[str, Any]) -> dict[str, Any]:
@@ -93,6 +95,13 @@ class DeclarativeTask(pl.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self.step(batch, "test")
+
+    def on_train_start(self) -> None:
+        # After a resume the restored schedule meets the budget of this run (see optim.py).
+        for config in self.trainer.lr_scheduler_configs:
+            note = continue_schedule(config.scheduler, self.trainer.estimated_stepping_batches)
+            if note is not None:
+                rank_zero_info(f"Resuming: {note}")
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = self.trainer.estimated_stepping_batches

@@ -21,7 +21,8 @@ from pytorch_lightning.callbacks import (
 )
 
 from tasks.app import rundir
-from tasks.app.callbacks import DDNProfiler, StepTimer
+from tasks.app.callbacks import DDNProfiler, RandomStates, StepTimer
+from tasks.app.checkpoints import AtomicCheckpointIO
 from tasks.app.config import backward_mode
 from tasks.app.layers import declarative_layers, set_backward_mode
 from tasks.app.loggers import (
@@ -56,28 +57,50 @@ def _run_name_for_other_ranks(name: str) -> Iterator[None]:
             os.environ[rundir.RUN_NAME_ENV] = previous
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[pl.Callback]:
+def checkpoint_callbacks(cfg: DictConfig, run_dir: Path) -> list[ModelCheckpoint]:
+    """The per-epoch checkpoints (the best, and ``last.ckpt``), then, with
+    ``checkpoint.every_n_steps``, one that rewrites ``last.ckpt`` every that many steps."""
     spec = get_task(cfg.task)
+    validating = cfg.trainer.limit_val_batches != 0
+    dirpath = str(run_dir / rundir.CHECKPOINT_DIR)
+    # A resumed run rewrites a file of the killed one under the same name, with the same
+    # contents, rather than leave it beside a "-v1" copy.
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=dirpath,
+            filename="epoch{epoch:03d}",
+            auto_insert_metric_name=False,
+            monitor=(cfg.checkpoint.monitor or spec.monitor) if validating else None,
+            mode=cfg.checkpoint.mode or spec.monitor_mode,
+            save_top_k=cfg.checkpoint.save_top_k if validating else 1,
+            save_last=True,
+            every_n_epochs=cfg.checkpoint.every_n_epochs,
+            enable_version_counter=False,
+        )
+    ]
+    if cfg.checkpoint.every_n_steps > 0:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=dirpath,
+                save_top_k=0,
+                save_last=True,
+                every_n_train_steps=cfg.checkpoint.every_n_steps,
+                enable_version_counter=False,
+            )
+        )
+    return callbacks
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[pl.Callback]:
     callbacks: list[pl.Callback] = [
         DDNProfiler(cfg.ddn.profile_every_n_steps, cfg.ddn.profile_memory),
         StepTimer(),
+        RandomStates(),
     ]
     # Lightning writes last.ckpt even at the end of a fast_dev_run, where it would be
     # mistaken for a run to resume; smoke runs get no checkpoint callback at all.
     if not cfg.trainer.fast_dev_run:
-        validating = cfg.trainer.limit_val_batches != 0
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=str(run_dir / rundir.CHECKPOINT_DIR),
-                filename="epoch{epoch:03d}",
-                auto_insert_metric_name=False,
-                monitor=(cfg.checkpoint.monitor or spec.monitor) if validating else None,
-                mode=cfg.checkpoint.mode or spec.monitor_mode,
-                save_top_k=cfg.checkpoint.save_top_k if validating else 1,
-                save_last=True,
-                every_n_epochs=cfg.checkpoint.every_n_epochs,
-            )
-        )
+        callbacks += checkpoint_callbacks(cfg, run_dir)
     if has_logger:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if cfg.trainer.enable_progress_bar:
@@ -121,6 +144,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
         logger=loggers or False,
         callbacks=all_callbacks,
         enable_checkpointing=checkpoint is not None,
+        plugins=[AtomicCheckpointIO()],
     )
     try:
         for logger in loggers:

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
 from tasks.app.data import SplitData
+from tasks.app.sampling import ItemKey, split_key
 from tasks.classification.config import CIFAR_DIRS
 from tasks.classification.corruption import Corruption
 
@@ -91,8 +92,20 @@ class Prepared(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | ItemKey) -> tuple[torch.Tensor, int]:
+        i, seed = split_key(key)
         x, y = self.base[i]
+        if seed is None:
+            x = self._draw(x, i)
+        else:
+            # the training sampler's key fixes this item's draws, whichever process or
+            # DataLoader worker makes them and whatever was drawn before
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                x = self._draw(x, i)
+        return (x - self.mean) / self.std, y
+
+    def _draw(self, x: torch.Tensor, i: int) -> torch.Tensor:
         if self.augment is not None:
             x = self.augment(x)
         if self.corruption is not None:
@@ -100,15 +113,15 @@ class Prepared(Dataset):
             if self.fixed_seed is not None:
                 generator = torch.Generator().manual_seed(self.fixed_seed * 1_000_003 + i)
             x = self.corruption(x, generator)
-        return (x - self.mean) / self.std, y
+        return x
 
 
 class ClassificationData(SplitData):
     """``num_classes``, ``in_channels`` and ``image_size`` are known at construction (the
     model is built from them); the images are loaded in :meth:`setup`."""
 
-    def __init__(self, cfg: DictConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: DictConfig, seed: int = 0) -> None:
+        super().__init__(cfg, seed)
         self.image_size = cfg.image_size or _NATIVE_SIZE[cfg.dataset]
         if cfg.dataset == "digits":
             self.num_classes, self.in_channels = 10, 1
@@ -155,10 +168,9 @@ class ClassificationData(SplitData):
                 fixed_seed=None if train else self.cfg.split_seed,
             )
 
-    def train_dataloader(self) -> DataLoader:
-        train = self.splits["train"]
+    def drop_last(self, train: Dataset) -> bool:
         # A lone last sample would break BatchNorm; dropping it costs nothing.
-        return self.loader(train, shuffle=True, drop_last=len(train) > self.cfg.batch_size)
+        return len(train) > self.cfg.batch_size
 
     def _augmentation(self) -> v2.Transform:
         pad = max(1, self.image_size // 8)

@@ -9,9 +9,9 @@ Two sources share one sample format (a dict of tensors, see :func:`collate_pairs
   resampled under a random warp; the ground truth comes from the warp, so detector noise,
   corners that appear in one image only and points leaving the frame are the real thing.
 
-Training samples are drawn afresh at every access (an endless stream, seeded through torch's
-RNG so that ``seed=`` and the DataLoader workers' seeding make it reproducible); validation and
-test sample ``i`` is a function of ``(data.split_seed, split, i)`` alone, the same in every run.
+Training sample ``i`` of epoch ``e`` is a function of ``(seed, e, i)`` (fresh every epoch, the
+same in a resumed run and in any DataLoader worker); validation and test sample ``i`` is a
+function of ``(data.split_seed, split, i)`` alone, the same in every run.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from tasks.app.data import SplitData
+from tasks.app.sampling import ItemKey, split_key
 
 Sample = dict[str, torch.Tensor]
 _SPLIT_CODES = {"val": 1, "test": 2}
@@ -238,8 +239,9 @@ class ImagePairs:
 
 
 class Stream(Dataset):
-    """``size`` fresh samples per pass: item ``i`` is drawn with a seed from torch's RNG and
-    ``i`` (DDP ranks share the RNG state but not the indices, so their samples differ)."""
+    """``size`` fresh samples per pass. Through the training sampler item ``i`` comes with the
+    seed of ``(run seed, epoch, i)`` (an :class:`~tasks.app.sampling.ItemKey`): fresh every
+    epoch, the same in a resumed run. A plain index draws a seed from torch's RNG."""
 
     def __init__(self, source: PairSource, size: int) -> None:
         self.source = source
@@ -248,8 +250,10 @@ class Stream(Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, i: int) -> Sample:
-        seed = int(torch.randint(2**62, ()))
+    def __getitem__(self, key: int | ItemKey) -> Sample:
+        i, seed = split_key(key)
+        if seed is None:
+            seed = int(torch.randint(2**62, ()))
         return self.source.sample(np.random.default_rng([seed, i]))
 
 
@@ -309,8 +313,10 @@ class MatchingData(SplitData):
     """``descriptor_dim`` is known at construction (the model is built from it). Training
     items are random already, so the training loader does not shuffle them."""
 
-    def __init__(self, cfg: DictConfig) -> None:
-        super().__init__(cfg, collate_fn=collate_pairs)
+    shuffle_train = False
+
+    def __init__(self, cfg: DictConfig, seed: int = 0) -> None:
+        super().__init__(cfg, seed, collate_fn=collate_pairs)
         self.train_source, self.eval_source = build_sources(cfg)
         self.descriptor_dim = self.train_source.descriptor_dim
 

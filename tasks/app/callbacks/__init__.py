@@ -1,6 +1,7 @@
 """Lightning callbacks shared by every task."""
 
 from tasks.app.callbacks.ddn_profiler import DDNProfiler
+from tasks.app.callbacks.random_states import RandomStates
 from tasks.app.callbacks.step_timer import StepTimer
 
-__all__ = ["DDNProfiler", "StepTimer"]
+__all__ = ["DDNProfiler", "RandomStates", "StepTimer"]

@@ -72,6 +72,13 @@ class DDNProfiler(pl.Callback):
         self._step_at = 0  # trainer.global_step of the timed batch
         self._pending: tuple[int, dict[str, float]] | None = None  # times awaiting memory
 
+    def state_dict(self) -> dict[str, int]:
+        # a resumed run profiles the batches the uninterrupted run would have profiled
+        return {"batches_seen": self._batches_seen}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._batches_seen = state_dict["batches_seen"]
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:

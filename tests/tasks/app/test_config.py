@@ -169,10 +169,9 @@ def test_ckpt_errors(runs_dir):
     assert "no such checkpoint" in fails(*AVG, f"ckpt={runs_dir / 'x.ckpt'}")
 
 
-def test_ckpt_last_reloads_the_saved_config(runs_dir):
+def test_ckpt_last_reloads_the_saved_config(runs_dir, make_checkpoint):
     old = runs_dir / "old"
-    (old / "checkpoints").mkdir(parents=True)
-    (old / "checkpoints" / "last.ckpt").write_bytes(b"")
+    make_checkpoint(old / "checkpoints" / "last.ckpt")
     OmegaConf.save(OmegaConf.create({"model": {"pool": "max"}, "seed": 7}), old / "config.yaml")
     cfg = load_config((), ["ckpt=last", f"runs_dir={runs_dir}", "trainer.max_epochs=30"])
     assert cfg.name == "old" and cfg.seed == 7 and cfg.model.pool == "max"
