@@ -7,6 +7,9 @@
 - :func:`ridge_cholesky`: the factor of a slightly shifted matrix, for a least-squares
   solution where ``a`` is singular.
 - :func:`cholesky_solve_vectors`: solves with such factors for one or many right-hand sides.
+- :func:`smallest_eigenvalue_bound`: an upper bound on the smallest eigenvalue of L L^T from
+  its factor, tight where that eigenvalue is near zero: what tells a matrix that is singular
+  in exact arithmetic, and factored only thanks to rounding, from a merely ill-conditioned one.
 - :func:`conjugate_gradient`: batched, preconditioned CG for operators that are only applied.
 - :func:`diagonal_minus_gram_cg`: a fused, in-place CG for operators diag(d) - Q^T Q (Schur
   complements with a diagonal block), with an early give-up for callers that can solve
@@ -85,6 +88,26 @@ def cholesky_solve_vectors(L: Tensor, v: Tensor) -> Tensor:
     lead, (B, m) = v.shape[:-2], v.shape[-2:]
     cols = v.reshape(-1, B, m).permute(1, 2, 0)
     return torch.cholesky_solve(cols, L).permute(2, 0, 1).reshape(*lead, B, m)
+
+
+def smallest_eigenvalue_bound(L: Tensor) -> Tensor:
+    """1 / ||A^-1 u|| with u = t / ||t||, t = A^-1 p, for A = L L^T (B, m, m): two steps of
+    inverse iteration from a fixed probe p, per sample (B,). Normalising between the steps
+    keeps the result from overflowing where the eigenvalue is tiny but representable.
+
+    For a positive definite A it is at least A's smallest eigenvalue, and within rounding of
+    it wherever that eigenvalue is far below the next (the first step already leaves t along
+    its eigenvector unless p is orthogonal to it to within that ratio). A pivot floor cannot
+    tell this: Cholesky without pivoting can spread a zero eigenvalue, rounded to a few eps
+    ||A|| of either sign, into pivots many orders of magnitude larger. The probe's entries,
+    cos(0.5 + 2.4 k), have one size and no simple pattern, so that no symmetric configuration
+    makes it orthogonal to the eigenvector. Four triangular solves; call without autograd.
+    """
+    m = L.shape[-1]
+    p = torch.cos(torch.arange(m, dtype=L.dtype, device=L.device) * 2.399963229728653 + 0.5)
+    t1 = torch.cholesky_solve(p[:, None].expand(L.shape[0], m, 1), L)
+    u = t1 / torch.linalg.vector_norm(t1, dim=(1, 2), keepdim=True)
+    return 1.0 / torch.linalg.vector_norm(torch.cholesky_solve(u, L), dim=(1, 2))
 
 
 @dataclass

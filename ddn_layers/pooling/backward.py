@@ -16,9 +16,15 @@ exact wherever k2 = 0.
 The kappas may carry a common positive factor per sample (penalties.py): w scales by its
 inverse, and every product above by one, so the gradients do not depend on it.
 
-Where H is singular or indefinite (a flat objective, or a saddle of a non-convex penalty) the
-minimiser does not depend smoothly on x, and these samples get a zero gradient; ``singular``
-flags them, and the backward warns.
+Where H is singular or indefinite (a flat objective, a minimiser that is not unique, or a saddle
+of a non-convex penalty) the minimiser does not depend smoothly on x, and these samples get a
+zero gradient; ``singular`` flags them, and the backward warns. ``implicit`` (either route) and
+``full`` detect it the same way (hessian.factor: a failed factorisation, a negligible pivot, or
+a smallest eigenvalue at the rounding level of H); ``approx`` solves with (sum k1) I and flags
+only a sum of weights of zero. ``unroll`` has no Hessian to check: it differentiates the
+iterations the solver ran, which at such a point is the derivative of the solver's path to it
+(for two huber points farther apart than 2 alpha, the mean's: dy/dx_j = I / 2), not that of a
+unique minimiser.
 
 Each mode's entry in :data:`BACKWARDS` takes the ``BackwardContext`` of ``run_layer`` (saved:
 x, y, alpha; opts: the ``PoolCall``) and returns (dJ/dx, dJ/dalpha).

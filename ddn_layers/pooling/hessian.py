@@ -13,6 +13,14 @@ Only Cholesky routines are used: batched LU solves are unreliable on some CPU bu
 DESIGN.md), and every well-posed system here is symmetric positive definite. A sample whose
 factorisation fails, or whose smallest pivot is negligible against s, is reported as not
 ``ok``; its solution is set to zero and the caller decides what that means.
+
+A pivot test alone misses Hessians that are singular in exact arithmetic, such as huber's
+with every point beyond alpha on one line through y (two points farther apart than 2 alpha:
+the minimiser is not unique). H is then s I minus terms that cancel s along one direction;
+the rounding of that cancellation leaves an eigenvalue of a few eps s of either sign, which
+Cholesky without pivoting can spread into pivots far above it. :func:`factor` therefore also
+bounds the smallest eigenvalue by inverse iteration with the factor. The small eigenvalues of
+H and of the Woodbury matrix coincide, so both routes, and ``full``, flag the same samples.
 """
 
 from __future__ import annotations
@@ -20,9 +28,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ddn_layers.linalg import guarded_cholesky
+from ddn_layers.linalg import guarded_cholesky, smallest_eigenvalue_bound
 
 SOLVERS = ("auto", "cholesky", "woodbury")
+
+SINGULAR_MARGIN = 16.0
+"""A Hessian whose smallest eigenvalue is below SINGULAR_MARGIN eps s counts as singular
+(:func:`factor`): a few times the rounding left by the cancellation that forms H, where a
+Hessian singular in exact arithmetic ends up."""
 
 
 def choose_solver(requested: str, n: int, c: int, kappa2_zero: bool) -> str:
@@ -37,13 +50,19 @@ def choose_solver(requested: str, n: int, c: int, kappa2_zero: bool) -> str:
 def factor(a: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     """Guarded Cholesky factors of the batch ``a`` (N, m, m) and which samples are usable.
 
-    The diagonal of H is at most s (k2 <= 0), so a squared pivot below s m eps marks a
-    direction singular at working precision, whose "solution" would be rounding noise
-    amplified by 1 / eps; a sample with s <= 0 (no weight at all) fails outright. Failed
-    factors are the identity (see ``ddn_layers.linalg.guarded_cholesky``).
+    ``a`` is H or the Woodbury matrix. The diagonal of H is at most s (k2 <= 0), so a squared
+    pivot below s m eps marks a direction singular at working precision; a sample with s <= 0
+    (no weight at all) fails outright. So does one whose smallest eigenvalue is below
+    ``SINGULAR_MARGIN`` eps s, the level at which the rounding of the cancellation that forms
+    H leaves the eigenvalue of a Hessian singular in exact arithmetic (module docstring):
+    there the "solution" is noise amplified by about 1 / eps. Failed factors are the identity
+    (see ``linalg.guarded_cholesky``).
     """
-    floor = s * (a.shape[-1] * torch.finfo(s.dtype).eps)
-    return guarded_cholesky(a, pivot_floor=torch.where(s > 0, floor, torch.inf))
+    eps = torch.finfo(s.dtype).eps
+    L, ok = guarded_cholesky(a, pivot_floor=torch.where(s > 0, s * (a.shape[-1] * eps), torch.inf))
+    with torch.no_grad():
+        ok &= smallest_eigenvalue_bound(L.detach()) > (SINGULAR_MARGIN * eps) * s
+    return L, ok
 
 
 def hessian_solve(
