@@ -24,13 +24,15 @@ def kernel(M: Tensor, gamma: float, f: Tensor, g: Tensor, row_mask, col_mask, lo
     """exp(-gamma M + f (+) g) with entries below exp(lo) and padded rows/columns set to 0.
 
     Flushing the tiny entries keeps denormal numbers, which are slow on CPUs, out of the
-    matrix-vector products.
+    matrix-vector products. Padding is zeroed through -inf potentials, not by a mask product:
+    an entry that overflowed there would turn 0 * inf into NaN.
     """
+    if padded:
+        f = torch.where(row_mask > 0, f, -math.inf)
+        g = torch.where(col_mask > 0, g, -math.inf)
     K = torch.add(f.unsqueeze(-1), g.unsqueeze(-2))
     K.add_(M, alpha=-gamma).exp_()
     torch.nn.functional.threshold_(K, math.exp(lo), 0.0)
-    if padded:
-        K.mul_(row_mask.unsqueeze(-1)).mul_(col_mask.unsqueeze(-2))
     return K
 
 

@@ -29,6 +29,8 @@ SPEC = LayerSpec(
 def _check_marginal(x, name: str, B: int | None, size: int, dim_name: str, dtype, device):
     if x is None:
         return torch.full((B or 1, size), 1.0 / size, dtype=dtype, device=device)
+    if isinstance(x, Tensor) and x.device != device:
+        raise ValueError(f"{name} must be on the device of M ({device}), got {x.device}")
     check_tensor(x, name, ndims=(1, 2))
     if x.shape[-1] != size:
         raise ValueError(
@@ -41,8 +43,14 @@ def _check_marginal(x, name: str, B: int | None, size: int, dim_name: str, dtype
         raise ValueError(f"{name} must be non-negative (zeros mark padding)")
     x = x.to(dtype)
     x = x.expand(B or 1, size) if x.dim() == 1 else x
-    if bool((x.sum(-1) <= 0).any()):
+    total = x.detach().sum(-1)
+    if bool((total <= 0).any()):
         raise ValueError(f"{name} must have a positive entry in every sample (all zeros given)")
+    if not bool(torch.isfinite(total).all()):
+        # the sum of large finite entries overflowed: the marginal is normalised anyway, so
+        # dividing by a (detached) constant first changes neither P nor the gradient
+        peak = x.detach().amax(-1, keepdim=True)
+        x = x / torch.where(torch.isfinite(total).unsqueeze(-1), 1.0, peak)
     return x
 
 

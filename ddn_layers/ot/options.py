@@ -4,11 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import Tensor
+
 from ddn_layers.base import LayerOptions, option
 from ddn_layers.checks import at_least, check_bool, check_positive, one_of
 
 IMPLICIT_SOLVERS = ("auto", "cholesky", "cg")
 """How ``implicit`` solves its Schur complement: ``auto`` chooses by cost (see backward.py)."""
+
+
+def check_gamma(value: object, name: str) -> float:
+    """A positive number; a tensor that requires grad is refused rather than silently made a
+    constant. P depends on M and gamma only through gamma * M, so a learned gamma is exactly
+    ``sinkhorn(gamma * M, r, c, gamma=1.0)``."""
+    if isinstance(value, Tensor) and value.requires_grad:
+        raise ValueError(
+            f"{name} must be a number or a tensor without grad (the layer does not "
+            f"differentiate {name}); P depends on M and {name} only through {name} * M, so to "
+            f"learn {name} pass M * {name} with {name}=1.0"
+        )
+    return check_positive(value, name)
 
 
 @dataclass(frozen=True)
@@ -21,7 +36,7 @@ class OTOptions(LayerOptions):
     one host sync); ``warn``: raise a ConvergenceWarning for samples that did not converge.
     """
 
-    gamma: float = option(10.0, check=check_positive)
+    gamma: float = option(10.0, check=check_gamma)
     tol: float = option(1e-6, check=check_positive)
     max_iter: int = option(1000, check=at_least(1))
     implicit_solver: str = option("auto", check=one_of(IMPLICIT_SOLVERS))

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ddn_layers.base import Solved, SolverInfo
 from ddn_layers.ot import blocks
-from ddn_layers.ot.blocks import kernel_t_times, kernel_times
+from ddn_layers.ot.blocks import kernel_times
 from ddn_layers.ot.schedule import OmegaSchedule
 
 LIMITS = {torch.float32: (-60.0, 15.0), torch.float64: (-600.0, 100.0)}
@@ -72,7 +72,9 @@ class _Problem:
     kernel entries are zero, so they never carry mass.
     """
 
-    M: Tensor  # (B, m, n) cost less its row and column minima
+    M: Tensor  # (B, m, n) cost less its row and column minima over the real entries
+    r: Tensor  # (B, m) the marginals the returned plan is measured against
+    c: Tensor  # (B, n)
     row_mask: Tensor  # (B, m) 1 on real rows, 0 on padding
     col_mask: Tensor  # (B, n)
     log_r: Tensor  # (B, m), -inf on padding
@@ -86,16 +88,19 @@ class _Problem:
 
     @classmethod
     def of(cls, M: Tensor, r: Tensor, c: Tensor) -> _Problem:
-        # P is invariant to adding a row or a column constant to M; removing the row and column
-        # minima keeps the potentials (and the cancellation in -gamma M + f + g) small.
-        M = M - M.amin(-1, keepdim=True)
-        M = M - M.amin(-2, keepdim=True)
-        row_mask, col_mask = (r > 0).to(M.dtype), (c > 0).to(M.dtype)
+        # Entries below sqrt(smallest normal) are solved as padding: their rows/columns of the
+        # plan are flushed to zero anyway (see _finished_plan), and a row of so little mass
+        # would otherwise fall below the kernel's flush threshold as a whole once absorbed.
+        floor = math.sqrt(torch.finfo(M.dtype).tiny)
+        row_mask, col_mask = (r > floor).to(M.dtype), (c > floor).to(M.dtype)
         padded = bool((row_mask == 0).any()) or bool((col_mask == 0).any())
+        M = _reduced_cost(M, row_mask, col_mask) if padded else _reduced_cost(M)
         r_col = (r + (1 - row_mask)).unsqueeze(-1)
         c_row = (c + (1 - col_mask)).unsqueeze(-2)
         return cls(
             M,
+            r,
+            c,
             row_mask,
             col_mask,
             torch.where(r > 0, r.log(), torch.full_like(r, -math.inf)),
@@ -112,10 +117,34 @@ class _Problem:
     def padded(self) -> bool:
         return self.pad_rows is not None
 
+    def plan_errors(self, P: Tensor, sel: Tensor | None) -> Tensor:
+        """The L1 marginal error of the plans P of the samples at positions ``sel`` (all when
+        None), measured on P itself: what the caller gets is what is reported."""
+        r, c = (self.r, self.c) if sel is None else (self.r[sel], self.c[sel])
+        return (P.sum(-1) - r).abs().sum(-1) + (P.sum(-2) - c).abs().sum(-1)
+
     def select(self, sel: Tensor) -> _Problem:
         """The samples at positions ``sel``."""
         picked = (getattr(self, f.name) for f in fields(self))
         return _Problem(*(x[sel] if x is not None else None for x in picked))
+
+
+def _reduced_cost(M: Tensor, row_mask: Tensor | None = None, col_mask=None) -> Tensor:
+    """M less its row minima, then less its column minima, over the real entries only.
+
+    P is invariant to adding a row or a column constant to M; removing the minima keeps the
+    potentials (and the cancellation in -gamma M + f + g) small. Padding must not take part:
+    a padded row's low cost would otherwise raise a real column far above its minimum and
+    flush it from the kernel at large gamma, so a padded sample would no longer solve the
+    problem it solves alone. Padded entries are 0.
+    """
+    if row_mask is None:
+        M = M - M.amin(-1, keepdim=True)
+        return M - M.amin(-2, keepdim=True)
+    rows, cols = row_mask.unsqueeze(-1) > 0, col_mask.unsqueeze(-2) > 0
+    M = M - torch.where(cols, M, math.inf).amin(-1, keepdim=True)
+    M = M - torch.where(rows, M, math.inf).amin(-2, keepdim=True)
+    return torch.where(rows & cols, M, 0.0)
 
 
 @dataclass
@@ -199,11 +228,6 @@ class _Results:
             P = torch.empty(B, m, n, dtype=self.dtype, device=self.device)
             for rows, part in self.plans:
                 P[rows] = part
-        P = torch.nan_to_num_(P, nan=0.0, posinf=0.0)  # only where a sample failed outright
-        # Entries below sqrt(smallest normal) are flushed to zero: their products (P^T P in
-        # the backward) would be slow denormal numbers. The mass removed is below m n 1e-19 in
-        # float32, far under any tolerance.
-        torch.nn.functional.threshold_(P, math.sqrt(torch.finfo(self.dtype).tiny), 0.0)
 
         def tensor(values, dtype=self.dtype):
             return torch.tensor(values, dtype=dtype, device=self.device)
@@ -408,42 +432,86 @@ def _restore_failed(run: _Run, check: _Check, start: tuple[Tensor, Tensor, float
 
 
 def _plan(K: Tensor, u: Tensor, v: Tensor, sel: Tensor | None) -> Tensor:
-    """diag(u) K diag(v) for the active samples at positions ``sel``; for all of them (sel
-    None) in K's own memory, which is not needed afterwards."""
-    if sel is None:
-        return K.mul_(u).mul_(v)
-    return K[sel].mul_(u[sel]).mul_(v[sel])
+    """diag(u) K diag(v) for the active samples at positions ``sel``, as it is returned; for
+    all of them (sel None) in K's own memory.
+
+    Entries below sqrt(smallest normal) are flushed to zero: their products (P^T P in the
+    backward) would be slow denormal numbers; the mass removed is below m n 1e-19 in float32.
+    NaN and inf (only where a sample failed outright) become 0.
+    """
+    P = K.mul_(u).mul_(v) if sel is None else K[sel].mul_(u[sel]).mul_(v[sel])
+    torch.nan_to_num_(P, nan=0.0, posinf=0.0)
+    return torch.nn.functional.threshold_(P, math.sqrt(torch.finfo(P.dtype).tiny), 0.0)
 
 
 def _retire_converged(run: _Run, check: _Check, iterations: int) -> None:
     """Record the converged samples' plans and potentials, and drop them from the active batch.
 
-    P = diag(u) K diag(v) with the K the iterations ran on, so the marginals just measured
-    are P's own: rebuilding it from the final potentials as exp(f' (+) g' - gamma M) would
-    re-round the exponent at the scale of the potentials, which at large gamma moves the
-    marginals past the tolerance.
+    P = diag(u) K diag(v) with the K the iterations ran on: rebuilding it from the final
+    potentials as exp(f' (+) g' - gamma M) would re-round the exponent at the scale of the
+    potentials, which at large gamma moves the marginals past the tolerance. A sample retires
+    only if the plan it returns meets tol: the check measures the marginals through the
+    iterate's matrix-vector products, whose rounding (in float32) can differ from that of the
+    plan's own sums by more than the margin left; such a sample keeps iterating.
     """
+    cur = run.iterate
+    done = [i for i, d in enumerate(check.done) if d]
+    whole = len(done) == len(run.rows)
+    sel = torch.tensor(done, device=cur.K.device)
+    P = _plan(cur.K, cur.u, cur.v, None if whole else sel)
+    errors = run.problem.plan_errors(P, None if whole else sel).tolist()
+    passed = [e <= run.settings.tol for e in errors]
+    if not all(passed):
+        P = _keep_failed(run, check, done, passed, P, whole)
+        errors = [e for e, ok in zip(errors, passed, strict=True) if ok]
+        done = [i for i, ok in zip(done, passed, strict=True) if ok]
+        sel = torch.tensor(done, device=cur.K.device)
+    if done:
+        _record_retired(run, done, sel, P, errors, iterations)
+        _compact(run, check, [i for i, d in enumerate(check.done) if not d])
+
+
+def _keep_failed(run: _Run, check: _Check, done, passed, P: Tensor, whole: bool) -> Tensor:
+    """Return the retiring samples whose plans failed to the active batch (``check.done``
+    cleared) and give the plans of those that passed. Where the plans were formed in K's
+    memory, the kernel of a failed sample is recovered as P / (u v): exact up to rounding,
+    unlike a kernel rebuilt from its potentials."""
+    cur = run.iterate
+    for i, ok in zip(done, passed, strict=True):
+        check.done[i] = ok
+    at = torch.tensor([k for k, ok in enumerate(passed) if ok], device=P.device)
+    good = P[at]
+    if whole:
+        bad = torch.tensor([i for i, ok in zip(done, passed, strict=True) if not ok])
+        bad = bad.to(P.device)
+        P.index_copy_(0, bad, P[bad].div_(cur.u[bad]).div_(cur.v[bad]))
+    return good
+
+
+def _record_retired(run: _Run, done, sel: Tensor, P: Tensor, errors, iterations: int) -> None:
+    """Store the retired samples' plans P, potentials and record (positions ``done``)."""
     cur, res, sched = run.iterate, run.results, run.schedule
-    device = cur.K.device
-    rows = [i for i, d in enumerate(check.done) if d]
-    sel = torch.tensor(rows, device=device)
-    batch_rows = torch.tensor([run.rows[i] for i in rows], device=device)
-    res.record_potentials(batch_rows, run.problem, cur, sel)
-    some = sel if len(rows) < len(run.rows) else None
-    res.plans.append((batch_rows, _plan(cur.K, cur.u, cur.v, some)))
-    for i in rows:
+    batch_rows = torch.tensor([run.rows[i] for i in done], device=cur.K.device)
+    whole = len(done) == len(run.rows)
+    res.record_potentials(batch_rows, run.problem, cur, None if whole else sel)
+    res.plans.append((batch_rows, P))
+    for i, e in zip(done, errors, strict=True):
         b = run.rows[i]
-        res.iterations[b], res.residual[b], res.converged[b] = iterations, check.errors[i], True
+        res.iterations[b], res.residual[b], res.converged[b] = iterations, e, True
         res.omega[b], res.rate[b] = sched.omega[i], sched.mu2[i]
-    keep = [i for i, d in enumerate(check.done) if not d]
+
+
+def _compact(run: _Run, check: _Check, keep: list[int]) -> None:
+    """Restrict the active batch to the samples at positions ``keep``."""
     run.rows = [run.rows[i] for i in keep]
     if not run.rows:
         return
-    sched.keep(keep)
+    run.schedule.keep(keep)
     check.big = [check.big[i] for i in keep]
     check.overflow = [check.overflow[i] for i in keep]
-    sel = torch.tensor(keep, device=device)
+    sel = torch.tensor(keep, device=run.iterate.K.device)
     run.problem = run.problem.select(sel)
+    cur = run.iterate
     cur.f, cur.g, cur.u, cur.v, cur.Kv, cur.K = (
         x[sel] for x in (cur.f, cur.g, cur.u, cur.v, cur.Kv, cur.K)
     )
@@ -458,8 +526,9 @@ def _absorb(run: _Run, check: _Check) -> None:
     cur.f = torch.where(problem.row_mask > 0, cur.f + cur.u.log()[..., 0], cur.f)
     cur.g = torch.where(problem.col_mask > 0, cur.g + cur.v.log()[:, 0], cur.g)
     if any(check.overflow):
+        g = torch.where(problem.col_mask > 0, cur.g, -math.inf)  # no padded column counts
         cur.f, cur.g = blocks.log_domain_block(
-            problem.M, settings.gamma, cur.f, cur.g, problem.log_r, problem.log_c,
+            problem.M, settings.gamma, cur.f, g, problem.log_r, problem.log_c,
             min(settings.check_every, 10),
         )  # fmt: skip
         cur.f = torch.where(problem.row_mask > 0, cur.f, 0.0)
@@ -501,21 +570,19 @@ def _after_block(run: _Run, start, steps: int, iterations: int) -> None:
 
 
 def _record_unconverged(run: _Run) -> None:
-    """The samples still active at max_iter: their plans, potentials and marginal errors."""
+    """The samples still active at max_iter: their plans, potentials and marginal errors (a
+    sample whose plan meets tol counts as converged)."""
     run.unscale()
     cur, problem, res = run.iterate, run.problem, run.results
-    Ku = kernel_t_times(
-        cur.K, cur.u, problem.pad_cols
-    )  # the last block's may predate an absorption
-    err = torch.linalg.vector_norm(torch.addcmul(problem.neg_r, cur.u, cur.Kv), 1, dim=(-2, -1))
-    err += torch.linalg.vector_norm(torch.addcmul(problem.neg_c, cur.v, Ku), 1, dim=(-2, -1))
     rows = torch.tensor(run.rows, device=cur.K.device)
     res.record_potentials(rows, problem, cur)
-    for i, e in zip(run.rows, torch.nan_to_num(err, nan=math.inf).tolist(), strict=True):
-        res.residual[i] = e
     for i, w, mu2 in zip(run.rows, run.schedule.omega, run.schedule.mu2, strict=True):
         res.omega[i], res.rate[i] = w, mu2
-    res.plans.append((rows, _plan(cur.K, cur.u, cur.v, None)))
+    P = _plan(cur.K, cur.u, cur.v, None)
+    errors = torch.nan_to_num(problem.plan_errors(P, None), nan=math.inf).tolist()
+    for i, e in zip(run.rows, errors, strict=True):
+        res.residual[i], res.converged[i] = e, e <= run.settings.tol
+    res.plans.append((rows, P))
 
 
 @torch.no_grad()
