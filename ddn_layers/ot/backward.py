@@ -23,8 +23,10 @@ after which  dJ/dM = gamma P o (a (+) b - V),  dJ/dr = a,  dJ/dc = b.  K is A H^
   Jacobi-preconditioned conjugate gradients (``linalg.diagonal_minus_gram_cg``); ``auto``
   runs CG within the iteration budget that costs what the direct solve would
   (``cg_budget``), gives up early when its observed rate predicts a miss, and then solves
-  directly. Only vectors are solved for: never the (m x n) right-hand sides of the paper's
-  Fig. 4.
+  directly. CG (``auto`` or ``cg``) is only trusted where it can be: a system with too few
+  real unknowns is solved directly, and a CG solution is checked afresh (its recomputed
+  residual and its gauge) before it is used, else solved directly. Only vectors are solved
+  for: never the (m x n) right-hand sides of the paper's Fig. 4.
 * ``full`` forms K (m + n square) densely, drops the first non-padded row constraint as the
   paper does (Eq. 16) and solves it by Cholesky: the unstructured baseline. Its gradient is
   differentiable again (create_graph=True).
@@ -128,8 +130,9 @@ def solve_schur_cg(P, c, rhs, rinv, scratch, rtol, max_iter, give_up=False):
     gram_diagonal = _rowvec_mat(rinv, torch.mul(P, P, out=scratch))  # diag(P^T diag(rinv) P)
     Q = torch.mul(P, rinv.sqrt().unsqueeze(-1), out=scratch)
     res = diagonal_minus_gram_cg(
-        c, Q, rhs, rtol=rtol, max_iter=max_iter, give_up=give_up, gram_diagonal=gram_diagonal
-    )
+        c, Q, rhs, rtol=rtol, max_iter=max_iter, check_every=CG_CHECK_EVERY, give_up=give_up,
+        gram_diagonal=gram_diagonal,
+    )  # fmt: skip
     return res.x, res.converged, res.iterations
 
 
@@ -156,17 +159,66 @@ def cg_budget(n_small: int, m_large: int) -> int:
     return int(direct / per_iteration)
 
 
+CG_CHECK_EVERY = 5
+"""Iterations between the Schur CG's convergence checks (``diagonal_minus_gram_cg``'s
+default)."""
+
+CG_RESIDUAL_SLACK = 100.0
+"""How far above CG's own tolerance the recomputed residual of its solution may lie (see
+:func:`schur_solution_ok`)."""
+
+CG_GAUGE_LIMIT = 16.0
+"""The largest mean of a CG solution over its real entries, relative to its spread about that
+mean, that :func:`schur_solution_ok` accepts."""
+
+
+def cg_trusted_size(c: Tensor) -> bool:
+    """Whether every sample's system is large enough for CG: with k real unknowns (one of them
+    the gauge) CG converges in k - 1 iterations, so a system with k <= ``CG_CHECK_EVERY``
+    would keep stepping after convergence, along directions made of rounding noise, before its
+    first check (there a curvature at rounding level gives steps of any size)."""
+    return bool(((c > 0).sum(-1) > CG_CHECK_EVERY).all())
+
+
+def schur_solution_ok(P, c, rinv, b, rhs, rtol: float) -> Tensor:
+    """Per sample, whether CG's b solves S b = rhs (S = diag(c) - P^T diag(rinv) P) and can be
+    used: checked afresh, not by CG's recurrence.
+
+    The residual: ||c^-1/2 (rhs - S b)|| <= ``CG_RESIDUAL_SLACK`` rtol ||c^-1/2 rhs||. CG
+    converged in the norm of its Jacobi scaling D, with 1e-3 c <= D <= c (see ``linalg``),
+    within a factor sqrt(1e3) of this one; the rest of the slack allows for the recurrence's
+    drift. The gauge: b + t q solves the system for any t (q: the real entries), but a large t
+    cancels in a (+) b only to t eps. CG's iterates keep sum D b = 0, so the mean of b over the
+    real entries is at most its largest deviation from it; a mean far beyond that is a step
+    along the null vector (``CG_GAUGE_LIMIT``). A b that is not finite fails.
+    """
+    Sb = c * b - _rowvec_mat(rinv * _mat_vec(P, b), P)
+    w = _inv_or_zero(c).sqrt_()
+    err = torch.linalg.vector_norm(w * (rhs - Sb), dim=-1)
+    ok = err <= (CG_RESIDUAL_SLACK * rtol) * torch.linalg.vector_norm(w * rhs, dim=-1)
+    q = (c > 0).to(b.dtype)
+    mean = (b * q).sum(-1, keepdim=True) / q.sum(-1, keepdim=True).clamp_min(1)
+    spread = ((b - mean) * q).abs().amax(-1)
+    return ok & (mean.squeeze(-1).abs() <= CG_GAUGE_LIMIT * spread)
+
+
 def _solve_schur(P, c, rhs, rinv, scratch, solver: str) -> tuple[Tensor, Tensor]:
-    """b with S b = rhs by ``solver`` ("auto", "cg" or "cholesky"), and per-sample success;
-    CG that stalled or gave up falls back on the direct solve."""
+    """b with S b = rhs by ``solver`` ("auto", "cg" or "cholesky"), and per-sample success.
+
+    CG is used only where it can be trusted: not on tiny systems (``cg_trusted_size``), and
+    its solution is checked afresh (``schur_solution_ok``). A CG that
+    gave up (its rate predicted a miss of the budget), stalled or failed the check falls back
+    on the direct solve."""
     n, m = P.shape[-1], P.shape[-2]
-    budget, give_up = 4 * n + 50, False
+    budget = 4 * n + 50
     if solver == "auto":
-        budget, give_up = cg_budget(n, m), True
+        budget = cg_budget(n, m)
         solver = "cg" if budget >= 10 else "cholesky"
-    if solver != "cg":
+    if solver != "cg" or not cg_trusted_size(c):
         return solve_schur_cholesky(P, c, rhs, rinv, scratch)
-    b, ok, _ = solve_schur_cg(P, c, rhs, rinv, scratch, cg_tol(P.dtype), budget, give_up)
+    rtol = cg_tol(P.dtype)
+    b, ok, _ = solve_schur_cg(P, c, rhs, rinv, scratch, rtol, budget, give_up=True)
+    ok = ok & schur_solution_ok(P, c, rinv, b, rhs, rtol)
     if not bool(ok.all()):
         b2, ok2 = solve_schur_cholesky(P, c, rhs, rinv, scratch)
         b = torch.where(ok.unsqueeze(-1), b, b2)
