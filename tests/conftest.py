@@ -71,6 +71,17 @@ def make_checkpoint():
     return write
 
 
+@pytest.fixture(scope="session")
+def train_processes():
+    """Starts ``train.py`` runs as real processes without re-importing torch for each (see
+    tests/processes.py)."""
+    from tests.processes import TrainProcesses
+
+    processes = TrainProcesses()
+    yield processes
+    processes.close()
+
+
 # Property-based tests explore new examples locally but replay a fixed set in CI, so that a
 # landing never depends on luck.
 try:

@@ -1,20 +1,18 @@
 """End-to-end runs of train.py: every backward mode and pool, the files a run leaves, W&B
-offline, the command line's failures, DDP on two CPU processes, and resuming a killed run."""
+offline, the command line's failures, and two node ranks under torchrun. DDP on two CPU processes
+and resuming killed runs: tests/tasks/app/test_resume.py."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import signal
+import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 import train
@@ -133,61 +131,37 @@ def test_main_returns_2_and_prints_config(capsys):
     assert "seed: 3" in capsys.readouterr().out
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_ddp_on_two_cpu_processes(quiet, runs_dir):
-    proc = train_py(
-        "-c", "configs/ddp.yaml", "trainer.devices=2", *quiet, *SMALL, "logger.wandb=true",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=3",
-        "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
-        "ddn.profile_every_n_steps=1",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = runs_dir.iterdir()  # both ranks used the same run directory
-    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # one W&B run, rank zero's
-    results = json.loads((run_dir / "results.json").read_text())
-    assert 0.0 <= results["test/acc"] <= 1.0 and results["ddn/net_pool/bwd_peak_mib"] > 0
-    assert "ddp" in (run_dir / "config.yaml").read_text()
-
-
-def _epoch_of(checkpoint: Path) -> int:
-    return torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"]
-
-
-@pytest.mark.slow
-def test_resume_a_killed_run(quiet, runs_dir):
-    # Epochs of a few seconds, so that the kill lands inside one.
-    args = [*quiet, *SMALL, "name=killed", "trainer.max_epochs=50",
-            "trainer.limit_train_batches=30", "trainer.limit_val_batches=2",
+def test_two_node_ranks_on_one_host_with_torchrun(quiet, runs_dir, tmp_path):
+    # What --help and the README give for several nodes, with both node ranks on this host.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                "--master-addr=127.0.0.1", f"--master-port={_free_port()}"]  # fmt: skip
+    args = ["train.py", *quiet, *SMALL, "trainer.num_nodes=2", "trainer.devices=1",
+            "trainer.strategy=ddp", "name=two-nodes", "trainer.max_epochs=1",
+            "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
             "trainer.limit_test_batches=2", "ddn.profile_every_n_steps=0"]  # fmt: skip
-    last = runs_dir / "killed" / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    nodes = []
+    for rank, log in enumerate(logs):
+        with open(log, "wb") as err:
+            command = [*torchrun, f"--node-rank={rank}", *args]
+            nodes.append(subprocess.Popen(command, cwd=ROOT, stdout=err, stderr=err))
     try:
-        deadline = time.monotonic() + 180
-        while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert last.is_file(), "no checkpoint was written"
-        time.sleep(0.5)  # into the next epoch, but not through it
-        os.kill(proc.pid, signal.SIGKILL)
+        for node, log in zip(nodes, logs, strict=True):
+            assert node.wait(timeout=300) == 0, log.read_text()[-3000:]
     finally:
-        proc.kill()
-        stderr = proc.communicate()[1]
-    assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
-    done = _epoch_of(last)
-    assert done < 49
-
-    resumed = train_py("ckpt=last", f"runs_dir={runs_dir}", f"trainer.max_epochs={done + 2}")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # the resumed run continued the killed one: its first logged epoch follows the checkpoint
-    rows = (runs_dir / "killed" / "csv" / "version_1" / "metrics.csv").read_text().splitlines()
-    header = rows[0].split(",")
-    epochs = {
-        int(r.split(",")[header.index("epoch")])
-        for r in rows[1:]
-        if r.split(",")[header.index("epoch")]
-    }
-    assert min(epochs) == done + 1
-    assert _epoch_of(last) == done + 1
-    saved = OmegaConf.load(runs_dir / "killed" / "config.yaml")
-    assert saved.trainer.max_epochs == done + 2 and saved.trainer.limit_train_batches == 30
+        for node in nodes:
+            node.kill()
+    assert "MEMBER: 1/2" in logs[0].read_text() and "MEMBER: 2/2" in logs[1].read_text()
+    (run_dir,) = runs_dir.iterdir()  # both nodes wrote into one run directory
+    results = json.loads((run_dir / "results.json").read_text())
+    assert 0.0 <= results["test/acc"] <= 1.0
+    saved = OmegaConf.load(run_dir / "config.yaml").trainer
+    assert (saved.num_nodes, saved.devices, saved.strategy) == (2, 1, "ddp")

@@ -87,10 +87,12 @@ class SplitData(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return {}
-        epoch = trainer.current_epoch
-        batches = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        if batches >= trainer.num_training_batches:
-            epoch, batches = epoch + 1, 0
+        epochs = trainer.fit_loop.epoch_progress.current
+        epoch, batches = epochs.completed, 0
+        if epochs.started > epochs.completed:  # inside epoch `completed`
+            batches = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            if batches >= trainer.num_training_batches:
+                epoch, batches = epoch + 1, 0
         world = trainer.world_size
         samples = batches * self.cfg.batch_size * world
         return {"epoch": epoch, "samples": samples, "world_size": world}

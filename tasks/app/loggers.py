@@ -7,12 +7,12 @@ import os
 import platform
 import secrets
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import wandb
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
@@ -91,6 +91,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     log = cfg.logger
     loggers: list[Logger] = []
     if log.wandb:
+        import wandb  # here, not at the top: a run without W&B need not pay for importing it
+
         mode = cfg.ddn.backward_mode
         loggers.append(
             WandbLogger(
@@ -116,7 +118,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
 def finish_wandb() -> str | None:
     """Close this process's W&B run, so that another run can start in it (tests, sweeps);
     returns the command that uploads it when it was offline."""
-    run = wandb.run
+    wandb = sys.modules.get("wandb")  # never imported: no run to close
+    run = wandb.run if wandb is not None else None
     if run is None:
         return None
     offline = run.settings.mode == "offline"

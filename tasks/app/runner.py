@@ -21,7 +21,13 @@ from pytorch_lightning.callbacks import (
 )
 
 from tasks.app import rundir
-from tasks.app.callbacks import DDNProfiler, RandomStates, StepTimer
+from tasks.app.callbacks import (
+    AccumulatedGradients,
+    DDNProfiler,
+    LastCheckpoint,
+    RandomStates,
+    StepTimer,
+)
 from tasks.app.checkpoints import AtomicCheckpointIO
 from tasks.app.config import backward_mode
 from tasks.app.layers import declarative_layers, set_backward_mode
@@ -40,6 +46,8 @@ RESULTS_FILE = "results.json"
 # Lightning suggests DataLoader workers; for in-memory datasets (digits) they cost more than
 # they save, and data.num_workers is there for the others.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
+# The first checkpoint callback is the one that keeps the best (see checkpoint_callbacks).
+warnings.filterwarnings("ignore", ".*configured with multiple `ModelCheckpoint` callbacks.*")
 
 
 @contextmanager
@@ -58,8 +66,9 @@ def _run_name_for_other_ranks(name: str) -> Iterator[None]:
 
 
 def checkpoint_callbacks(cfg: DictConfig, run_dir: Path) -> list[ModelCheckpoint]:
-    """The per-epoch checkpoints (the best, and ``last.ckpt``), then, with
-    ``checkpoint.every_n_steps``, one that rewrites ``last.ckpt`` every that many steps."""
+    """The best checkpoints (by the monitored metric; the newest when nothing is validated),
+    ``last.ckpt`` every ``checkpoint.every_n_epochs`` epochs and, with
+    ``checkpoint.every_n_steps``, every that many optimiser steps too."""
     spec = get_task(cfg.task)
     validating = cfg.trainer.limit_val_batches != 0
     dirpath = str(run_dir / rundir.CHECKPOINT_DIR)
@@ -73,21 +82,13 @@ def checkpoint_callbacks(cfg: DictConfig, run_dir: Path) -> list[ModelCheckpoint
             monitor=(cfg.checkpoint.monitor or spec.monitor) if validating else None,
             mode=cfg.checkpoint.mode or spec.monitor_mode,
             save_top_k=cfg.checkpoint.save_top_k if validating else 1,
-            save_last=True,
             every_n_epochs=cfg.checkpoint.every_n_epochs,
             enable_version_counter=False,
-        )
+        ),
+        LastCheckpoint(dirpath, every_n_epochs=cfg.checkpoint.every_n_epochs),
     ]
     if cfg.checkpoint.every_n_steps > 0:
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=dirpath,
-                save_top_k=0,
-                save_last=True,
-                every_n_train_steps=cfg.checkpoint.every_n_steps,
-                enable_version_counter=False,
-            )
-        )
+        callbacks.append(LastCheckpoint(dirpath, every_n_train_steps=cfg.checkpoint.every_n_steps))
     return callbacks
 
 
@@ -96,6 +97,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[pl
         DDNProfiler(cfg.ddn.profile_every_n_steps, cfg.ddn.profile_memory),
         StepTimer(),
         RandomStates(),
+        AccumulatedGradients(),
     ]
     # Lightning writes last.ckpt even at the end of a fast_dev_run, where it would be
     # mistaken for a run to resume; smoke runs get no checkpoint callback at all.

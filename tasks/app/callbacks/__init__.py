@@ -1,7 +1,15 @@
 """Lightning callbacks shared by every task."""
 
+from tasks.app.callbacks.accumulated_gradients import AccumulatedGradients
 from tasks.app.callbacks.ddn_profiler import DDNProfiler
+from tasks.app.callbacks.last_checkpoint import LastCheckpoint
 from tasks.app.callbacks.random_states import RandomStates
 from tasks.app.callbacks.step_timer import StepTimer
 
-__all__ = ["DDNProfiler", "RandomStates", "StepTimer"]
+__all__ = [
+    "AccumulatedGradients",
+    "DDNProfiler",
+    "LastCheckpoint",
+    "RandomStates",
+    "StepTimer",
+]

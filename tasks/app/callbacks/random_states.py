@@ -13,13 +13,13 @@ cannot shift the streams. Under DDP each process saves and gets back its own.
 from __future__ import annotations
 
 import random
-import warnings
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
+
+from tasks.app.distributed import gather, mine
 
 
 def capture() -> dict[str, Any]:
@@ -45,14 +45,6 @@ def restore(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _all_ranks(state: dict[str, Any]) -> list[dict[str, Any]]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [state]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, state)
-    return gathered
-
-
 class RandomStates(pl.Callback):
     """Save every process's generator states with each checkpoint; restore them on resume."""
 
@@ -60,22 +52,10 @@ class RandomStates(pl.Callback):
         self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        # Lightning builds the checkpoint on every process, so all of them take part here.
-        return {"ranks": _all_ranks(capture())}
+        return {"ranks": gather(capture())}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        ranks = state_dict["ranks"]
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if len(ranks) != world:
-            warnings.warn(
-                f"the checkpoint holds the random states of {len(ranks)} processes and this run "
-                f"has {world}: each process takes rank 0's, so the run will not match an "
-                "uninterrupted one",
-                stacklevel=2,
-            )
-            rank = 0
-        self._pending = ranks[rank]
+        self._pending = mine(state_dict["ranks"], "random states")
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

@@ -1,0 +1,103 @@
+"""Kill a run of train.py with SIGKILL after a checkpoint, resume it, and read what the runs
+left: weights, test metrics, logged losses, and where each resume started."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tests.processes import Run, TrainProcesses
+
+
+def kill_after_checkpoints(run: Run, last: Path, count: int, delay: float) -> bool:
+    """SIGKILL ``run`` ``delay`` seconds after it has written its ``count``-th checkpoint; False
+    when it ended first."""
+    seen, stamp = 0, last.stat().st_mtime_ns if last.exists() else 0
+    deadline = time.monotonic() + 240
+    while run.status() is None and seen < count:
+        assert time.monotonic() < deadline, f"no checkpoint was written: {run.tail()}"
+        now = last.stat().st_mtime_ns if last.exists() else 0
+        seen, stamp = seen + (now != stamp), now
+        time.sleep(0.005)
+    if run.status() is None:
+        time.sleep(delay)
+    status = run.kill()
+    assert status in (0, -9), f"train.py failed with {status}: {run.tail()}"
+    return status == -9
+
+
+def position(checkpoint: Path) -> dict[str, int]:
+    """Where a run resumed from ``checkpoint`` starts: global step, and the data position."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    (data,) = (v for k, v in ckpt.items() if k.endswith("Data"))
+    return {"step": ckpt["global_step"], "epoch": data["epoch"], "samples": data["samples"]}
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    path = run_dir / "checkpoints" / "last.ckpt"
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def final_metrics(run_dir: Path) -> dict[str, Any]:
+    results = json.loads((run_dir / "results.json").read_text())
+    return {k: v for k, v in results.items() if k.startswith(("test/", "best/"))}
+
+
+def logged_losses(run_dir: Path) -> dict[int, str]:
+    """``train/loss`` per step in the newest CSV log of a run, as written (exact compares)."""
+    newest = max((run_dir / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    with open(newest / "metrics.csv") as f:
+        return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r["train/loss"]}
+
+
+class KilledRun:
+    """The run ``killed`` under ``runs_dir``: started, SIGKILLed, resumed with ``ckpt=last``."""
+
+    def __init__(self, processes: TrainProcesses, runs_dir: Path, logs: Path) -> None:
+        self.processes = processes
+        self.runs_dir = runs_dir
+        self.logs = logs
+        self.launches = 0
+        self.starts: list[dict[str, int]] = []  # where each resume started
+        self.finished = False
+
+    @property
+    def dir(self) -> Path:
+        return self.runs_dir / "killed"
+
+    def _launch(self, args: list[str]) -> Run:
+        self.launches += 1
+        resume = ["ckpt=last", "name=killed", f"runs_dir={self.runs_dir}"]
+        first = self.launches == 1
+        return self.processes.start(
+            [*args, "name=killed"] if first else resume, self.logs / f"{self.launches}.log"
+        )
+
+    def kill(self, args: list[str], moments: list[tuple[int, float]]) -> None:
+        """Start the run (``args``, the first time) or resume it, and SIGKILL it at the first
+        of ``moments``: ``(n, s)``, ``s`` seconds after its ``n``-th checkpoint; and so on for
+        each moment, unless it ends first."""
+        last = self.dir / "checkpoints" / "last.ckpt"
+        for count, delay in moments:
+            if self.finished:
+                return
+            if kill_after_checkpoints(self._launch(args), last, count, delay):
+                self.starts.append(position(last))
+            else:
+                self.finished = True
+
+    def finish(self) -> None:
+        if not self.finished:
+            run = self._launch([])
+            assert run.wait(300) == 0, run.tail()
+            self.finished = True
