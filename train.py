@@ -13,10 +13,16 @@ DDP on N GPUs of one machine (here 4), BatchNorm statistics shared across them:
 DDP on the CPU with 2 processes (gloo):
     python train.py -c configs/ddp.yaml trainer.devices=2
 
-Several nodes with torchrun (the same command on every node; here 2 nodes of 4 GPUs):
+Several nodes with torchrun (the same command on every node; here 2 nodes of 4 GPUs; every
+process must agree on the run directory: give name=, or --rdzv-id to name it after):
     torchrun --nnodes=2 --nproc-per-node=4 --node-rank=$NODE_RANK --rdzv-backend=c10d \
         --rdzv-endpoint=$HEAD_NODE:29500 train.py -c configs/gpu.yaml -c configs/ddp.yaml \
         trainer.devices=4 trainer.num_nodes=2 name=digits-2x4
+
+Two node ranks on one host, one CPU process each (run it with --node-rank=0 and with 1):
+    torchrun --nnodes=2 --nproc-per-node=1 --node-rank=0 --master-addr=127.0.0.1 \
+        --master-port=29500 train.py trainer.num_nodes=2 trainer.devices=1 \
+        trainer.strategy=ddp name=two-nodes
 
 Several nodes with SLURM (one task per GPU; the run is named after the job id):
     srun --nodes=2 --ntasks-per-node=4 --gpus-per-node=4 python train.py \
@@ -25,10 +31,15 @@ Several nodes with SLURM (one task per GPU; the run is named after the job id):
 Swap the backward mode of every declarative layer (implicit, full, approx, unroll):
     python train.py ddn.backward_mode=unroll
 
-Resume the newest run from its last checkpoint, with its saved config:
+Checkpoint every 50 optimiser steps as well as every epoch, so that a kill loses little:
+    python train.py checkpoint.every_n_steps=50
+
+Resume the newest run from its last checkpoint, with its saved config (after a kill, it ends
+exactly where the uninterrupted run would have: see "Resuming" below):
     python train.py ckpt=last
 
-Resume a given run, training it for longer:
+Resume a given run, training it for longer (the learning rate carries on from where it was and
+decays to zero at the new end):
     python train.py ckpt=last name=classification-implicit-20250101-120000 trainer.max_epochs=20
 
 Robust against average pooling with 30% of each test image corrupted:
@@ -43,6 +54,17 @@ Show the resolved config without training:
 Keys: task, seed, name, runs_dir, ckpt, test, ddn.*, trainer.* (Lightning Trainer arguments),
 data.*, model.*, optim.*, logger.*, checkpoint.*; see tasks/app/config.py and each task's
 config.py. A bad key or value stops the run before it starts, with exit status 2.
+
+Resuming: every checkpoint holds what decides the rest of the run: weights, optimiser and
+schedule (with the budget it was planned for), the random generators of every process, the
+position in the data (the next batch, mid-epoch too) and the loggers' step. A resumed run with
+the same config therefore ends as the uninterrupted one (bit for bit on the CPU with
+trainer.deterministic=true, DDP included). last.ckpt is rewritten every checkpoint.every_n_epochs
+epochs and, with checkpoint.every_n_steps=N, every N optimiser steps; files are written whole
+(a temporary file renamed over the old one), and ckpt=last passes over a damaged last.ckpt,
+saying so, for the newest good checkpoint (last.prev.ckpt keeps the one before). A resume with
+another budget (trainer.max_epochs, trainer.max_steps) continues the learning rate from its
+value at the checkpoint along a cosine to zero at the new end.
 """
 
 from __future__ import annotations

@@ -185,6 +185,22 @@ def test_run_name_comes_from_the_environment_for_relaunched_ranks(monkeypatch):
     assert load_config((), [*AVG, "name=mine"]).name == "mine"
 
 
+def test_torchrun_processes_agree_on_the_run_name(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # a static rendezvous
+    assert "give every process the same name=" in fails(*AVG)
+    assert load_config((), [*AVG, "name=two-nodes"]).name == "two-nodes"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")  # --rdzv-id=job7
+    assert load_config((), AVG).name == "classification-implicit-torchrun-job7"
+
+
+def test_checkpoint_and_seed_keys_are_checked():
+    assert "checkpoint.every_n_steps=-1" in fails(*AVG, "checkpoint.every_n_steps=-1")
+    assert "did you mean checkpoint.every_n_steps" in fails(*AVG, "checkpoint.every_n_step=5")
+    assert "seed=-1" in fails(*AVG, "seed=-1")
+    assert load_config((), [*AVG, "checkpoint.every_n_steps=50"]).checkpoint.every_n_steps == 50
+
+
 def test_registry():
     assert "classification" in task_names()
     spec = get_task("classification")

@@ -156,6 +156,14 @@ def test_hooks_removed_when_the_step_fails(tmp_path):
     assert not torch._C._autograd._profiler_enabled()  # the CPU memory profiler was stopped
 
 
+def test_a_resumed_run_profiles_the_batches_the_uninterrupted_one_would():
+    profiler = DDNProfiler(every_n_steps=5)
+    profiler._batches_seen = 7
+    resumed = DDNProfiler(every_n_steps=5)
+    resumed.load_state_dict(profiler.state_dict())
+    assert resumed._batches_seen == 7
+
+
 def test_bad_interval():
     with pytest.raises(ValueError, match="every_n_steps"):
         DDNProfiler(every_n_steps=-1)
