@@ -8,6 +8,7 @@ business: the runner sets ``ddn.backward_mode`` on the built module.
 from __future__ import annotations
 
 import inspect
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,7 @@ class Evaluation:
     size: int
 
 
-class DeclarativeTask(pl.LightningModule):
+class DeclarativeTask(pl.LightningModule, ABC):
     """Logs ``train/loss`` (per step, this rank), ``val/loss`` and ``test/loss`` (per epoch),
     and ``<split>/<name>`` (per epoch) for every metric of ``metrics``, one copy per split.
 
@@ -63,9 +64,9 @@ class DeclarativeTask(pl.LightningModule):
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
 
+    @abstractmethod
     def evaluate(self, batch: Any, split: str) -> Evaluation:
         """The loss of ``batch`` and the inputs of the split's metrics."""
-        raise NotImplementedError
 
     def step(self, batch: Any, split: str) -> torch.Tensor:
         out = self.evaluate(batch, split)
