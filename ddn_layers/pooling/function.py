@@ -43,10 +43,16 @@ def robust_pool(
         backward_mode: ``implicit`` (Eq. 10 left to right), ``full`` (explicit per-point
             B_j, O(n C^2) memory), ``approx`` (H ~ (sum kappa1) I and B_j ~ kappa1_j I:
             the weights held fixed; exact where kappa2 = 0), ``unroll`` (autograd
-            through the solver's iterations: the derivative of the iterations that ran,
-            so a start that is already optimal passes on the start's derivative, and no
-            singular-Hessian check applies). All but ``unroll`` give first derivatives
-            only: a backward with ``create_graph=True`` through them is a RuntimeError.
+            through the iterations the solver ran from the winning start: the derivative
+            of that finite computation, not of the minimiser. Where IRLS contracts, its
+            error shrinks with the iterations as the iterate's does; it differs outright
+            where that path is not smooth in x: a start already optimal passes on the
+            start's derivative (the mean's, the median's, an input point's), and at a
+            switch point of welsch or truncated quadratic (a point crossing alpha, another
+            start winning) it is one side's derivative, where finite differences see a
+            jump. No singular-Hessian check applies). All but ``unroll`` give first
+            derivatives only: a backward with ``create_graph=True`` through them is a
+            RuntimeError.
         implicit_solver: for the Hessian solves of ``implicit`` (and the Newton steps):
             ``cholesky`` (C x C), ``woodbury`` (n x n) or ``auto`` (the smaller).
         tol: stop a sample when ||grad f|| / sum kappa1 <= tol * (alpha + max|y|), measured,
@@ -58,18 +64,25 @@ def robust_pool(
             objective does not rise. False: IRLS only.
         restarts: non-convex penalties start from the mean and the coordinate-wise median;
             this adds the ``restarts`` input points nearest that median (the best wins).
+            A start where the objective exceeds (n - 1) phi_max (flat: every point's term
+            near its cap), which every input point beats, begins at the input point nearest
+            it; with at most 8 points, y is also compared with every input point, and the
+            solve continues from one that scores lower (see solver.py).
         check_every: iterations between drops of converged samples (a host sync); default 1
             on CPU, 8 on GPU.
         return_info: also return a :class:`SolverInfo`; ``extra["start"]`` is the winning
-            start (0 mean, 1 median, 2+k the k-th restart point), ``extra["objective"]`` the
-            objective at y, ``extra["newton_steps"]`` the Newton steps taken.
+            start (0 mean, 1 median, 2+k the k-th restart point, 2 + restarts the input
+            point of the final check), ``extra["objective"]`` the objective at y,
+            ``extra["newton_steps"]`` the Newton steps taken.
 
     Returns:
         y of shape (B, C) and dtype of x (half precision is solved in float32).
 
-    At a solution where the Hessian is singular or indefinite (a flat objective: e.g. every
-    point farther than alpha for ``truncated-quadratic``; a saddle of ``welsch``) y does not
-    depend smoothly on x: such samples get a zero gradient and an ``IllConditionedWarning``.
+    At a solution where the Hessian is singular or indefinite (a minimiser that is not unique,
+    e.g. ``huber`` with two points farther apart than 2 alpha; a saddle of ``welsch`` in a
+    symmetric configuration; a Hessian singular to working precision) y does not depend
+    smoothly on x: ``implicit`` and ``full`` give such samples a zero gradient and an
+    ``IllConditionedWarning``.
     """
     x3 = check_input(x)
     pen = get_penalty(penalty)

@@ -61,7 +61,7 @@ def factor(a: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     eps = torch.finfo(s.dtype).eps
     L, ok = guarded_cholesky(a, pivot_floor=torch.where(s > 0, s * (a.shape[-1] * eps), torch.inf))
     with torch.no_grad():
-        ok &= smallest_eigenvalue_bound(L.detach()) > (SINGULAR_MARGIN * eps) * s
+        ok = ok & (smallest_eigenvalue_bound(L.detach()) > (SINGULAR_MARGIN * eps) * s)
     return L, ok
 
 

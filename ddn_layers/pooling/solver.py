@@ -33,7 +33,12 @@ half the batch is left (dropping copies the points of the rest, which pays only 
 
 Non-convex penalties start from the mean, the coordinate-wise median (median.py) and
 optionally the ``restarts`` input points nearest that median, and keep the start of lowest
-objective.
+objective. Their penalties are bounded by phi_max = phi(inf), so every input point scores at
+most (n - 1) phi_max: a start that scores more (flat: truncated quadratic with every point
+beyond alpha has no weight to move with, Welsch every term near its cap) begins instead at the
+input point nearest it, and since IRLS never rises no start ends flat. Problems of at most
+:data:`EVERY_POINT` points also compare y with every input point after the solve, and iterate
+again from one that scores lower; larger ones keep the local minimum their starts reach.
 
 The steps of an iteration (:func:`irls_step`, :func:`step_and_residual`,
 :func:`predicted_residual`, :func:`newton_pays`, :func:`newton_step`) are public, so that a
@@ -44,7 +49,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -61,7 +66,24 @@ PREDICTED_STOP = 0.25
 """A step predicted to leave a residual below PREDICTED_STOP * tol is the last one (see above)."""
 
 START_NAMES = ("mean", "median")
-"""Start indices 0 and 1; index 2 + k is the k-th input point nearest the median."""
+"""Start indices 0 and 1; index 2 + k is the k-th input point nearest the median, and index
+2 + restarts the input point that the final check of small problems restarted from."""
+
+EVERY_POINT = 8
+"""Non-convex problems of at most EVERY_POINT points also evaluate the objective at every input
+point after the solve and, where one scores lower than y, iterate once more from the lowest:
+then y is never worse than an input point. There that costs about what an iteration costs in
+dispatch; for more points the pairwise distances would cost more than the solve."""
+
+SITS_ON = 64.0
+"""y sits on an input point when their squared distance, as the distance identity computes it
+(points.py), is below SITS_ON eps (||x_i - m||^2 + ||y - m||^2), that identity's rounding:
+restarting from that point would return y."""
+
+MARGIN = 16.0
+"""Objectives closer than MARGIN eps of their size count as equal (the rounding of the sum):
+where the points are isolated (randn in many channels) every input point scores the same
+(n - 1) phi_max, and a restart between such ties would only cost time."""
 
 HEADROOM = 16.0
 """Squared distances, and their ratios to alpha^2, up to finfo.max / HEADROOM are accepted:
@@ -103,7 +125,10 @@ def check_range(max_sq: float, alpha: float, dtype: torch.dtype) -> None:
     """
     fi = torch.finfo(dtype)
     lo, hi = math.sqrt(fi.tiny) * 2.0**12, math.sqrt(fi.max / HEADROOM)
-    fix = "pass x in float64, or scale x and alpha together (y scales with them)"
+    fix = "scale x and alpha together (y scales with them)"
+    if fi.max < torch.finfo(torch.float64).max:
+        # float64 is the widest dtype the solve takes: advising it there would be no way out
+        fix = f"pass x in float64, or {fix}"
     if not lo <= alpha <= hi:
         raise ValueError(
             f"alpha must lie in [{lo:.3g}, {hi:.3g}] for a solve in {dtype} (alpha^2 must be "
@@ -111,10 +136,12 @@ def check_range(max_sq: float, alpha: float, dtype: torch.dtype) -> None:
         )
     spread = math.sqrt(max_sq)
     if not spread <= hi * min(1.0, alpha):
+        where = f"up to {spread:.3g} from their sample's mean ({spread / alpha:.3g} alpha)"
+        if not math.isfinite(spread):
+            where = f"so far from their sample's mean that the square overflows {dtype}"
         raise ValueError(
-            f"x: its points lie up to {spread:.3g} from their sample's mean ({spread / alpha:.3g} "
-            f"alpha), beyond what squared distances in {dtype} hold ({hi * min(1.0, alpha):.3g} "
-            f"here): {fix}"
+            f"x: its points lie {where}, beyond what squared distances in {dtype} hold "
+            f"({hi * min(1.0, alpha):.3g} here): {fix}"
         )
 
 
@@ -214,6 +241,12 @@ def newton_step(
 # The solve
 
 
+def _phi_max(penalty: Penalty, alpha: float) -> float:
+    """sup phi (at z = inf), inf or NaN where phi is unbounded."""
+    inf, a = torch.tensor(math.inf, dtype=torch.float64), torch.tensor(alpha, dtype=torch.float64)
+    return float(penalty.phi(inf, a))
+
+
 @dataclass(frozen=True)
 class _Plan:
     """What stays fixed during one solve."""
@@ -226,9 +259,14 @@ class _Plan:
     newton_cost: float
     solver: str
     need_objective: bool
+    every_point: bool
+    phi_max: float
 
     @classmethod
-    def of(cls, call: PoolCall, alpha: Tensor, n: int, c: int, starts: int) -> _Plan:
+    def of(
+        cls, call: PoolCall, alpha: Tensor, n: int, c: int, starts: int, a: float = 1.0
+    ) -> _Plan:
+        """``a``: alpha as a number (for phi_max, the bound of a non-convex penalty)."""
         penalty = call.penalty
         return cls(
             call=call,
@@ -241,6 +279,8 @@ class _Plan:
             # with one start the objective only informs (return_info); at a predicted stop it
             # costs a GEMM-sized read of the points
             need_objective=starts > 1 or call.objective,
+            every_point=not penalty.is_convex and 1 < n <= EVERY_POINT,
+            phi_max=math.inf if penalty.is_convex else _phi_max(penalty, a),
         )
 
 
@@ -264,17 +304,20 @@ class _Active:
     stale: Tensor | None = None
 
     @classmethod
-    def start(cls, pts: CentredPoints, starts: Tensor) -> _Active:
+    def start(cls, pts: CentredPoints, starts: Tensor, done: Tensor | None) -> _Active:
+        """``done`` (B, S): problems frozen from the start, or None."""
         B, S, _ = starts.shape
         nan = torch.full((B, S), math.nan, dtype=starts.dtype, device=starts.device)
         zeros = torch.zeros(B, S, dtype=torch.long, device=starts.device)
+        if done is None:
+            done = torch.zeros(B, S, dtype=torch.bool, device=starts.device)
         return cls(
             idx=torch.arange(B, device=starts.device),
             pts=pts,
             y=starts,
             iterations=zeros,
             newton_steps=zeros.clone(),
-            done=torch.zeros(B, S, dtype=torch.bool, device=starts.device),
+            done=done,
             prev_step=nan,
             prev_rate=nan.clone(),
         )
@@ -302,14 +345,18 @@ class _Records:
     newton_steps: Tensor
     residual: Tensor
     objective: Tensor
+    # where the plan checks every point: the squared distances at each final y, (B, S, n)
+    sq: Tensor | None
 
     @classmethod
-    def empty(cls, starts: Tensor) -> _Records:
+    def empty(cls, starts: Tensor, n: int | None) -> _Records:
+        """``n``: the number of points where the distances at y are to be kept, else None."""
         B, S, _ = starts.shape
         iterations = torch.zeros(B, S, dtype=torch.long, device=starts.device)
         residual = torch.full((B, S), math.inf, dtype=starts.dtype, device=starts.device)
         objective = torch.full_like(residual, math.nan)
-        return cls(starts, iterations, torch.zeros_like(iterations), residual, objective)
+        sq = None if n is None else starts.new_zeros(B, S, n)
+        return cls(starts, iterations, torch.zeros_like(iterations), residual, objective, sq)
 
     def write_back(self, plan: _Plan, run: _Active) -> None:
         if plan.need_objective:
@@ -320,6 +367,8 @@ class _Records:
                 if run.stale is not None:
                     sq = torch.where(run.stale[..., None], run.pts.sq_distances(run.y), run.sq)
                 self.objective[run.idx] = plan.call.penalty.phi(sq.sqrt(), plan.alpha).sum(-1)
+                if self.sq is not None:
+                    self.sq[run.idx] = sq
         self.iterations[run.idx] = run.iterations
         self.newton_steps[run.idx] = run.newton_steps
         self.residual[run.idx] = run.residual
@@ -337,11 +386,12 @@ class _Evaluation:
     slow: Tensor | None
 
 
-def _evaluate(plan: _Plan, run: _Active, it: int) -> _Evaluation:
-    """The IRLS update, the residual, the predicted stop and the Newton test at iteration it."""
+def _evaluate(plan: _Plan, run: _Active, it: int, sq: Tensor | None = None) -> _Evaluation:
+    """The IRLS update, the residual, the predicted stop and the Newton test at iteration it;
+    ``sq``: the squared distances at y where they are known already."""
     call = plan.call
-    # a convex penalty's one start is the mean, yc = 0: its distances are the centred ones
-    sq = run.pts.sq3 if it == 0 and plan.starts == 1 else run.pts.sq_distances(run.y)
+    if sq is None:
+        sq = run.pts.sq_distances(run.y)
     run.sq, run.stale = sq, None
     y_irls = irls_step(run.pts, run.y, sq, call.penalty, plan.alpha)
     predicted = estimate = slow = None
@@ -388,12 +438,19 @@ def _advance(plan: _Plan, run: _Active, ev: _Evaluation) -> None:
         run.done, run.stale = ev.measured | ev.predicted, ev.predicted
 
 
-def _iterate(plan: _Plan, pts: CentredPoints, starts: Tensor) -> _Records:
-    """Run every (sample, start) problem to convergence or max_iter."""
-    records = _Records.empty(starts)
-    run = _Active.start(pts, starts)
+def _iterate(
+    plan: _Plan,
+    pts: CentredPoints,
+    starts: Tensor,
+    sq0: Tensor | None = None,
+    done: Tensor | None = None,
+) -> _Records:
+    """Run every (sample, start) problem to convergence or max_iter; ``sq0``: the squared
+    distances at the starts, where the caller has them; ``done``: problems not to iterate."""
+    records = _Records.empty(starts, pts.x.shape[2] if plan.every_point else None)
+    run = _Active.start(pts, starts, done)
     for it in range(plan.call.max_iter + 1):
-        ev = _evaluate(plan, run, it)
+        ev = _evaluate(plan, run, it, sq0 if it == 0 else None)
         if it == plan.call.max_iter:
             break
         _advance(plan, run, ev)
@@ -412,26 +469,132 @@ def _iterate(plan: _Plan, pts: CentredPoints, starts: Tensor) -> _Records:
     return records
 
 
-def _best_start(plan: _Plan, records: _Records, x: Tensor, mean: Tensor, alpha: Tensor) -> Solved:
-    """The start of lowest objective for each sample (ties go to the earlier: the mean)."""
-    y_all = records.y + mean[:, None, :]
-    best = records.objective.argmin(dim=1)
-    rows = torch.arange(x.shape[0], device=x.device)
-    residual = records.residual[rows, best]
-    converged = residual <= plan.call.tol
+_RECORD_FIELDS = ("y", "iterations", "newton_steps", "residual", "objective", "start")
+
+
+@dataclass
+class _Best:
+    """Per sample, the record of its start of lowest objective; y centred, (B, C)."""
+
+    y: Tensor
+    iterations: Tensor
+    newton_steps: Tensor
+    residual: Tensor
+    objective: Tensor
+    start: Tensor
+    sq: Tensor | None  # the squared distances at y, (B, n), where every point is checked
+
+    @classmethod
+    def of(cls, records: _Records, first: int = 0) -> _Best:
+        """Ties go to the earlier start (the mean); ``first``: the index of start 0."""
+        best = records.objective.argmin(dim=1)
+        rows = torch.arange(best.shape[0], device=best.device)
+        sq = None if records.sq is None else records.sq[rows, best]
+        return cls(
+            y=records.y[rows, best],
+            iterations=records.iterations[rows, best],
+            newton_steps=records.newton_steps[rows, best],
+            residual=records.residual[rows, best],
+            objective=records.objective[rows, best],
+            start=best + first,
+            sq=sq,
+        )
+
+    def _with(self, put) -> _Best:
+        """A copy with each record ``name`` replaced by ``put(mine, name)``."""
+        new = {name: put(getattr(self, name), name) for name in _RECORD_FIELDS}
+        return _Best(**new, sq=None)
+
+    def update(self, rows: Tensor, other: _Best) -> _Best:
+        """``other``'s records (of the samples ``rows``) where its objective is lower."""
+        take = other.objective < self.objective[rows]
+
+        def put(mine: Tensor, name: str) -> Tensor:
+            theirs = getattr(other, name)
+            pick = take.view(-1, *([1] * (theirs.dim() - 1)))
+            return mine.index_copy(0, rows, torch.where(pick, theirs, mine[rows]))
+
+        return self._with(put)
+
+    def update_where(self, where: Tensor, other: _Best) -> _Best:
+        """``other``'s records (of the whole batch) where ``where`` (B,) holds and its
+        objective is lower."""
+        take = where & (other.objective < self.objective)
+
+        def put(mine: Tensor, name: str) -> Tensor:
+            pick = take.view(-1, *([1] * (mine.dim() - 1)))
+            return torch.where(pick, getattr(other, name), mine)
+
+        return self._with(put)
+
+
+def _every_point(plan: _Plan, pts: CentredPoints, best: _Best):
+    """The objective at every input point but those y sits on (see ``SITS_ON``). Returns which
+    samples restart (B,), from which point (B,), and the points, centred (B, n, C), with their
+    squared distances (B, n, n)."""
+    eps = torch.finfo(pts.sq.dtype).eps
+    cand = pts.x.mT + pts.neg_mean
+    sq = pts.sq_distances(cand)
+    with torch.no_grad():
+        # a point's distance to itself is 0, not the identity's rounding of it
+        own = torch.eye(sq.shape[-1], dtype=torch.bool, device=sq.device)
+        z = sq.detach().masked_fill(own, 0.0).sqrt()
+        f = plan.call.penalty.phi(z, plan.alpha.detach()).sum(-1)
+        sits = best.sq <= SITS_ON * eps * (pts.sq + best.y.detach().square().sum(-1, True))
+        f_min, j = f.masked_fill(sits, math.inf).min(-1)
+        restart = f_min < best.objective * (1 - MARGIN * eps)
+    return restart, j, cand, sq
+
+
+def _check_every_point(plan: _Plan, pts: CentredPoints, best: _Best) -> _Best:
+    """Where an input point scores lower than y (small problems: :data:`EVERY_POINT`), solve
+    again from the lowest (one start, its distances known) and keep the result where it ends
+    lower, which it does (IRLS never rises)."""
+    restart, j, cand, sq = _every_point(plan, pts, best)
+    if not bool(restart.any()):
+        return best
+    b = torch.arange(j.shape[0], device=j.device)
+    start, sq0 = cand[b, j][:, None, :], sq[b, j][:, None, :]
+    sub = replace(plan, starts=1, need_objective=True, every_point=False)
+    rows = restart.nonzero()[:, 0]
+    if 2 * rows.numel() <= restart.numel():
+        # a few samples: their points copied, as the solve's own drop of converged ones does
+        records = _iterate(sub, pts[rows], start[rows], sq0[rows])
+        return best.update(rows, _Best.of(records, first=plan.starts))
+    # most of the batch: all of it, the others frozen from the start
+    records = _iterate(sub, pts, start, sq0, ~restart[:, None])
+    return best.update_where(restart, _Best.of(records, first=plan.starts))
+
+
+def _leave_flat_starts(
+    plan: _Plan, pts: CentredPoints, starts: Tensor, sq: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Starts (B, S, C) with distances sq (B, S, n) where the objective exceeds (n - 1)
+    phi_max, which every input point beats (phi(0) = 0, and phi_max bounds the other terms),
+    replaced by the input point nearest each: from such a start IRLS may not move at all
+    (truncated quadratic, every point beyond alpha: no weight), and since it never rises, a
+    start that is not flat cannot end flat."""
+    n = sq.shape[-1]
+    with torch.no_grad():
+        f = plan.call.penalty.phi(sq.detach().sqrt(), plan.alpha.detach()).sum(-1)
+        flat = f > (n - 1) * plan.phi_max * (1 + MARGIN * torch.finfo(f.dtype).eps)
+        if not bool(flat.any()):
+            return starts, sq
+        j = sq.detach().argmin(-1)
+    b = torch.arange(j.shape[0], device=j.device)[:, None]
+    near = pts.x.mT[b, j] + pts.neg_mean
+    flat = flat[..., None]
+    return torch.where(flat, near, starts), torch.where(flat, pts.sq_distances(near), sq)
+
+
+def _solved(call: PoolCall, best: _Best, x: Tensor, mean: Tensor, alpha: Tensor) -> Solved:
+    """The solution and its record; a warning where a sample did not converge."""
+    converged = best.residual <= call.tol
     if not bool(converged.all()):
-        _warn_not_converged(plan.call, converged, residual)
-    y = y_all[rows, best]
-    info = SolverInfo(
-        iterations=records.iterations[rows, best],
-        residual=residual,
-        converged=converged,
-        extra={
-            "start": best,
-            "objective": records.objective[rows, best],
-            "newton_steps": records.newton_steps[rows, best],
-        },
-    )
+        _warn_not_converged(call, converged, best.residual)
+    y = best.y + mean
+    extra = {"start": best.start, "objective": best.objective, "newton_steps": best.newton_steps}
+    info = SolverInfo(best.iterations, best.residual, converged, extra)
     return Solved(y, (x, y, alpha), info)
 
 
@@ -480,5 +643,13 @@ def solve(call: PoolCall, x: Tensor, alpha: Tensor) -> Solved:
     check_range(max_sq, a, x.dtype)
     starts = initial_points(x, mean, call.penalty, call.restarts) - mean[:, None, :]
     B, C, n = x.shape
-    plan = _Plan.of(call, alpha, n, C, starts.shape[1])
-    return _best_start(plan, _iterate(plan, pts, starts), x, mean, alpha)
+    plan = _Plan.of(call, alpha, n, C, starts.shape[1], a)
+    if call.penalty.is_convex:
+        # the one start is the mean, yc = 0: its distances are the centred ones
+        best = _Best.of(_iterate(plan, pts, starts, pts.sq3))
+    else:
+        starts, sq = _leave_flat_starts(plan, pts, starts, pts.sq_distances(starts))
+        best = _Best.of(_iterate(plan, pts, starts, sq))
+        if plan.every_point:
+            best = _check_every_point(plan, pts, best)
+    return _solved(call, best, x, mean, alpha)

@@ -76,10 +76,12 @@ def test_outliers_move_the_mean_but_not_robust_pooling(penalty):
 
 
 def test_non_convex_records_the_winning_start():
-    """A majority cluster far from the mean: the median start wins, and info says so."""
+    """A majority cluster far from the mean, which sits within alpha of a lone point: the mean
+    start ends on that point, the median start in the cluster, and info says the median won."""
     x = torch.zeros(1, 2, 9, dtype=F64)
     x[0, 0, :5] = 10.0 + 0.01 * torch.arange(5, dtype=F64)  # majority cluster near 10
-    x[0, 0, 5:] = -10.0  # minority cluster at -10: the mean, 1.1, is far from both
+    x[0, 0, 5:8] = -10.0  # minority cluster at -10
+    x[0, 0, 8] = 2.0  # a lone point 0.34 from the mean, 2.34
     y, info = ddn.robust_pool(x, "truncated-quadratic", 1.0, return_info=True)
     assert info.extra["start"].tolist() == [1]  # the median
     torch.testing.assert_close(y[0, 0], x[0, 0, :5].mean())
@@ -87,18 +89,22 @@ def test_non_convex_records_the_winning_start():
     assert (y_w[0, 0] - 10.02).abs() < 0.01
 
 
-def test_restarts_escape_a_flat_objective():
-    """randn in 64 channels: every point ~11 alpha from the mean and the median, so
-    truncated quadratic is flat at both; starting at an input point finds a lower value."""
+def test_the_default_escapes_a_flat_objective():
+    """randn in 64 channels: every point ~11 alpha from the mean and the median, so truncated
+    quadratic is flat at both (n alpha^2 / 2, IRLS has no weight to move with); each start
+    is moved to the input point nearest it, which scores (n - 1) alpha^2 / 2, a minimum."""
     x = torch.randn(2, 64, 10, dtype=F64)
-    _, flat = ddn.robust_pool(x, "truncated-quadratic", 1.0, return_info=True)
-    y, info = ddn.robust_pool(x, "truncated-quadratic", 1.0, restarts=3, return_info=True)
-    assert (info.extra["start"] >= 2).all()
-    assert (info.extra["objective"] < flat.extra["objective"]).all()
+    for restarts in (0, 3):
+        y, info = ddn.robust_pool(
+            x, "truncated-quadratic", 1.0, restarts=restarts, return_info=True
+        )
+        torch.testing.assert_close(info.extra["objective"], torch.full((2,), 4.5, dtype=F64))
+        assert ((y[:, :, None] - x).norm(dim=1).amin(-1) < 1e-12).all()  # y is an input point
+        assert (info.iterations == 0).all()  # where it is a minimum at once
     x_gr = x.clone().requires_grad_()
     with warnings.catch_warnings():
         warnings.simplefilter("error", ddn.IllConditionedWarning)  # a proper minimum now
-        y = ddn.robust_pool(x_gr, "truncated-quadratic", restarts=3)
+        y = ddn.robust_pool(x_gr, "truncated-quadratic")
         (g,) = torch.autograd.grad(y.sum(), x_gr)
     assert torch.isfinite(g).all()
 

@@ -9,6 +9,9 @@ import torch
 from torch.autograd import gradcheck
 
 import ddn_layers as ddn
+from ddn_layers.base import BackwardContext
+from ddn_layers.pooling.backward import BACKWARDS
+from ddn_layers.pooling.options import PoolOptions
 from tests.ddn_layers.pooling.helpers import NON_CONVEX, PENALTY_NAMES, TIGHT, clustered
 from tests.ddn_layers.testing import ALL_MODES, EXACT_MODES, F64
 
@@ -87,34 +90,49 @@ def test_approx_keeps_translation_equivariance_and_differs_elsewhere():
 
 
 @pytest.mark.parametrize("penalty", NON_CONVEX)
-def test_flat_objective_gives_zero_gradient_and_warns(penalty):
+def test_the_paper_input_is_not_left_on_a_flat_objective(penalty):
     """The paper's benchmark input: randn, C=128, alpha=1 puts every point ~16 alpha from
-    the mean. Truncated quadratic is exactly flat there; the solver must not return NaN."""
+    the mean and the median. Truncated quadratic is exactly flat at both, Welsch a saddle; the
+    forward goes on to a proper minimum at an input point, so the gradient is that of a
+    minimiser, with no warning."""
     x = torch.randn(3, 128, 16, dtype=F64, requires_grad=True)
     alpha = torch.tensor(1.0, dtype=F64, requires_grad=True)
     for mode in ("implicit", "full"):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ddn.IllConditionedWarning)
             y = ddn.robust_pool(x, penalty, alpha, backward_mode=mode)
             gx, ga = torch.autograd.grad(y.sum(), (x, alpha))
         assert torch.isfinite(y).all() and torch.isfinite(gx).all() and torch.isfinite(ga)
-        ill = [w for w in caught if issubclass(w.category, ddn.IllConditionedWarning)]
-        if penalty == "truncated-quadratic":
-            assert len(ill) == 1 and "3 of 3 samples" in str(ill[0].message)
-            assert (gx == 0).all() and ga == 0
-        else:
-            # Welsch is never exactly flat: IRLS leaves the saddle at the mean for a point
-            assert not ill and (gx != 0).any()
+        # y sits on one input point (up to the other points' vanishing weights): dy/dx_j = I
+        torch.testing.assert_close(gx.sum(1).amax(-1), torch.full((3,), 128.0, dtype=F64))
+
+
+@pytest.mark.parametrize("mode", ["implicit", "full", "approx"])
+def test_flat_objective_gives_zero_gradient_and_warns(mode):
+    """A flat objective (truncated quadratic at the mean of randn points in 128 channels, every
+    point ~16 alpha away: H = 0), handed to the backward directly since the forward no longer
+    stops there: zero gradients, one warning counting the samples, no NaN."""
+    x = torch.randn(3, 128, 16, dtype=F64)
+    y, alpha = x.mean(-1), torch.tensor(1.0, dtype=F64)
+    call = PoolOptions().for_call(ddn.PENALTIES["truncated-quadratic"], F64, x.device, False)
+    ctx = BackwardContext((x, y, alpha), call, (True, True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gx, ga = BACKWARDS[ddn.BackwardMode(mode)](ctx, torch.ones_like(y))
+    ill = [w for w in caught if issubclass(w.category, ddn.IllConditionedWarning)]
+    assert len(ill) == 1 and "3 of 3 samples" in str(ill[0].message)
+    assert (gx == 0).all() and ga == 0
 
 
 def test_saddle_is_detected_per_sample():
-    """Welsch at a point where H is indefinite (two clusters, y between them): only that
-    sample's gradient is zeroed."""
+    """Welsch at a point where H is indefinite (two clusters, y between them, and no input point
+    scoring lower, so the forward keeps it): only that sample's gradient is zeroed."""
     x = clustered(2, 4, 7, seed=6)
     x0 = torch.zeros(4, 7, dtype=F64)
-    # clusters at -1.5 and +1.5 and one point between: the mean and the median are both 0,
-    # where d^2 f / dy_0^2 < 0, and IRLS stays there by symmetry
-    x0[0, :3], x0[0, 3:6] = -1.5, 1.5
+    # clusters at -1.25 and +1.25 and one point between: the mean and the median are both 0,
+    # where d^2 f / dy_0^2 < 0, and IRLS stays there by symmetry; f there is 3.25, at the
+    # input points 3.25 (the one at 0) and 3.41
+    x0[0, :3], x0[0, 3:6] = -1.25, 1.25
     x = torch.stack([x0, x[1]]).requires_grad_()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -198,7 +216,9 @@ def test_unroll_welsch_alpha_gradient_finite_at_small_alpha():
     """Found by fuzzing the property test: Welsch at alpha = 1e-5 in float32, points ~10
     alpha apart, learnable alpha, ``unroll``. Autograd through the Newton step differentiated
     kappa2 = -e / alpha^4, whose derivative overflowed (inf * 0 = NaN). The scaled kappas now
-    carry a factor alpha^2; the gradient matches the implicit one."""
+    carry a factor alpha^2; the gradient matches the implicit one up to what unroll leaves
+    out: y is the minimum of the pair of points 0.4 alpha apart, reached in one IRLS step
+    from one of them, whose derivative misses the next steps' (about the contraction, 1%)."""
     x = torch.tensor([[[6.6135e-04, 2.6692e-04, 6.1677e-05, 6.2132e-04, -4.5191e-04, -1.6613e-04]]])
     grads = {}
     for mode in ("unroll", "implicit"):
@@ -206,5 +226,5 @@ def test_unroll_welsch_alpha_gradient_finite_at_small_alpha():
         y = ddn.robust_pool(xg, "welsch", a, backward_mode=mode)
         grads[mode] = torch.autograd.grad(y.sum(), (xg, a))
         assert all(torch.isfinite(g).all() for g in grads[mode])
-    torch.testing.assert_close(grads["unroll"][0], grads["implicit"][0], atol=1e-6, rtol=0)
-    torch.testing.assert_close(grads["unroll"][1], grads["implicit"][1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(grads["unroll"][0], grads["implicit"][0], atol=1e-6, rtol=2e-2)
+    torch.testing.assert_close(grads["unroll"][1], grads["implicit"][1], atol=1e-6, rtol=2e-2)

@@ -49,7 +49,7 @@ def test_finite_x_whose_sum_overflows_is_accepted():
 def test_squared_distances_beyond_the_dtype_are_named(penalty):
     """Points or alpha beyond what the solve's squared distances hold: a ValueError naming
     the argument and the way out (float64), where the weights would be 0/0 (NaN)."""
-    with pytest.raises(ValueError, match=r"x: its points lie up to .* pass x in float64"):
+    with pytest.raises(ValueError, match=r"x: its points lie so far .* pass x in float64"):
         ddn.robust_pool(1e20 * X, penalty, 1.0)
     with pytest.raises(ValueError, match=r"x: .*e\+19 alpha\), beyond"):
         ddn.robust_pool(1e10 * X, penalty, 1e-9)
@@ -61,6 +61,11 @@ def test_squared_distances_beyond_the_dtype_are_named(penalty):
         assert torch.allclose(ddn.robust_pool(s * X.double(), penalty, s) / s, y, rtol=1e-9)
     # the mean needs no squared distance: any scale
     assert torch.isfinite(ddn.robust_pool(1e20 * X, "quadratic", 1e-20)).all()
+    # beyond float64 too: the way out is to scale, not a dtype the input already has
+    for x, alpha in [(1e160 * X.double(), 1.0), (1e100 * X.double(), 1e-100), (X.double(), 1e-200)]:
+        with pytest.raises(ValueError, match=r"float64.*: scale x and alpha together") as e:
+            ddn.robust_pool(x, penalty, alpha)
+        assert "pass x in float64" not in str(e.value)
 
 
 def test_alpha_from_numpy_is_a_number():
