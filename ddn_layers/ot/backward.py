@@ -18,9 +18,10 @@ after which  dJ/dM = gamma P o (a (+) b - V),  dJ/dr = a,  dJ/dc = b.  K is A H^
 * ``implicit`` eliminates the larger side and solves the Schur complement of the smaller one
   (footnote 3): on the column side  S = diag(c) - P^T diag(1/r) P  (n x n), PSD with null vector
   1, made SPD by adding  delta q q^T  (q = the non-padded columns); any solution of the
-  consistent singular system gives the same gradient. S is solved by a Cholesky factorisation
-  of its lower triangle (built from lower-triangle blocks only) or matrix-free by
-  Jacobi-preconditioned conjugate gradients (``linalg.diagonal_minus_gram_cg``); ``auto``
+  consistent singular system gives the same gradient (schur.py, shared with the forward's
+  Newton step). S is solved by a Cholesky factorisation of its lower triangle (built from
+  lower-triangle blocks only) or matrix-free by Jacobi-preconditioned conjugate gradients
+  (``linalg.diagonal_minus_gram_cg``); ``auto``
   runs CG within the iteration budget that costs what the direct solve would
   (``cg_budget``), gives up early when its observed rate predicts a miss, and then solves
   directly. CG (``auto`` or ``cg``) is only trusted where it can be: a system with too few
@@ -40,7 +41,6 @@ never ignored.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -48,182 +48,12 @@ from torch import Tensor
 
 from ddn_layers.base import BackwardContext, Unrolled
 from ddn_layers.checks import IllConditionedWarning
-from ddn_layers.linalg import cholesky_solve_vectors, diagonal_minus_gram_cg, guarded_cholesky
+from ddn_layers.linalg import guarded_cholesky
 from ddn_layers.modes import BackwardMode
+from ddn_layers.ot.schur import inv_or_zero, solve_column_side
 from ddn_layers.ot.unrolled import solve_unrolled
 
 Grads = tuple[Tensor, Tensor, Tensor]
-
-
-def _rowvec_mat(x: Tensor, P: Tensor) -> Tensor:
-    """x^T P for x (B, m), P (B, m, n) -> (B, n)."""
-    if P.stride(-1) != 1 and P.stride(-2) == 1:  # P = Q^T of a contiguous Q: (Q x)^T
-        return torch.bmm(P.mT, x.unsqueeze(-1)).squeeze(-1)
-    return torch.bmm(x.unsqueeze(-2), P).squeeze(-2)
-
-
-def _mat_vec(P: Tensor, y: Tensor) -> Tensor:
-    """P y for P (B, m, n), y (B, n) -> (B, m).
-
-    Both helpers pick the operand layout for which batched GEMV is fast: a row vector times a
-    transposed matrix hits a much slower path for batch 1.
-    """
-    if P.stride(-1) != 1 and P.stride(-2) == 1:  # P = Q^T: (y^T Q)^T
-        return torch.bmm(y.unsqueeze(-2), P.mT).squeeze(-2)
-    return torch.bmm(P, y.unsqueeze(-1)).squeeze(-1)
-
-
-def _inv_or_zero(x: Tensor) -> Tensor:
-    return torch.where(x > 0, 1.0 / torch.where(x > 0, x, 1.0), 0.0)
-
-
-def _schur_lower(Q: Tensor, block: int = 160) -> Tensor:
-    """-Q^T Q (n x n) with only its lower-triangular blocks written (the rest is garbage).
-
-    Cholesky and its solves read the lower triangle only, so this skips most of the upper
-    half of the product when n is large.
-    """
-    B, _, n = Q.shape
-    if n <= 2 * block:
-        return torch.bmm(Q.mT, Q).neg_()
-    S = Q.new_empty(B, n, n)
-    for i0 in range(0, n, block):
-        i1 = min(i0 + block, n)
-        # one product for the block row left of (and including) the diagonal block
-        torch.bmm(Q[:, :, i0:i1].mT, Q[:, :, :i1], out=S[:, i0:i1, :i1])
-        S[:, i0:i1, :i1].neg_()
-    return S
-
-
-def schur_rhs(P: Tensor, r: Tensor, s_r: Tensor, s_c: Tensor) -> tuple[Tensor, Tensor]:
-    """rinv = 1/r (0 on padding) and the right-hand side of the column-side system S b = rhs."""
-    rinv = _inv_or_zero(r)
-    return rinv, s_c - _rowvec_mat(rinv * s_r, P)
-
-
-def solve_schur_cholesky(P, c, rhs, rinv, scratch, ridge=0.0) -> tuple[Tensor, Tensor]:
-    """Direct solve of S b = rhs and per-sample success; ``ridge`` (relative to mean(c))
-    regularises a singular S. ``scratch`` is an (m, n) buffer it overwrites."""
-    q = (c > 0).to(P.dtype)
-    torch.mul(P, rinv.sqrt().unsqueeze(-1), out=scratch)  # Q = diag(r)^-1/2 P
-    S = _schur_lower(scratch)
-    diag = c + (1 - q)  # padded columns: identity rows
-    if ridge:
-        diag = diag + ridge * q * (c.sum(-1, keepdim=True) / q.sum(-1, keepdim=True).clamp_min(1))
-    S.diagonal(dim1=-2, dim2=-1).add_(diag)
-    # Gauge: S has the null vector q; adding delta q q^T with delta * n_valid = mean(c) makes it
-    # SPD with an eigenvalue like the others there, and leaves the solution of S b = rhs (rhs
-    # is orthogonal to q) unchanged.
-    n_valid = q.sum(-1, keepdim=True).clamp_min(1)
-    w = (c.sum(-1, keepdim=True).sqrt() / n_valid) * q
-    S.baddbmm_(w.unsqueeze(-1), w.unsqueeze(-2))
-    # only an outright failure counts: the gauge keeps the pivots of a regular S off zero
-    L, ok = guarded_cholesky(S, pivot_floor=0.0)
-    return cholesky_solve_vectors(L, rhs), ok
-
-
-def solve_schur_cg(P, c, rhs, rinv, scratch, rtol, max_iter, give_up=False):
-    """S b = rhs by Jacobi-preconditioned CG (``linalg.diagonal_minus_gram_cg``) with
-    S = diag(c) - Q^T Q, Q = diag(r)^-1/2 P formed in ``scratch``; b, per-sample convergence
-    and the iterations run. S is singular (null vector: the non-padded columns) but the
-    system is consistent, so CG needs no gauge."""
-    gram_diagonal = _rowvec_mat(rinv, torch.mul(P, P, out=scratch))  # diag(P^T diag(rinv) P)
-    Q = torch.mul(P, rinv.sqrt().unsqueeze(-1), out=scratch)
-    res = diagonal_minus_gram_cg(
-        c, Q, rhs, rtol=rtol, max_iter=max_iter, check_every=CG_CHECK_EVERY, give_up=give_up,
-        gram_diagonal=gram_diagonal,
-    )  # fmt: skip
-    return res.x, res.converged, res.iterations
-
-
-def cg_tol(dtype: torch.dtype) -> float:
-    """Relative residual at which CG stops: in float32 the gradient then agrees with the
-    direct solve's to within the error that float32 and the forward's tolerance already put
-    in both (docs/benchmarks/ot/README.md, "Design notes")."""
-    return 1e-10 if dtype == torch.float64 else 1e-5
-
-
-def cg_budget(n_small: int, m_large: int) -> int:
-    """CG iterations that cost as much as the direct solve (``implicit_solver="auto"``).
-
-    A cost model in multiply-adds at the rate of a large matrix product: the direct solve
-    forms the lower triangle of S (m n^2, slower per flop than a full product in blocks) and
-    factorises it (n^3 / 3, slower still), plus call overheads; a CG iteration is two
-    memory-bound matrix-vector products plus its vector operations, each with a fixed
-    dispatch overhead. The constants are fitted (docs/benchmarks/ot/README.md, "Design
-    notes"). Auto runs CG with this budget and gives up early when its rate predicts a miss,
-    so a wrong guess costs a fraction of one direct solve.
-    """
-    direct = 1.66 * m_large * n_small**2 + n_small**3 + 1e7
-    per_iteration = 48.0 * m_large * n_small + 8e6
-    return int(direct / per_iteration)
-
-
-CG_CHECK_EVERY = 5
-"""Iterations between the Schur CG's convergence checks (``diagonal_minus_gram_cg``'s
-default)."""
-
-CG_RESIDUAL_SLACK = 100.0
-"""How far above CG's own tolerance the recomputed residual of its solution may lie (see
-:func:`schur_solution_ok`)."""
-
-CG_GAUGE_LIMIT = 16.0
-"""The largest mean of a CG solution over its real entries, relative to its spread about that
-mean, that :func:`schur_solution_ok` accepts."""
-
-
-def cg_trusted_size(c: Tensor) -> bool:
-    """Whether every sample's system is large enough for CG: with k real unknowns (one of them
-    the gauge) CG converges in k - 1 iterations, so a system with k <= ``CG_CHECK_EVERY``
-    would keep stepping after convergence, along directions made of rounding noise, before its
-    first check (there a curvature at rounding level gives steps of any size)."""
-    return bool(((c > 0).sum(-1) > CG_CHECK_EVERY).all())
-
-
-def schur_solution_ok(P, c, rinv, b, rhs, rtol: float) -> Tensor:
-    """Per sample, whether CG's b solves S b = rhs (S = diag(c) - P^T diag(rinv) P) and can be
-    used: checked afresh, not by CG's recurrence.
-
-    The residual: ||c^-1/2 (rhs - S b)|| <= ``CG_RESIDUAL_SLACK`` rtol ||c^-1/2 rhs||. CG
-    converged in the norm of its Jacobi scaling D, with 1e-3 c <= D <= c (see ``linalg``),
-    within a factor sqrt(1e3) of this one; the rest of the slack allows for the recurrence's
-    drift. The gauge: b + t q solves the system for any t (q: the real entries), but a large t
-    cancels in a (+) b only to t eps. CG's iterates keep sum D b = 0, so the mean of b over the
-    real entries is at most its largest deviation from it; a mean far beyond that is a step
-    along the null vector (``CG_GAUGE_LIMIT``). A b that is not finite fails.
-    """
-    Sb = c * b - _rowvec_mat(rinv * _mat_vec(P, b), P)
-    w = _inv_or_zero(c).sqrt_()
-    err = torch.linalg.vector_norm(w * (rhs - Sb), dim=-1)
-    ok = err <= (CG_RESIDUAL_SLACK * rtol) * torch.linalg.vector_norm(w * rhs, dim=-1)
-    q = (c > 0).to(b.dtype)
-    mean = (b * q).sum(-1, keepdim=True) / q.sum(-1, keepdim=True).clamp_min(1)
-    spread = ((b - mean) * q).abs().amax(-1)
-    return ok & (mean.squeeze(-1).abs() <= CG_GAUGE_LIMIT * spread)
-
-
-def _solve_schur(P, c, rhs, rinv, scratch, solver: str) -> tuple[Tensor, Tensor]:
-    """b with S b = rhs by ``solver`` ("auto", "cg" or "cholesky"), and per-sample success.
-
-    CG is used only where it can be trusted: not on tiny systems (``cg_trusted_size``), and
-    its solution is checked afresh (``schur_solution_ok``). A CG that
-    gave up (its rate predicted a miss of the budget), stalled or failed the check falls back
-    on the direct solve."""
-    n, m = P.shape[-1], P.shape[-2]
-    budget = 4 * n + 50
-    if solver == "auto":
-        budget = cg_budget(n, m)
-        solver = "cg" if budget >= 10 else "cholesky"
-    if solver != "cg" or not cg_trusted_size(c):
-        return solve_schur_cholesky(P, c, rhs, rinv, scratch)
-    rtol = cg_tol(P.dtype)
-    b, ok, _ = solve_schur_cg(P, c, rhs, rinv, scratch, rtol, budget, give_up=True)
-    ok = ok & schur_solution_ok(P, c, rinv, b, rhs, rtol)
-    if not bool(ok.all()):
-        b2, ok2 = solve_schur_cholesky(P, c, rhs, rinv, scratch)
-        b = torch.where(ok.unsqueeze(-1), b, b2)
-        ok = ok | ok2
-    return b, ok
 
 
 def implicit_grads(P: Tensor, r: Tensor, c: Tensor, V: Tensor, gamma: float, solver="auto"):
@@ -233,17 +63,9 @@ def implicit_grads(P: Tensor, r: Tensor, c: Tensor, V: Tensor, gamma: float, sol
     if transpose:
         P, r, c, V = P.mT, c, r, V.mT
     X = torch.mul(P, V)  # P o V, reused below as scratch and as the output buffer
-    s_r, s_c = X.sum(-1), X.sum(-2)
-    rinv, rhs = schur_rhs(P, r, s_r, s_c)
-    b, ok = _solve_schur(P, c, rhs, rinv, X, solver)
-    if not bool(ok.all()):
-        # S is singular beyond the gauge (P numerically block-diagonal): a small ridge picks
-        # the near-minimum-norm solution, exact for dJ/dM, a choice for dJ/dr and dJ/dc.
-        ridge = math.sqrt(torch.finfo(P.dtype).eps)
-        b2, ok2 = solve_schur_cholesky(P, c, rhs, rinv, X, ridge=ridge)
-        b = torch.where(ok.unsqueeze(-1), b, b2)
-        _warn_ill_conditioned(int((~ok).sum()), int((~ok2).sum()))
-    a = (s_r - _mat_vec(P, b)) * rinv
+    a, b, n_bad, n_unresolved = solve_column_side(P, r, c, X.sum(-1), X.sum(-2), X, solver)
+    if n_bad:
+        _warn_ill_conditioned(n_bad, n_unresolved)
     # dJ/dM = gamma P o (a (+) b - V), written into X in three passes (gamma on the vectors)
     torch.sub((gamma * a).unsqueeze(-1), V, alpha=gamma, out=X)
     X.add_((gamma * b).unsqueeze(-2)).mul_(P)
@@ -309,7 +131,7 @@ def full_grads(P: Tensor, r: Tensor, c: Tensor, V: Tensor, gamma: float):
 def approx_grads(P: Tensor, r: Tensor, c: Tensor, V: Tensor, gamma: float):
     """Constraints ignored (see the module docstring)."""
     G = P * V
-    return -gamma * G, G.sum(-1) * _inv_or_zero(r), G.sum(-2) * _inv_or_zero(c)
+    return -gamma * G, G.sum(-1) * inv_or_zero(r), G.sum(-2) * inv_or_zero(c)
 
 
 def implicit(ctx: BackwardContext, V: Tensor) -> Grads:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ddn_layers.base import Solved, SolverInfo
-from ddn_layers.ot import blocks
+from ddn_layers.ot import blocks, drift
 from ddn_layers.ot.blocks import kernel_times
 from ddn_layers.ot.schedule import OmegaSchedule
 
@@ -272,6 +272,7 @@ class _Run:
         self.schedule = OmegaSchedule(B, torch.finfo(dtype).eps)
         self.keep_w = self.schedule.keep_weight(self.iterate.u)  # 1 - omega, per sample
         self.buffers = blocks.BlockBuffers()
+        self.drift = drift.DriftWatch(B, self.schedule.floor)
 
     def unscaled(self, x: Tensor, s: float) -> Tensor:
         return x if s == 1.0 else blocks.times(x, s, self.settings.zero, self.settings.one)
@@ -479,11 +480,11 @@ def _keep_failed(run: _Run, check: _Check, done, passed, P: Tensor, whole: bool)
     cur = run.iterate
     for i, ok in zip(done, passed, strict=True):
         check.done[i] = ok
-    at = torch.tensor([k for k, ok in enumerate(passed) if ok], device=P.device)
-    good = P[at]
+    at = torch.tensor([k for k, ok in enumerate(passed) if ok], dtype=torch.long)
+    good = P[at.to(P.device)]
     if whole:
-        bad = torch.tensor([i for i, ok in zip(done, passed, strict=True) if not ok])
-        bad = bad.to(P.device)
+        bad = [i for i, ok in zip(done, passed, strict=True) if not ok]
+        bad = torch.tensor(bad, dtype=torch.long, device=P.device)
         P.index_copy_(0, bad, P[bad].div_(cur.u[bad]).div_(cur.v[bad]))
     return good
 
@@ -507,6 +508,8 @@ def _compact(run: _Run, check: _Check, keep: list[int]) -> None:
     if not run.rows:
         return
     run.schedule.keep(keep)
+    run.drift.keep(keep)
+    check.errors = [check.errors[i] for i in keep]
     check.big = [check.big[i] for i in keep]
     check.overflow = [check.overflow[i] for i in keep]
     sel = torch.tensor(keep, device=run.iterate.K.device)
@@ -541,6 +544,73 @@ def _absorb(run: _Run, check: _Check) -> None:
     cur.Kv = kernel_times(cur.K, cur.v, problem.pad_rows)
 
 
+def _potentials(run: _Run) -> tuple[Tensor, Tensor]:
+    """The log potentials of the current iterate, f + log u and g + log v (0 on padding)."""
+    run.unscale()
+    cur = run.iterate
+    return cur.f + cur.u.log()[..., 0], cur.g + cur.v.log()[:, 0]
+
+
+def _watch_drift(run: _Run, check: _Check) -> None:
+    """A Newton step for the samples whose error stopped improving (see drift.py)."""
+    due = run.drift.observe(check.errors)
+    if not due:
+        return
+    f, g = _potentials(run)
+    cur, problem = run.iterate, run.problem
+    sel = torch.tensor(due, device=f.device)
+    f, g, r, c = f[sel], g[sel], problem.r[sel], problem.c[sel]
+    df, dg = drift.newton_direction(cur.K[sel] * cur.u[sel] * cur.v[sel], r, c)
+    df = torch.where(problem.row_mask[sel] > 0, df, 0.0)
+    dg = torch.where(problem.col_mask[sel] > 0, dg, 0.0)
+    steps = _step_lengths(run, sel, f, g, df, dg)
+    jumped = [i for i, s in zip(due, steps, strict=True) if s > 0]
+    run.drift.settle(due, jumped)
+    if jumped:
+        at = torch.tensor([k for k, s in enumerate(steps) if s > 0], device=f.device)
+        s = torch.tensor([x for x in steps if x > 0], dtype=f.dtype, device=f.device)
+        s = s.unsqueeze(-1)
+        _jump(run, jumped, f[at] + s * df[at], g[at] + s * dg[at])
+
+
+def _step_lengths(run: _Run, sel: Tensor, f, g, df, dg) -> list[float]:
+    """The steps along (df, dg) towards the maximum of the dual (drift.step_lengths)."""
+    problem, settings = run.problem, run.settings
+    M, r, c = problem.M[sel], problem.r[sel], problem.c[sel]
+    masks = (problem.row_mask[sel], problem.col_mask[sel])
+
+    def slope_at(idx: list[int], steps: list[float]) -> list[float]:
+        at = torch.tensor(idx, device=M.device)
+        s = torch.tensor(steps, dtype=M.dtype, device=M.device)
+        return drift.dual_slopes(
+            M[at], settings.gamma, f[at], g[at], df[at], dg[at], r[at], c[at],
+            (masks[0][at], masks[1][at]), settings.lo, run.padded, s,
+        )  # fmt: skip
+
+    return drift.step_lengths(slope_at, drift.first_steps(df, dg))
+
+
+def _jump(run: _Run, rows: list[int], f: Tensor, g: Tensor) -> None:
+    """Move the samples at positions ``rows`` to the potentials f, g: u = v = 1 on their new
+    kernel, and a fresh over-relaxation schedule."""
+    cur, problem, settings = run.iterate, run.problem, run.settings
+    sel = torch.tensor(rows, device=f.device)
+    K = blocks.kernel(
+        problem.M[sel], settings.gamma, f, g, problem.row_mask[sel], problem.col_mask[sel],
+        settings.lo, run.padded,
+    )  # fmt: skip
+    ones = torch.ones_like(cur.v[sel])
+    pad_rows = None if problem.pad_rows is None else problem.pad_rows[sel]
+    cur.f.index_copy_(0, sel, f)
+    cur.g.index_copy_(0, sel, g)
+    cur.K.index_copy_(0, sel, K)
+    cur.Kv.index_copy_(0, sel, kernel_times(K, ones, pad_rows))
+    cur.u.index_fill_(0, sel, 1.0)
+    cur.v.index_fill_(0, sel, 1.0)
+    for i in rows:
+        run.schedule.reset(i)
+
+
 def _refresh_keep_weight(run: _Run, check: _Check) -> None:
     """Rebuild the per-sample weight 1 - omega when the batch changed or a factor moved by
     more than 1e-3 (a smaller move keeps its tensor: one allocation fewer a check). Only the
@@ -566,6 +636,7 @@ def _after_block(run: _Run, start, steps: int, iterations: int) -> None:
             return
     if any(check.big):
         _absorb(run, check)
+    _watch_drift(run, check)
     _refresh_keep_weight(run, check)
 
 

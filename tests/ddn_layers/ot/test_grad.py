@@ -10,6 +10,7 @@ from torch.autograd import gradcheck
 
 import ddn_layers as ddn
 from ddn_layers.ot import backward as bw
+from ddn_layers.ot import schur
 from tests.ddn_layers.ot.helpers import TIGHT, pad, problem
 from tests.ddn_layers.testing import ALL_MODES, EXACT_MODES, F64
 
@@ -218,7 +219,7 @@ def test_auto_gives_up_on_slow_cg_and_solves_directly(monkeypatch):
     """With a budget of 12 CG iterations, a hard problem (randn costs at gamma 10: CG needs
     ~30) makes auto abandon CG early and solve directly; an easy one (gamma 1) is solved by
     CG within the budget. Either way auto's gradient is the direct solve's."""
-    monkeypatch.setattr(bw, "cg_budget", lambda n, m: 12)
+    monkeypatch.setattr(schur, "cg_budget", lambda n, m: 12)
     g = torch.Generator().manual_seed(5)
     for gamma, want_cg in [(10.0, False), (1.0, True)]:
         M = torch.randn(1, 60, 60, generator=g, dtype=F64)
@@ -226,8 +227,8 @@ def test_auto_gives_up_on_slow_cg_and_solves_directly(monkeypatch):
         P = ddn.sinkhorn(M, gamma=gamma, tol=1e-9, max_iter=100_000)
         r, c = P.sum(-1), P.sum(-2)
         X = P * V
-        rinv, rhs = bw.schur_rhs(P, r, X.sum(-1), X.sum(-2))
-        _, ok, it = bw.solve_schur_cg(P, c, rhs, rinv, X, 1e-10, 12, give_up=True)
+        rinv, rhs = schur.schur_rhs(P, r, X.sum(-1), X.sum(-2))
+        _, ok, it = schur.solve_schur_cg(P, c, rhs, rinv, X, 1e-10, 12, give_up=True)
         assert bool(ok.all()) == want_cg, it
         assert want_cg or it < 12  # gave up before it had spent the budget
         auto = bw.implicit_grads(P, r, c, V, gamma, "auto")[0]

@@ -7,7 +7,7 @@ import torch
 
 import ddn_layers as ddn
 from ddn_layers.linalg import diagonal_minus_gram_cg
-from ddn_layers.ot import backward as bw
+from ddn_layers.ot import schur
 from tests.ddn_layers.testing import F64
 
 
@@ -60,9 +60,9 @@ def test_schur_solvers_agree():
     V = torch.randn_like(P)
     r, c = P.sum(-1), P.sum(-2)
     X = P * V
-    rinv, rhs = bw.schur_rhs(P, r, X.sum(-1), X.sum(-2))
-    direct, ok = bw.solve_schur_cholesky(P, c, rhs, rinv, X.clone())
-    iterative, converged, _ = bw.solve_schur_cg(P, c, rhs, rinv, X.clone(), 1e-12, 200)
+    rinv, rhs = schur.schur_rhs(P, r, X.sum(-1), X.sum(-2))
+    direct, ok = schur.solve_schur_cholesky(P, c, rhs, rinv, X.clone())
+    iterative, converged, _ = schur.solve_schur_cg(P, c, rhs, rinv, X.clone(), 1e-12, 200)
     assert bool(ok.all()) and bool(converged.all())
     # S is singular (null vector: the real columns): compare b up to that gauge
     q = (c > 0).to(F64)
