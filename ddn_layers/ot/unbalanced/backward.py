@@ -1,0 +1,254 @@
+"""Backward passes of unbalanced entropic optimal transport: the algebra of each mode.
+
+Notation (per sample): P (m, n) the plan, p = P 1 and q = P^T 1 its marginals, r and c the
+given masses (zeros = padding), V = dJ/dP, lam = 1 / (gamma rho) on each side (0 on a hard
+side) and kappa = 1 + lam. Stationarity in P,
+
+    M + (log P - log r (+) log c) / gamma + rho_r log(p / r) (+) rho_c log(q / c) = 0,
+
+has the Hessian H = diag(1 / (gamma P)) + A^T diag(rho_r / p, rho_c / q) A (A: row and column
+sums). Its inverse by the Woodbury identity reduces every exact mode to the system
+
+    K [a; b] = [s_r; s_c],   K = [[kappa_r diag(p), P], [P^T, kappa_c diag(q)]],
+    s_r = (P o V) 1,  s_c = (P o V)^T 1,
+
+after which  dJ/dM = gamma P o (a (+) b - V),  dJ/dr = kappa_r a p / r,  dJ/dc = kappa_c b q / c
+(on a hard side, kappa = 1 and the derivative of the constraint P 1 = r is a itself). This is
+the balanced system (backward.py of the balanced layer) with its diagonal blocks raised by
+kappa: it has no gauge, and where a side is soft its Schur complement
+S = kappa_c diag(q) - P^T diag(1 / (kappa_r p)) P  is at least
+(kappa_c - 1 / kappa_r) diag(q) (since P^T diag(1/p) P <= diag(q)): strictly positive definite.
+
+* ``implicit`` eliminates the larger side and solves S on the smaller one by Cholesky (its
+  lower triangle only) or matrix-free by Jacobi-preconditioned CG
+  (``linalg.diagonal_minus_gram_cg``); ``auto`` runs CG within the budget that costs what the
+  direct solve would and solves directly where CG gives up. Only vectors are solved for.
+* ``full`` forms K ((m + n) square) densely and solves it by Cholesky; differentiable again.
+* ``approx`` ignores the constraints: P = diag(U) (r c^T o exp(-gamma M)) diag(V) with the
+  scalings held fixed, so dJ/dM = -gamma P o V, dJ/dr = s_r / r, dJ/dc = s_c / c.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+
+from ddn_layers.base import BackwardContext, Unrolled
+from ddn_layers.checks import IllConditionedWarning
+from ddn_layers.linalg import cholesky_solve_vectors, diagonal_minus_gram_cg, guarded_cholesky
+from ddn_layers.modes import BackwardMode
+from ddn_layers.ot.unbalanced.solver import Sides
+from ddn_layers.ot.unbalanced.unrolled import solve_unrolled
+
+CG_CHECK_EVERY = 5
+"""Iterations between the Schur CG's convergence checks; a system with at most this many
+real unknowns is solved directly (CG would converge before its first check)."""
+
+
+def _rowvec_mat(x: Tensor, P: Tensor) -> Tensor:
+    """x^T P for x (B, m), P (B, m, n) -> (B, n), in the operand layout that batched GEMV
+    handles fast (a row vector times a transposed matrix is slow for batch 1)."""
+    if P.stride(-1) != 1 and P.stride(-2) == 1:
+        return torch.bmm(P.mT, x.unsqueeze(-1)).squeeze(-1)
+    return torch.bmm(x.unsqueeze(-2), P).squeeze(-2)
+
+
+def _mat_vec(P: Tensor, y: Tensor) -> Tensor:
+    """P y for P (B, m, n), y (B, n) -> (B, m), in the fast layout as :func:`_rowvec_mat`."""
+    if P.stride(-1) != 1 and P.stride(-2) == 1:
+        return torch.bmm(y.unsqueeze(-2), P.mT).squeeze(-2)
+    return torch.bmm(P, y.unsqueeze(-1)).squeeze(-1)
+
+
+def _inv_or_zero(x: Tensor) -> Tensor:
+    return torch.where(x > 0, 1.0 / torch.where(x > 0, x, 1.0), 0.0)
+
+
+def _negative_gram_lower(Q: Tensor, block: int = 160) -> Tensor:
+    """-Q^T Q with only its lower-triangular blocks written (the rest is garbage): Cholesky
+    reads the lower triangle only, so most of the upper half of the product is skipped."""
+    B, _, n = Q.shape
+    if n <= 2 * block:
+        return torch.bmm(Q.mT, Q).neg_()
+    S = Q.new_empty(B, n, n)
+    for i0 in range(0, n, block):
+        i1 = min(i0 + block, n)
+        torch.bmm(Q[:, :, i0:i1].mT, Q[:, :, :i1], out=S[:, i0:i1, :i1])
+        S[:, i0:i1, :i1].neg_()
+    return S
+
+
+def cg_tol(dtype: torch.dtype) -> float:
+    """Relative residual at which CG stops: below the error float32 and the forward's
+    tolerance already put in the gradient."""
+    return 1e-10 if dtype == torch.float64 else 1e-5
+
+
+def cg_budget(n_small: int, m_large: int) -> int:
+    """CG iterations that cost as much as the direct solve, in multiply-adds at the rate of a
+    large matrix product (the balanced layer's cost model, docs/benchmarks/ot/README.md): the
+    lower triangle of S and its factorisation against two memory-bound matrix-vector
+    products and a fixed overhead an iteration."""
+    direct = 1.66 * m_large * n_small**2 + n_small**3 + 1e7
+    per_iteration = 48.0 * m_large * n_small + 8e6
+    return int(direct / per_iteration)
+
+
+def solve_schur_cholesky(P, rinv, d, rhs, scratch, ridge: float = 0.0):
+    """b with S b = rhs by Cholesky, S = diag(d) - Q^T Q, Q = diag(rinv)^1/2 P (formed in
+    ``scratch``, an (m, n) buffer it overwrites), and per-sample success. Entries with d = 0
+    (padding) get identity rows; ``ridge`` (relative to the mean of d) regularises a
+    numerically singular S."""
+    Q = torch.mul(P, rinv.sqrt().unsqueeze(-1), out=scratch)
+    S = _negative_gram_lower(Q)
+    diag = torch.where(d > 0, d, 1.0)
+    if ridge:
+        diag = diag + ridge * d.mean(-1, keepdim=True)
+    S.diagonal(dim1=-2, dim2=-1).add_(diag)
+    L, ok = guarded_cholesky(S, pivot_floor=0.0)
+    return cholesky_solve_vectors(L, rhs), ok
+
+
+def solve_schur(P, rinv, d, rhs, scratch, solver: str) -> tuple[Tensor, Tensor]:
+    """b with S b = rhs (S as in :func:`solve_schur_cholesky`, strictly positive definite) by
+    ``solver`` ("auto", "cg" or "cholesky"), and per-sample success. CG that does not
+    converge within its budget (``auto``: the cost of the direct solve) falls back on
+    Cholesky; so do systems too small for CG's checks."""
+    m, n = P.shape[-2:]
+    budget = 4 * n + 50
+    if solver == "auto":
+        budget = cg_budget(n, m)
+        solver = "cg" if budget >= 10 else "cholesky"
+    if solver != "cg" or not bool(((d > 0).sum(-1) > CG_CHECK_EVERY).all()):
+        return solve_schur_cholesky(P, rinv, d, rhs, scratch)
+    gram_diagonal = _rowvec_mat(rinv, torch.mul(P, P, out=scratch))  # diag(Q^T Q)
+    Q = torch.mul(P, rinv.sqrt().unsqueeze(-1), out=scratch)
+    res = diagonal_minus_gram_cg(
+        d, Q, rhs, rtol=cg_tol(P.dtype), max_iter=budget, check_every=CG_CHECK_EVERY,
+        give_up=True, gram_diagonal=gram_diagonal,
+    )  # fmt: skip
+    b, ok = res.x, res.converged & torch.isfinite(res.x).all(-1)
+    if not bool(ok.all()):
+        b2, ok2 = solve_schur_cholesky(P, rinv, d, rhs, scratch)
+        b, ok = torch.where(ok.unsqueeze(-1), b, b2), ok | ok2
+    return b, ok
+
+
+def _marginal_grad(a: Tensor, p: Tensor, x: Tensor, lam: float) -> Tensor:
+    """dJ/dr from the multiplier a: kappa a p / r on a soft side, a on a hard one; 0 on
+    padding."""
+    if lam == 0:
+        return torch.where(x > 0, a, 0.0)
+    return (1.0 + lam) * a * p * _inv_or_zero(x)
+
+
+def implicit_grads(P, r, c, V, gamma: float, sides: Sides, solver: str = "auto"):
+    """(dJ/dM, dJ/dr, dJ/dc) by the Schur complement on the smaller side of P."""
+    lam_r, lam_c = sides.lam_r, sides.lam_c
+    transpose = P.shape[-2] < P.shape[-1]  # solve on the smaller side: the rows
+    if transpose:
+        P, r, c, V, lam_r, lam_c = P.mT, c, r, V.mT, lam_c, lam_r
+    p, q = P.sum(-1), P.sum(-2)
+    X = torch.mul(P, V)  # P o V, reused as scratch and as the output buffer
+    s_r, s_c = X.sum(-1), X.sum(-2)
+    rinv = _inv_or_zero((1.0 + lam_r) * p)
+    rhs = s_c - _rowvec_mat(rinv * s_r, P)
+    d = (1.0 + lam_c) * q
+    b, ok = solve_schur(P, rinv, d, rhs, X, solver)
+    if not bool(ok.all()):
+        ridge = math.sqrt(torch.finfo(P.dtype).eps)
+        b2, ok2 = solve_schur_cholesky(P, rinv, d, rhs, X, ridge=ridge)
+        b = torch.where(ok.unsqueeze(-1), b, b2)
+        _warn_ill_conditioned(int((~ok).sum()), int((~ok2).sum()))
+    a = (s_r - _mat_vec(P, b)) * rinv
+    # dJ/dM = gamma P o (a (+) b - V), written into X in three passes (gamma on the vectors)
+    torch.sub((gamma * a).unsqueeze(-1), V, alpha=gamma, out=X)
+    X.add_((gamma * b).unsqueeze(-2)).mul_(P)
+    ga, gb = _marginal_grad(a, p, r, lam_r), _marginal_grad(b, q, c, lam_c)
+    return (X.mT, gb, ga) if transpose else (X, ga, gb)
+
+
+def _warn_ill_conditioned(n_bad: int, n_unresolved: int, what: str = "implicit") -> None:
+    msg = (
+        f"sinkhorn backward ({what}, unbalanced): the KKT system was numerically singular for "
+        f"{n_bad} sample(s) (P numerically block-diagonal with a penalty so large that the "
+        "problem is nearly balanced); solved with a small ridge."
+    )
+    if n_unresolved:
+        msg += f" The regularised system still failed for {n_unresolved} of them."
+    warnings.warn(msg, IllConditionedWarning, stacklevel=4)
+
+
+def _dense_kkt(P, p, q, s, lam_r: float, lam_c: float):
+    """K with padded rows/columns replaced by identity rows, and the right-hand side masked
+    alike."""
+    B, m, n = P.shape
+    mask = torch.cat([p > 0, q > 0], dim=-1)
+    fm = mask.to(P.dtype)
+    K = torch.cat(
+        [torch.cat([P.new_zeros(B, m, m), P], -1), torch.cat([P.mT, P.new_zeros(B, n, n)], -1)], -2
+    )
+    K = K * fm.unsqueeze(-1) * fm.unsqueeze(-2)
+    diag = torch.cat([(1.0 + lam_r) * p, (1.0 + lam_c) * q], -1)
+    K = K + torch.diag_embed(torch.where(mask, diag, 1.0))
+    return K, s * fm
+
+
+def full_grads(P, r, c, V, gamma: float, sides: Sides):
+    """(dJ/dM, dJ/dr, dJ/dc) by a dense Cholesky solve of the (m + n)-square system K."""
+    m = P.shape[-2]
+    p, q = P.sum(-1), P.sum(-2)
+    G = P * V
+    K, s = _dense_kkt(P, p, q, torch.cat([G.sum(-1), G.sum(-2)], -1), sides.lam_r, sides.lam_c)
+    L, ok = guarded_cholesky(K, pivot_floor=0.0)
+    ab = torch.cholesky_solve(s.unsqueeze(-1), L)
+    a, b = ab[:, :m, 0], ab[:, m:, 0]
+    if not bool(ok.all()):
+        _, a2, b2 = implicit_grads(P.detach(), r, c, V.detach(), gamma, sides, "cholesky")
+        a = torch.where(ok.view(-1, 1), a, a2)
+        b = torch.where(ok.view(-1, 1), b, b2)
+        _warn_ill_conditioned(int((~ok).sum()), 0, "full")
+    dM = gamma * P * (a.unsqueeze(-1) + b.unsqueeze(-2) - V)
+    return dM, _marginal_grad(a, p, r, sides.lam_r), _marginal_grad(b, q, c, sides.lam_c)
+
+
+def approx_grads(P, r, c, V, gamma: float):
+    """The scalings held fixed (see the module docstring)."""
+    G = P * V
+    return -gamma * G, G.sum(-1) * _inv_or_zero(r), G.sum(-2) * _inv_or_zero(c)
+
+
+def _saved(ctx: BackwardContext):
+    P, r, c = ctx.saved
+    return P, r, c, ctx.opts.gamma, Sides.of(ctx.opts.gamma, ctx.opts.marginal_penalty)
+
+
+def implicit(ctx: BackwardContext, V: Tensor):
+    """``implicit``: the Schur complement, solved by ``ctx.opts.implicit_solver``."""
+    P, r, c, gamma, sides = _saved(ctx)
+    return implicit_grads(P, r, c, V, gamma, sides, ctx.opts.implicit_solver)
+
+
+def full(ctx: BackwardContext, V: Tensor):
+    """``full``: the dense KKT system; differentiable again."""
+    P, r, c, gamma, sides = _saved(ctx)
+    return full_grads(P, r, c, V, gamma, sides)
+
+
+def approx(ctx: BackwardContext, V: Tensor):
+    """``approx``: the constraints ignored."""
+    P, r, c, gamma, _ = _saved(ctx)
+    return approx_grads(P, r, c, V, gamma)
+
+
+BACKWARDS = {
+    BackwardMode.IMPLICIT: implicit,
+    BackwardMode.FULL: full,
+    BackwardMode.APPROX: approx,
+    BackwardMode.UNROLL: Unrolled(solve_unrolled),
+}
+"""The backward of each mode: ``fn(ctx, V) -> (dJ/dM, dJ/dr, dJ/dc)`` on the saved plan and
+the masses (see the module docstring)."""
