@@ -48,6 +48,9 @@ RESULTS_FILE = "results.json"
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # The first checkpoint callback is the one that keeps the best (see checkpoint_callbacks).
 warnings.filterwarnings("ignore", ".*configured with multiple `ModelCheckpoint` callbacks.*")
+# Lightning looks for the position in the epoch in the loader; the data module keeps it
+# (tasks/app/data.py), so a mid-epoch resume does continue with the next batch.
+warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")
 
 
 @contextmanager
