@@ -61,6 +61,7 @@ class TrainProcesses:
             stdout=subprocess.PIPE,
             text=True,
         )
+        self.runs: list[Run] = []
 
     def start(self, args: list[str], log: Path) -> Run:
         Path(f"{log}.status").unlink(missing_ok=True)
@@ -69,7 +70,8 @@ class TrainProcesses:
         line = self.server.stdout.readline()
         if not line:
             raise RuntimeError("tests/train_server.py stopped")
-        return Run(int(line), log)
+        self.runs.append(Run(int(line), log))
+        return self.runs[-1]
 
     def run(self, args: list[str], log: Path, timeout: float = 300) -> None:
         """A run to its end; AssertionError with the end of its log unless it exits with 0."""
@@ -78,6 +80,9 @@ class TrainProcesses:
         assert status == 0, f"train.py exited with {status}: {run.tail()}"
 
     def close(self) -> None:
+        for run in self.runs:  # a test that failed half-way may have left one going
+            if run.status() is None:
+                run.kill()
         self.server.stdin.close()
         try:
             self.server.wait(30)
