@@ -13,6 +13,7 @@ from ddn_layers.modes import BackwardMode
 from ddn_layers.ot.backward import BACKWARDS
 from ddn_layers.ot.options import OTOptions
 from ddn_layers.ot.solver import solve
+from ddn_layers.ot.unbalanced import UnbalancedOptions, unbalanced_with_options
 
 SPEC = LayerSpec(
     name="sinkhorn",
@@ -76,11 +77,13 @@ def sinkhorn(
     implicit_solver: str = "auto",
     check_every: int = 10,
     warn: bool = True,
+    marginal_penalty: float | tuple[float, float] | None = None,
     return_info: bool = False,
 ):
     """Entropy-regularised optimal transport plan, differentiable in M, r and c.
 
-    Solves, per sample,  min_P <P, M> + KL(P || r c^T) / gamma  s.t.  P 1 = r,  P^T 1 = c.
+    Solves, per sample,  min_P <P, M> + KL(P || r c^T) / gamma  s.t.  P 1 = r,  P^T 1 = c,
+    or with ``marginal_penalty`` the unbalanced problem (below).
 
     Args:
         M: cost, (B, m, n) or (m, n); m != n allowed.
@@ -104,6 +107,16 @@ def sinkhorn(
             costs less than the direct solve would (it gives up early otherwise).
         check_every: iterations between convergence checks (each check is one host sync).
         warn: set False to silence the ConvergenceWarning (``return_info`` still reports it).
+        marginal_penalty: None (balanced), or rho = a number or a pair (rho_r, rho_c), each
+            > 0 or inf (a hard marginal; inf on both sides is the balanced problem): solves
+            min_P <P, M> + KL(P || r c^T) / gamma + rho_r KL(P 1 || r) + rho_c KL(P^T 1 || c),
+            KL(x || y) = sum x log(x / y) - x + y, the problem of POT's
+            ``ot.unbalanced.sinkhorn_unbalanced(r, c, M, reg=1/gamma, reg_m=rho,
+            reg_type="kl")``. ``tol`` is then on the residual of its optimality conditions,
+            ||P 1 - r exp(-f / (gamma rho_r))||_1 + (likewise for the columns) relative to
+            the mass of those targets (f: the row log potentials; the marginal error on a
+            hard side); ``extra`` holds ``omega`` and ``stages`` (annealing stages of gamma,
+            run where gamma times the spread of M is large). See ddn_layers/ot/unbalanced/.
         return_info: also return a :class:`~ddn_layers.SolverInfo` (per-sample iterations,
             residual, converged; ``extra["omega"]`` the over-relaxation factor used,
             ``extra["rate"]`` the estimated rate of plain Sinkhorn, 0 where none was seen).
@@ -117,6 +130,12 @@ def sinkhorn(
     r / sum(r) multiplied by the Jacobian of that normalisation, (I - r_hat 1^T) / sum(r)
     applied from the left: it is orthogonal to r_hat-weighted constants (scaling r changes
     nothing) and zero on padded entries. Likewise for c.
+
+    With a finite ``marginal_penalty`` r and c are masses, taken as given: not normalised (P
+    has the mass the problem gives it, and scaling r or c changes that mass), and their gradients
+    are plain partial derivatives, kappa a o (P 1) / r with kappa = 1 + 1 / (gamma rho_r) on a
+    soft side (a the row multiplier of the backward's system), the multiplier itself on a
+    hard side; zero on padded entries.
     """
     mode = BackwardMode.parse(backward_mode)
     check_tensor(M, "M", ndims=(2, 3))
@@ -127,6 +146,7 @@ def sinkhorn(
         implicit_solver=implicit_solver,
         check_every=check_every,
         warn=warn,
+        marginal_penalty=marginal_penalty,
     )
     P, info = sinkhorn_with_options(M, r, c, mode, opts)
     return (P, info) if return_info else P
@@ -138,6 +158,8 @@ def sinkhorn_with_options(
     """:func:`sinkhorn` once M, the mode and the options are checked: P and its SolverInfo.
     The marginals are checked and normalised here, outside the layer's Function, so that
     autograd differentiates the normalisation."""
+    if opts.marginal_penalty is not None:  # unbalanced: masses as given, its own layer
+        return unbalanced_with_options(M, r, c, mode, UnbalancedOptions.of(opts))
     batched = M.dim() == 3
     B = M.shape[0] if batched else None
     m, n = M.shape[-2:]

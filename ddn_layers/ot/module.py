@@ -30,6 +30,7 @@ class OptimalTransport(DeclarativeLayer):
         implicit_solver: str = "auto",
         check_every: int = 10,
         warn: bool = True,
+        marginal_penalty: float | tuple[float, float] | None = None,
     ) -> None:
         super().__init__(backward_mode)
         self.options = OTOptions(
@@ -39,6 +40,7 @@ class OptimalTransport(DeclarativeLayer):
             implicit_solver=implicit_solver,
             check_every=check_every,
             warn=warn,
+            marginal_penalty=marginal_penalty,
         )
 
     def forward(self, M: Tensor, r: Tensor | None = None, c: Tensor | None = None) -> Tensor:
@@ -47,9 +49,13 @@ class OptimalTransport(DeclarativeLayer):
 
     def extra_repr(self) -> str:
         o = self.options
+        unbalanced = (
+            "" if o.marginal_penalty is None else f", marginal_penalty={o.marginal_penalty}"
+        )
         return (
             f"gamma={o.gamma}, tol={o.tol}, max_iter={o.max_iter}, "
             f"backward_mode={self.backward_mode.value}, implicit_solver={o.implicit_solver}"
+            f"{unbalanced}"
         )
 
 

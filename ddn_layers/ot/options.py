@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ddn_layers.base import LayerOptions, option
 from ddn_layers.checks import at_least, check_bool, check_positive, one_of
+from ddn_layers.ot.unbalanced.options import check_marginal_penalty
 
 IMPLICIT_SOLVERS = ("auto", "cholesky", "cg")
 """How ``implicit`` solves its Schur complement: ``auto`` chooses by cost (see backward.py)."""
@@ -33,7 +34,10 @@ class OTOptions(LayerOptions):
     ``gamma``: inverse regularisation strength; ``tol``: L1 marginal error at which a sample
     has converged; ``max_iter``: iteration limit per sample; ``implicit_solver``: one of
     :data:`IMPLICIT_SOLVERS`; ``check_every``: iterations between convergence checks (each is
-    one host sync); ``warn``: raise a ConvergenceWarning for samples that did not converge.
+    one host sync); ``warn``: raise a ConvergenceWarning for samples that did not converge;
+    ``marginal_penalty``: None (the balanced problem) or the pair (rho_r, rho_c) of KL
+    penalties of the unbalanced problem (a number is used for both sides; inf on both sides is
+    None).
     """
 
     gamma: float = option(10.0, check=check_gamma)
@@ -42,3 +46,4 @@ class OTOptions(LayerOptions):
     implicit_solver: str = option("auto", check=one_of(IMPLICIT_SOLVERS))
     check_every: int = option(10, check=at_least(1))
     warn: bool = option(True, check=check_bool)
+    marginal_penalty: tuple[float, float] | None = option(None, check=check_marginal_penalty)

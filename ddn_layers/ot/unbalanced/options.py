@@ -62,7 +62,7 @@ class UnbalancedOptions(LayerOptions):
     ``max_iter``: iteration limit per sample, over all annealing stages; ``implicit_solver``:
     one of :data:`IMPLICIT_SOLVERS`; ``check_every``: iterations between convergence checks;
     ``warn``: raise a ConvergenceWarning for samples that did not converge; ``anneal``:
-    None chooses (see annealing.py), True or False forces the gamma schedule on or off.
+    run the gamma schedule where it pays (annealing.py), False for a single stage.
     """
 
     marginal_penalty: tuple[float, float] = option(check=check_penalty_pair)
@@ -72,4 +72,18 @@ class UnbalancedOptions(LayerOptions):
     implicit_solver: str = option("auto", check=one_of(IMPLICIT_SOLVERS))
     check_every: int = option(10, check=at_least(1))
     warn: bool = option(True, check=check_bool)
-    anneal: bool | None = option(None, check=lambda v, n: None if v is None else check_bool(v, n))
+    anneal: bool = option(True, check=check_bool)
+
+    @classmethod
+    def of(cls, opts) -> UnbalancedOptions:
+        """The options of the balanced layer's :class:`~ddn_layers.ot.options.OTOptions` whose
+        ``marginal_penalty`` has a finite side (checked there)."""
+        return cls(
+            marginal_penalty=opts.marginal_penalty,
+            gamma=opts.gamma,
+            tol=opts.tol,
+            max_iter=opts.max_iter,
+            implicit_solver=opts.implicit_solver,
+            check_every=opts.check_every,
+            warn=opts.warn,
+        )
