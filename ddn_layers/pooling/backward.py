@@ -135,8 +135,8 @@ def _vjp(ctx: BackwardContext, v: Tensor, mode: BackwardMode, gradients) -> tupl
         warnings.warn(
             f"robust_pool ({ctx.opts.penalty.name}, backward_mode={mode.value}): the Hessian "
             f"is singular or indefinite at the solution of {bad} of {x.shape[0]} samples (a "
-            "flat objective, e.g. every point farther than alpha, or a saddle point); their "
-            "gradient is set to zero",
+            "minimiser that is not unique, a saddle point, or a Hessian singular to working "
+            "precision); their gradient is set to zero",
             IllConditionedWarning,
             stacklevel=2,
         )

@@ -64,10 +64,10 @@ def robust_pool(
             objective does not rise. False: IRLS only.
         restarts: non-convex penalties start from the mean and the coordinate-wise median;
             this adds the ``restarts`` input points nearest that median (the best wins).
-            A start where the objective exceeds (n - 1) phi_max (flat: every point's term
-            near its cap), which every input point beats, begins at the input point nearest
-            it; with at most 8 points, y is also compared with every input point, and the
-            solve continues from one that scores lower (see solver.py).
+            A start where the objective exceeds (n - 1) phi_max, which every input point
+            beats (it may be flat: every point's term at its cap), begins at the best of the
+            8 input points nearest the mean; with at most 8 points, y is also compared with
+            every input point, and the solve continues from one that scores lower.
         check_every: iterations between drops of converged samples (a host sync); default 1
             on CPU, 8 on GPU.
         return_info: also return a :class:`SolverInfo`; ``extra["start"]`` is the winning

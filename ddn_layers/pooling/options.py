@@ -83,7 +83,7 @@ class PoolCall:
 
 def check_input(x: object) -> torch.Tensor:
     """x (B, C, *) -> (B, C, n) with n = prod(*). Finiteness is checked by the solver, from the
-    mean it computes anyway (``checks.check_finite_by``): one pass over x fewer."""
+    mean it computes anyway (``solver._mean``): one pass over x fewer."""
     if isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES and x.dim() >= 3 and x.numel():
         return x.flatten(2)
     return check_tensor(x, "x", min_ndim=3).flatten(2)

@@ -34,11 +34,13 @@ half the batch is left (dropping copies the points of the rest, which pays only 
 Non-convex penalties start from the mean, the coordinate-wise median (median.py) and
 optionally the ``restarts`` input points nearest that median, and keep the start of lowest
 objective. Their penalties are bounded by phi_max = phi(inf), so every input point scores at
-most (n - 1) phi_max: a start that scores more (flat: truncated quadratic with every point
-beyond alpha has no weight to move with, Welsch every term near its cap) begins instead at the
-input point nearest it, and since IRLS never rises no start ends flat. Problems of at most
-:data:`EVERY_POINT` points also compare y with every input point after the solve, and iterate
-again from one that scores lower; larger ones keep the local minimum their starts reach.
+most (n - 1) phi_max. A start that scores more is worse than every input point, and may be
+flat (truncated quadratic with every point beyond alpha: no weight for IRLS to move with;
+Welsch with every term near its cap): it begins instead at an input point, the best of a few
+nearest the mean. Since IRLS never rises, no start ends worse than every input point, or
+flat. Problems of at most :data:`EVERY_POINT` points also compare y with every input point
+after the solve, and iterate again from one that scores lower; larger ones keep the local
+minimum their starts reach.
 
 The steps of an iteration (:func:`irls_step`, :func:`step_and_residual`,
 :func:`predicted_residual`, :func:`newton_pays`, :func:`newton_step`) are public, so that a
@@ -55,7 +57,7 @@ import torch
 from torch import Tensor
 
 from ddn_layers.base import Solved, SolverInfo
-from ddn_layers.checks import ConvergenceWarning, check_finite_by
+from ddn_layers.checks import ConvergenceWarning, check_tensor
 from ddn_layers.pooling.hessian import choose_solver, hessian_solve
 from ddn_layers.pooling.median import coordinate_median
 from ddn_layers.pooling.options import PoolCall
@@ -73,7 +75,8 @@ EVERY_POINT = 8
 """Non-convex problems of at most EVERY_POINT points also evaluate the objective at every input
 point after the solve and, where one scores lower than y, iterate once more from the lowest:
 then y is never worse than an input point. There that costs about what an iteration costs in
-dispatch; for more points the pairwise distances would cost more than the solve."""
+dispatch; for more points the pairwise distances would cost more than the solve. A start worse
+than every input point moves to the best of the EVERY_POINT input points nearest the mean."""
 
 SITS_ON = 64.0
 """y sits on an input point when their squared distance, as the distance identity computes it
@@ -263,9 +266,7 @@ class _Plan:
     phi_max: float
 
     @classmethod
-    def of(
-        cls, call: PoolCall, alpha: Tensor, n: int, c: int, starts: int, a: float = 1.0
-    ) -> _Plan:
+    def of(cls, call: PoolCall, alpha: Tensor, n: int, c: int, starts: int, a: float) -> _Plan:
         """``a``: alpha as a number (for phi_max, the bound of a non-convex penalty)."""
         penalty = call.penalty
         return cls(
@@ -532,17 +533,17 @@ def _every_point(plan: _Plan, pts: CentredPoints, best: _Best):
     """The objective at every input point but those y sits on (see ``SITS_ON``). Returns which
     samples restart (B,), from which point (B,), and the points, centred (B, n, C), with their
     squared distances (B, n, n)."""
-    eps = torch.finfo(pts.sq.dtype).eps
-    cand = pts.x.mT + pts.neg_mean
-    sq = pts.sq_distances(cand)
+    B, n = pts.sq.shape
+    idx = torch.arange(n, device=pts.sq.device).expand(B, n)
+    cand, sq, f = _point_objectives(plan, pts, idx)
     with torch.no_grad():
-        # a point's distance to itself is 0, not the identity's rounding of it
-        own = torch.eye(sq.shape[-1], dtype=torch.bool, device=sq.device)
-        z = sq.detach().masked_fill(own, 0.0).sqrt()
-        f = plan.call.penalty.phi(z, plan.alpha.detach()).sum(-1)
+        eps = torch.finfo(f.dtype).eps
         sits = best.sq <= SITS_ON * eps * (pts.sq + best.y.detach().square().sum(-1, True))
+        # y's distance to a point it sits on is 0 too, in the objective it is compared with
+        phi = plan.call.penalty.phi(best.sq.sqrt(), plan.alpha.detach())
+        f_y = best.objective - phi.masked_fill(~sits, 0).sum(-1)
         f_min, j = f.masked_fill(sits, math.inf).min(-1)
-        restart = f_min < best.objective * (1 - MARGIN * eps)
+        restart = f_min < f_y * (1 - MARGIN * eps)
     return restart, j, cand, sq
 
 
@@ -566,25 +567,41 @@ def _check_every_point(plan: _Plan, pts: CentredPoints, best: _Best) -> _Best:
     return best.update_where(restart, _Best.of(records, first=plan.starts))
 
 
-def _leave_flat_starts(
+def _point_objectives(plan: _Plan, pts: CentredPoints, idx: Tensor) -> tuple[Tensor, ...]:
+    """The input points ``idx`` (B, k), centred (B, k, C), their squared distances to every
+    point (B, k, n) and their objectives (B, k), each point's distance to itself taken as 0
+    rather than the identity's rounding of it."""
+    b = torch.arange(idx.shape[0], device=idx.device)[:, None]
+    cand = pts.x.mT[b, idx] + pts.neg_mean
+    sq = pts.sq_distances(cand)
+    with torch.no_grad():
+        own = torch.zeros_like(sq, dtype=torch.bool).scatter_(2, idx[:, :, None], True)
+        z = sq.detach().masked_fill(own, 0.0).sqrt()
+        f = plan.call.penalty.phi(z, plan.alpha.detach()).sum(-1)
+    return cand, sq, f
+
+
+def _leave_bad_starts(
     plan: _Plan, pts: CentredPoints, starts: Tensor, sq: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Starts (B, S, C) with distances sq (B, S, n) where the objective exceeds (n - 1)
-    phi_max, which every input point beats (phi(0) = 0, and phi_max bounds the other terms),
-    replaced by the input point nearest each: from such a start IRLS may not move at all
-    (truncated quadratic, every point beyond alpha: no weight), and since it never rises, a
-    start that is not flat cannot end flat."""
+    """Starts (B, S, C) with distances sq (B, S, n) whose objective exceeds (n - 1) phi_max,
+    worse than every input point (phi(0) = 0, and phi_max bounds the other terms), moved to an
+    input point: of the :data:`EVERY_POINT` nearest the first start (the mean, which dense
+    groups of points pull towards them), the one of lowest objective (for truncated quadratic,
+    about the one with the most neighbours within alpha). Such a start may be flat, where IRLS
+    does not move at all (truncated quadratic, every point beyond alpha: no weight); and since
+    IRLS never rises, no other start can end there."""
     n = sq.shape[-1]
     with torch.no_grad():
         f = plan.call.penalty.phi(sq.detach().sqrt(), plan.alpha.detach()).sum(-1)
-        flat = f > (n - 1) * plan.phi_max * (1 + MARGIN * torch.finfo(f.dtype).eps)
-        if not bool(flat.any()):
+        bad = f > (n - 1) * plan.phi_max * (1 + MARGIN * torch.finfo(f.dtype).eps)
+        if not bool(bad.any()):
             return starts, sq
-        j = sq.detach().argmin(-1)
-    b = torch.arange(j.shape[0], device=j.device)[:, None]
-    near = pts.x.mT[b, j] + pts.neg_mean
-    flat = flat[..., None]
-    return torch.where(flat, near, starts), torch.where(flat, pts.sq_distances(near), sq)
+        idx = sq[:, 0].detach().topk(min(n, EVERY_POINT), largest=False).indices
+    cand, sq_c, f_c = _point_objectives(plan, pts, idx)
+    b, j = torch.arange(idx.shape[0], device=idx.device), f_c.argmin(-1)
+    pick, point, sq_point = bad[..., None], cand[b, j][:, None], sq_c[b, j][:, None]
+    return torch.where(pick, point, starts), torch.where(pick, sq_point, sq)
 
 
 def _solved(call: PoolCall, best: _Best, x: Tensor, mean: Tensor, alpha: Tensor) -> Solved:
@@ -625,6 +642,17 @@ def _mean_solution(call: PoolCall, x: Tensor, mean: Tensor, alpha: Tensor) -> So
     return Solved(mean, (x, mean, alpha), SolverInfo(zeros, torch.zeros_like(f), ones, extra))
 
 
+def _mean(x: Tensor) -> Tensor:
+    """The mean of the points (B, C); ValueError naming x if it holds NaN or inf. A mean that is
+    not finite while x is (its sum overflowed: points near the dtype's largest number) is
+    taken again from x / n, whose sum cannot overflow."""
+    mean = x.mean(-1)
+    if not math.isfinite(float(mean.detach().sum())):
+        check_tensor(x, "x")
+        mean = (x / x.shape[-1]).sum(-1)
+    return mean
+
+
 def solve(call: PoolCall, x: Tensor, alpha: Tensor) -> Solved:
     """Minimise for every sample of x (B, C, n) at the 0-d alpha; differentiable iff autograd
     is enabled (``unroll``: autograd then follows every step of the winning start).
@@ -633,8 +661,7 @@ def solve(call: PoolCall, x: Tensor, alpha: Tensor) -> Solved:
     ``start`` (0 mean, 1 median, 2 + k the k-th restart), ``objective`` (NaN for a single
     start unless ``call.objective``) and ``newton_steps``.
     """
-    mean = x.mean(-1)
-    check_finite_by(mean, x, "x")
+    mean = _mean(x)
     if call.penalty.closed_form:
         return _mean_solution(call, x, mean, alpha)
     pts = CentredPoints.of(x, mean)
@@ -648,7 +675,7 @@ def solve(call: PoolCall, x: Tensor, alpha: Tensor) -> Solved:
         # the one start is the mean, yc = 0: its distances are the centred ones
         best = _Best.of(_iterate(plan, pts, starts, pts.sq3))
     else:
-        starts, sq = _leave_flat_starts(plan, pts, starts, pts.sq_distances(starts))
+        starts, sq = _leave_bad_starts(plan, pts, starts, pts.sq_distances(starts))
         best = _Best.of(_iterate(plan, pts, starts, sq))
         if plan.every_point:
             best = _check_every_point(plan, pts, best)

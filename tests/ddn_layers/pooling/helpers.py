@@ -72,3 +72,39 @@ def reference_minimum(name, X, alpha, starts):
         )
         best = min(best, r.fun, f(y0))
     return best
+
+
+def np_dphi(name, z, alpha):
+    """phi'(z) and phi''(z) of Table 1, written again (z > 0 where the two pieces meet: the
+    caller keeps away from z = alpha for huber and truncated quadratic)."""
+    if name == "quadratic":
+        return z, np.ones_like(z)
+    if name == "pseudo-huber":
+        r = 1.0 + (z / alpha) ** 2
+        return z / np.sqrt(r), r**-1.5
+    if name == "huber":
+        inside = z <= alpha
+        return np.where(inside, z, alpha), np.where(inside, 1.0, 0.0)
+    if name == "welsch":
+        e = np.exp(-(z**2) / (2.0 * alpha**2))
+        return z * e / alpha**2, (1.0 - (z / alpha) ** 2) * e / alpha**2
+    if name == "truncated-quadratic":
+        inside = z <= alpha
+        return np.where(inside, z, 0.0), np.where(inside, 1.0, 0.0)
+    raise KeyError(name)
+
+
+def np_hessian(name, X, y, alpha):
+    """The Hessian of the objective at y for one sample X (C, n), and s = sum_i phi'(z_i) / z_i
+    (its largest possible eigenvalue for these penalties): sum_i phi''(z_i) u_i u_i^T +
+    phi'(z_i) / z_i (I - u_i u_i^T), u_i the unit offset, phi'(z) / z -> phi''(0) at z = 0."""
+    d = y[:, None] - X
+    z = np.linalg.norm(d, axis=0)
+    d1, d2 = np_dphi(name, z, alpha)
+    safe = np.where(z > 0, z, 1.0)
+    k1 = np.where(z > 0, d1 / safe, d2)
+    u = d / safe
+    C = X.shape[0]
+    H = sum(d2[i] * np.outer(u[:, i], u[:, i]) + k1[i] * (np.eye(C) - np.outer(u[:, i], u[:, i]))
+            for i in range(X.shape[1]))  # fmt: skip
+    return H, float(k1.sum())

@@ -76,13 +76,14 @@ def test_outliers_move_the_mean_but_not_robust_pooling(penalty):
 
 
 def test_non_convex_records_the_winning_start():
-    """A majority cluster far from the mean, which sits within alpha of a lone point: the mean
-    start ends on that point, the median start in the cluster, and info says the median won."""
+    """A majority cluster far from the mean, which lies within alpha of a lone pair of points:
+    the mean start ends at the pair, the median start in the cluster, and info says the median
+    won (the mean scores less than (n - 1) phi_max, so it stays a start of its own)."""
     x = torch.zeros(1, 2, 9, dtype=F64)
     x[0, 0, :5] = 10.0 + 0.01 * torch.arange(5, dtype=F64)  # majority cluster near 10
-    x[0, 0, 5:8] = -10.0  # minority cluster at -10
-    x[0, 0, 8] = 2.0  # a lone point 0.34 from the mean, 2.34
-    y, info = ddn.robust_pool(x, "truncated-quadratic", 1.0, return_info=True)
+    x[0, 0, 5:7] = -12.0  # minority cluster
+    x[0, 0, 7:] = torch.tensor([1.9, 2.1], dtype=F64)  # a pair 1.2-1.4 from the mean, 3.34
+    y, info = ddn.robust_pool(x, "truncated-quadratic", 2.0, return_info=True)
     assert info.extra["start"].tolist() == [1]  # the median
     torch.testing.assert_close(y[0, 0], x[0, 0, :5].mean())
     y_w, info_w = ddn.robust_pool(x, "welsch", 1.0, return_info=True)

@@ -228,3 +228,28 @@ def test_unroll_welsch_alpha_gradient_finite_at_small_alpha():
         assert all(torch.isfinite(g).all() for g in grads[mode])
     torch.testing.assert_close(grads["unroll"][0], grads["implicit"][0], atol=1e-6, rtol=2e-2)
     torch.testing.assert_close(grads["unroll"][1], grads["implicit"][1], atol=1e-6, rtol=2e-2)
+
+
+def test_two_huber_points_farther_apart_than_two_alpha():
+    """Issue 23, item 4: the minimiser is the whole segment between the points' alpha-balls, H
+    is singular in exact arithmetic, and rounding had left the pivots of one route or of
+    ``full`` above their floor (a finite, wrong gradient without a warning). Every exact mode
+    flags all samples now; ``unroll`` differentiates the mean, where the solver stays."""
+    g = torch.Generator().manual_seed(0)
+    x = 3.0 * torch.randn(64, 3, 2, dtype=F64, generator=g)
+    x[:, :, 1] += 4.0 * torch.nn.functional.normalize(x[:, :, 1] - x[:, :, 0], dim=1)
+    modes = [("implicit", "cholesky"), ("implicit", "woodbury"), ("full", "auto")]
+    for mode, solver in modes:
+        xg, a = x.clone().requires_grad_(), torch.tensor(1.0, dtype=F64, requires_grad=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = ddn.robust_pool(xg, "huber", a, backward_mode=mode, implicit_solver=solver)
+            gx, ga = torch.autograd.grad(y.sum(), (xg, a))
+        ill = [w for w in caught if issubclass(w.category, ddn.IllConditionedWarning)]
+        assert len(ill) == 1 and "64 of 64 samples" in str(ill[0].message), (mode, solver)
+        assert (gx == 0).all() and ga == 0
+    xg = x.clone().requires_grad_()
+    y = ddn.robust_pool(xg, "huber", 1.0, backward_mode="unroll")
+    torch.testing.assert_close(y, x.mean(-1))
+    (gx,) = torch.autograd.grad(y.sum(), xg)
+    torch.testing.assert_close(gx, torch.full_like(x, 0.5))

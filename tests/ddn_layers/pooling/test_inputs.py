@@ -176,3 +176,14 @@ def test_alpha_as_a_parameter_and_on_another_dtype():
     assert y.dtype == F64 and alpha.grad is not None and alpha.grad.dtype == torch.float32
     pool = ddn.RobustPool2d("huber", alpha)
     assert pool.alpha is alpha and list(pool.parameters()) == [alpha]
+
+
+def test_points_near_the_largest_float_have_a_finite_mean():
+    """Found by the property test: float32 points of about 1e38, whose sum overflows. The
+    mean (average pooling) is still finite and right; the others need squared distances and
+    say so."""
+    x = 1e38 * torch.tensor([[[1.5, 2.5, 3.0, -0.5]]])
+    y = ddn.robust_pool(x, "quadratic")
+    torch.testing.assert_close(y, torch.tensor([[1.625e38]]))
+    with pytest.raises(ValueError, match="x: its points lie"):
+        ddn.robust_pool(x, "welsch")
