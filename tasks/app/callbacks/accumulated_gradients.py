@@ -19,6 +19,8 @@ from tasks.app.distributed import gather, mine
 
 
 class AccumulatedGradients(pl.Callback):
+    """Save the gradients of a cut accumulation window with the checkpoint; restore them."""
+
     def __init__(self) -> None:
         self._trainer: pl.Trainer | None = None
         self._pending: list[torch.Tensor | None] | None = None
@@ -31,7 +33,8 @@ class AccumulatedGradients(pl.Callback):
         # the same answer on every process, so that all of them take part in gather or none
         if trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return {}
-        if not trainer.fit_loop._should_accumulate():  # at an optimiser step
+        # Lightning's own test of "this batch does not end a window" (no public equivalent)
+        if not trainer.fit_loop._should_accumulate():
             return {}
         grads = [_cpu(p.grad) for p in trainer.lightning_module.parameters()]
         return {"ranks": gather(grads)}
