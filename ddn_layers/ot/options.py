@@ -31,13 +31,14 @@ def check_gamma(value: object, name: str) -> float:
 class OTOptions(LayerOptions):
     """Options of :func:`~ddn_layers.sinkhorn` and :class:`~ddn_layers.OptimalTransport`.
 
-    ``gamma``: inverse regularisation strength; ``tol``: L1 marginal error at which a sample
-    has converged; ``max_iter``: iteration limit per sample; ``implicit_solver``: one of
-    :data:`IMPLICIT_SOLVERS`; ``check_every``: iterations between convergence checks (each is
-    one host sync); ``warn``: raise a ConvergenceWarning for samples that did not converge;
-    ``marginal_penalty``: None (the balanced problem) or the pair (rho_r, rho_c) of KL
-    penalties of the unbalanced problem (a number is used for both sides; inf on both sides is
-    None).
+    ``gamma``: inverse regularisation strength (not differentiated: a tensor that requires
+    grad is refused, see :func:`check_gamma`); ``tol``: L1 marginal error of the returned plan
+    at which a sample has converged; ``max_iter``: iteration limit per sample;
+    ``implicit_solver``: one of :data:`IMPLICIT_SOLVERS`; ``check_every``: iterations between
+    convergence checks (each is one host sync); ``warn``: raise a ConvergenceWarning for
+    samples that did not converge; ``marginal_penalty``: None (the balanced problem) or the
+    pair (rho_r, rho_c) of KL penalties of the unbalanced problem (a number is used for both
+    sides; inf on both sides is None).
     """
 
     gamma: float = option(10.0, check=check_gamma)

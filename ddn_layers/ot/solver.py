@@ -13,14 +13,20 @@ sample), the solver measures the marginal error of each sample and
 * adapts each sample's over-relaxation factor ``omega`` (u <- u + omega (r / K v - u))
   from its observed error decay (see schedule.py), which saves most iterations on slowly
   converging problems and costs nothing on fast ones;
-* freezes converged samples (the active batch is compacted, so they cost nothing more).
+* gives a sample whose error has stopped improving a Newton step on the dual (see drift.py):
+  an outlying cost, or a large gamma, can otherwise make the potentials crawl;
+* freezes converged samples (the active batch is compacted, so they cost nothing more), once
+  the plan each returns meets tol by its own marginals: what is reported is the returned
+  plan's error.
 
 Entries of ``K`` below ``exp(lo)`` are flushed to zero (no denormal numbers in the products).
 A sample is only accepted as converged when its scalings are within ``exp(+-tau)``, so the
 flushed mass is below ``m n exp(lo + 2 tau)``: 1e-8 in float32 for m = n = 1000, far below any
 useful tolerance.
 
-Zero entries of ``r`` or ``c`` are padding: those rows/columns of P are exactly zero.
+Zero entries of ``r`` or ``c`` are padding: those rows/columns of P are exactly zero, and they
+take no part in anything else (the cost's reduction included), so that a padded sample solves
+the problem it solves alone.
 """
 
 from __future__ import annotations
@@ -675,7 +681,8 @@ def solve_sinkhorn(
     Args:
         M: (B, m, n) cost, float32 or float64.
         r: (B, m) and c: (B, n) non-negative marginals summing to 1 per sample (zeros = padding).
-        tol: a sample has converged when ||P 1 - r||_1 + ||P^T 1 - c||_1 <= tol.
+        tol: a sample has converged when ||P 1 - r||_1 + ||P^T 1 - c||_1 <= tol, measured on
+            the P returned (``residual``).
         max_iter: at most this many iterations per sample (one = a row and a column update).
         check_every: iterations between convergence checks (each costs one host sync).
         overrelax: accelerate with an adaptively estimated over-relaxation factor (False: the

@@ -102,3 +102,34 @@ def test_module_warn_false_silences_the_convergence_warning(recwarn):
         ddn.OptimalTransport(gamma=10.0, tol=1e-12, max_iter=1)(M)
     with pytest.raises(ValueError, match="warn must be True or False"):
         ddn.OptimalTransport(warn="no")
+
+
+def test_gamma_that_requires_grad_is_a_value_error():
+    """Issue 23: it was silently made a float (no gradient, no error). The message says how to
+    learn it: P depends on gamma * M only."""
+    learned = torch.tensor(2.0, requires_grad=True)
+    with pytest.raises(ValueError, match=r"gamma must be a number or a tensor without grad"):
+        ddn.sinkhorn(M, r, c, gamma=learned)
+    with pytest.raises(ValueError, match=r"pass M \* gamma with gamma=1.0"):
+        ddn.OptimalTransport(gamma=torch.nn.Parameter(torch.tensor(2.0)))
+    P = ddn.sinkhorn(M * learned, r, c, gamma=1.0, tol=1e-6)
+    torch.testing.assert_close(P, ddn.sinkhorn(M, r, c, gamma=2.0, tol=1e-6), atol=1e-5, rtol=0)
+    (P * torch.randn_like(P)).sum().backward()
+    assert learned.grad is not None and math.isfinite(float(learned.grad))
+    ddn.sinkhorn(M, r, c, gamma=torch.tensor(2.0))  # a tensor without grad is a number
+
+
+@pytest.mark.parametrize("name", ["r", "c"])
+def test_marginal_on_another_device_is_a_value_error(name):
+    """Issue 23: a RuntimeError from deep inside before."""
+    kw = {"r": r, "c": c, name: (r if name == "r" else c).to("meta")}
+    with pytest.raises(ValueError, match=rf"{name} must be on the device of M \(cpu\)"):
+        ddn.sinkhorn(M, **kw)
+
+
+def test_marginal_whose_sum_overflows_is_rescaled():
+    """Issue 23: torch.full((20,), 3e38) gave P = 0 and a ConvergenceWarning."""
+    M20 = torch.rand(20, 20)
+    P, info = ddn.sinkhorn(M20, torch.full((20,), 3e38), return_info=True)
+    assert bool(info.converged.all())
+    torch.testing.assert_close(P, ddn.sinkhorn(M20), atol=1e-7, rtol=0)
