@@ -19,8 +19,8 @@ INF = math.inf
 
 
 class TestUnbalancedTransport(BaseTester):
-    """A batch of two 4 x 3 problems with positive masses of different totals, a different
-    penalty on each side: gradcheck perturbs M, r and c."""
+    """A 4 x 3 problem with positive masses of different totals, a different penalty on each
+    side: gradcheck perturbs M, r and c (batches: the other tests)."""
 
     functional = staticmethod(ddn.sinkhorn)
     options = {"gamma": 5.0, "marginal_penalty": (0.5, 2.0), **TIGHT}
@@ -32,7 +32,7 @@ class TestUnbalancedTransport(BaseTester):
         return ddn.OptimalTransport(backward_mode=mode, **options)
 
     def inputs(self, dtype):
-        return problem(2, 4, 3, dtype=dtype, seed=18)
+        return problem(1, 4, 3, dtype=dtype, seed=18)
 
 
 CASES = [
@@ -82,8 +82,7 @@ def _grads(mode, M, r, c, W, **kw):
     return P.detach(), M.grad, r.grad, c.grad
 
 
-@pytest.mark.parametrize("rho", [(1.0, 1.0), (INF, 0.5)], ids=str)
-@pytest.mark.parametrize("shape", [(2, 30, 20), (2, 20, 30)])
+@pytest.mark.parametrize("shape,rho", [((2, 16, 10), (1.0, 1.0)), ((2, 10, 16), (INF, 0.5))])
 def test_modes_agree(shape, rho):
     M, r, c = problem(*shape, seed=11, kind="randn")
     W = torch.randn(shape, dtype=M.dtype)
