@@ -40,6 +40,7 @@ from ddn_layers.base import BackwardContext, Unrolled
 from ddn_layers.checks import IllConditionedWarning
 from ddn_layers.linalg import cholesky_solve_vectors, diagonal_minus_gram_cg, guarded_cholesky
 from ddn_layers.modes import BackwardMode
+from ddn_layers.ot.schur import cg_budget, cg_tol, inv_or_zero, mat_vec, rowvec_mat, schur_lower
 from ddn_layers.ot.unbalanced.solver import Sides
 from ddn_layers.ot.unbalanced.unrolled import solve_unrolled
 
@@ -48,62 +49,13 @@ CG_CHECK_EVERY = 5
 real unknowns is solved directly (CG would converge before its first check)."""
 
 
-def _rowvec_mat(x: Tensor, P: Tensor) -> Tensor:
-    """x^T P for x (B, m), P (B, m, n) -> (B, n), in the operand layout that batched GEMV
-    handles fast (a row vector times a transposed matrix is slow for batch 1)."""
-    if P.stride(-1) != 1 and P.stride(-2) == 1:
-        return torch.bmm(P.mT, x.unsqueeze(-1)).squeeze(-1)
-    return torch.bmm(x.unsqueeze(-2), P).squeeze(-2)
-
-
-def _mat_vec(P: Tensor, y: Tensor) -> Tensor:
-    """P y for P (B, m, n), y (B, n) -> (B, m), in the fast layout as :func:`_rowvec_mat`."""
-    if P.stride(-1) != 1 and P.stride(-2) == 1:
-        return torch.bmm(y.unsqueeze(-2), P.mT).squeeze(-2)
-    return torch.bmm(P, y.unsqueeze(-1)).squeeze(-1)
-
-
-def _inv_or_zero(x: Tensor) -> Tensor:
-    return torch.where(x > 0, 1.0 / torch.where(x > 0, x, 1.0), 0.0)
-
-
-def _negative_gram_lower(Q: Tensor, block: int = 160) -> Tensor:
-    """-Q^T Q with only its lower-triangular blocks written (the rest is garbage): Cholesky
-    reads the lower triangle only, so most of the upper half of the product is skipped."""
-    B, _, n = Q.shape
-    if n <= 2 * block:
-        return torch.bmm(Q.mT, Q).neg_()
-    S = Q.new_empty(B, n, n)
-    for i0 in range(0, n, block):
-        i1 = min(i0 + block, n)
-        torch.bmm(Q[:, :, i0:i1].mT, Q[:, :, :i1], out=S[:, i0:i1, :i1])
-        S[:, i0:i1, :i1].neg_()
-    return S
-
-
-def cg_tol(dtype: torch.dtype) -> float:
-    """Relative residual at which CG stops: below the error float32 and the forward's
-    tolerance already put in the gradient."""
-    return 1e-10 if dtype == torch.float64 else 1e-5
-
-
-def cg_budget(n_small: int, m_large: int) -> int:
-    """CG iterations that cost as much as the direct solve, in multiply-adds at the rate of a
-    large matrix product (the balanced layer's cost model, docs/benchmarks/ot/README.md): the
-    lower triangle of S and its factorisation against two memory-bound matrix-vector
-    products and a fixed overhead an iteration."""
-    direct = 1.66 * m_large * n_small**2 + n_small**3 + 1e7
-    per_iteration = 48.0 * m_large * n_small + 8e6
-    return int(direct / per_iteration)
-
-
 def solve_schur_cholesky(P, rinv, d, rhs, scratch, ridge: float = 0.0):
     """b with S b = rhs by Cholesky, S = diag(d) - Q^T Q, Q = diag(rinv)^1/2 P (formed in
     ``scratch``, an (m, n) buffer it overwrites), and per-sample success. Entries with d = 0
     (padding) get identity rows; ``ridge`` (relative to the mean of d) regularises a
     numerically singular S."""
     Q = torch.mul(P, rinv.sqrt().unsqueeze(-1), out=scratch)
-    S = _negative_gram_lower(Q)
+    S = schur_lower(Q)
     diag = torch.where(d > 0, d, 1.0)
     if ridge:
         diag = diag + ridge * d.mean(-1, keepdim=True)
@@ -124,7 +76,7 @@ def solve_schur(P, rinv, d, rhs, scratch, solver: str) -> tuple[Tensor, Tensor]:
         solver = "cg" if budget >= 10 else "cholesky"
     if solver != "cg" or not bool(((d > 0).sum(-1) > CG_CHECK_EVERY).all()):
         return solve_schur_cholesky(P, rinv, d, rhs, scratch)
-    gram_diagonal = _rowvec_mat(rinv, torch.mul(P, P, out=scratch))  # diag(Q^T Q)
+    gram_diagonal = rowvec_mat(rinv, torch.mul(P, P, out=scratch))  # diag(Q^T Q)
     Q = torch.mul(P, rinv.sqrt().unsqueeze(-1), out=scratch)
     res = diagonal_minus_gram_cg(
         d, Q, rhs, rtol=cg_tol(P.dtype), max_iter=budget, check_every=CG_CHECK_EVERY,
@@ -142,7 +94,7 @@ def _marginal_grad(a: Tensor, p: Tensor, x: Tensor, lam: float) -> Tensor:
     padding."""
     if lam == 0:
         return torch.where(x > 0, a, 0.0)
-    return (1.0 + lam) * a * p * _inv_or_zero(x)
+    return (1.0 + lam) * a * p * inv_or_zero(x)
 
 
 def implicit_grads(P, r, c, V, gamma: float, sides: Sides, solver: str = "auto"):
@@ -154,8 +106,8 @@ def implicit_grads(P, r, c, V, gamma: float, sides: Sides, solver: str = "auto")
     p, q = P.sum(-1), P.sum(-2)
     X = torch.mul(P, V)  # P o V, reused as scratch and as the output buffer
     s_r, s_c = X.sum(-1), X.sum(-2)
-    rinv = _inv_or_zero((1.0 + lam_r) * p)
-    rhs = s_c - _rowvec_mat(rinv * s_r, P)
+    rinv = inv_or_zero((1.0 + lam_r) * p)
+    rhs = s_c - rowvec_mat(rinv * s_r, P)
     d = (1.0 + lam_c) * q
     b, ok = solve_schur(P, rinv, d, rhs, X, solver)
     if not bool(ok.all()):
@@ -163,7 +115,7 @@ def implicit_grads(P, r, c, V, gamma: float, sides: Sides, solver: str = "auto")
         b2, ok2 = solve_schur_cholesky(P, rinv, d, rhs, X, ridge=ridge)
         b = torch.where(ok.unsqueeze(-1), b, b2)
         _warn_ill_conditioned(int((~ok).sum()), int((~ok2).sum()))
-    a = (s_r - _mat_vec(P, b)) * rinv
+    a = (s_r - mat_vec(P, b)) * rinv
     # dJ/dM = gamma P o (a (+) b - V), written into X in three passes (gamma on the vectors)
     torch.sub((gamma * a).unsqueeze(-1), V, alpha=gamma, out=X)
     X.add_((gamma * b).unsqueeze(-2)).mul_(P)
@@ -218,7 +170,7 @@ def full_grads(P, r, c, V, gamma: float, sides: Sides):
 def approx_grads(P, r, c, V, gamma: float):
     """The scalings held fixed (see the module docstring)."""
     G = P * V
-    return -gamma * G, G.sum(-1) * _inv_or_zero(r), G.sum(-2) * _inv_or_zero(c)
+    return -gamma * G, G.sum(-1) * inv_or_zero(r), G.sum(-2) * inv_or_zero(c)
 
 
 def _saved(ctx: BackwardContext):
