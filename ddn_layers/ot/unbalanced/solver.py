@@ -23,7 +23,8 @@ hard side), likewise for the columns, so the residual is
 mass = the mean of the two targets' totals: the balanced layer's marginal error where both
 sides are hard (r and c normalised there).
 It is checked every ``check_every`` iterations (one host transfer); converged samples leave
-the active batch. Two accelerations, both per sample: over-relaxation by the balanced
+the active batch, and so do samples stalled at the precision floor (``STALL_CHECKS``),
+unconverged. Two accelerations, both per sample: over-relaxation by the balanced
 solver's adaptive schedule, in the geometric form U <- U_new^omega U^(1 - omega), and, at
 every check, a translation of the potentials (f + t, g - t) to the maximum of the dual along
 that line, in closed form: the direction in which the plain iteration is slowest. At large
@@ -45,6 +46,15 @@ from ddn_layers.ot.unbalanced import annealing
 
 LIMITS = {torch.float32: (-60.0, 15.0), torch.float64: (-600.0, 100.0)}
 """(flush threshold for log K, absorption threshold for |log u|, |log v|) per dtype."""
+
+FLOOR_EPS = 300.0
+"""Residuals below this many machine epsilons are at the precision floor (the balanced
+solver's over-relaxation schedule uses the same bound)."""
+
+STALL_CHECKS = 5
+"""Checks in a row without any improvement on the best residual, below the floor, after which
+a sample stops unconverged instead of running to max_iter (one that converges, however
+slowly, improves on its best at every check)."""
 
 
 @dataclass(frozen=True)
@@ -243,6 +253,20 @@ class _Run:
         self.schedule = OmegaSchedule(B, torch.finfo(problem.M.dtype).eps)
         self.keep_w: Tensor | None = None  # 1 - omega per sample, None while all are plain
         self.block_start = (self.iterate.u, self.iterate.v)  # u, v before the latest block
+        self.floor = FLOOR_EPS * torch.finfo(problem.M.dtype).eps
+        self.best = [math.inf] * B  # the best residual seen
+        self.flat = [0] * B  # checks in a row without improvement below the floor
+
+    def floor_watch(self, errors: list[float]) -> list[bool]:
+        """Record a check's residuals; which samples have stalled at the precision floor. Only
+        the plain iteration counts (omega = 1): an over-relaxed one at the floor swings with
+        the rounding noise that omega amplifies, and the schedule then settles it on plain."""
+        for i, e in enumerate(errors):
+            if e < self.best[i]:
+                self.best[i], self.flat[i] = e, 0
+            elif self.best[i] < self.floor and self.schedule.omega[i] == 1.0:
+                self.flat[i] += 1
+        return [k >= STALL_CHECKS for k in self.flat]
 
     def kernel_times(self, K: Tensor, v: Tensor) -> Tensor:
         return torch.baddbmm(self.floor_rows, K, v.mT)
@@ -272,6 +296,7 @@ class _Run:
         """Restrict the active batch to the samples at positions ``keep``."""
         self.rows = [self.rows[i] for i in keep]
         self.schedule.keep(keep)
+        self.best, self.flat = [self.best[i] for i in keep], [self.flat[i] for i in keep]
         sel = torch.tensor(keep, device=self.problem.M.device)
         self.problem = self.problem.select(sel)
         self.floor_rows, self.floor_cols = self.floor_rows[sel], self.floor_cols[sel]
@@ -318,8 +343,9 @@ class _Check:
     errors: list[float]
     finite: list[bool]  # scalings finite and positive
     big: list[bool]  # scalings to absorb (or not finite)
-    done: list[bool]  # converged
+    done: list[bool]  # converged, or stalled at the precision floor: to retire
     omega_before: list[float]  # the factors the block ran with
+    stalled: list[bool]  # no improvement for STALL_CHECKS checks below the floor
 
 
 def _ranges(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -338,16 +364,16 @@ def _check(run: _Run, steps: int) -> _Check:
     # the targets' total mass (padding, where they are 1, left out)
     scale = (p_hat.squeeze(-1) * problem.row_mask).sum(-1)
     scale += (q_hat[:, 0] * problem.col_mask).sum(-1)
-    stats = torch.stack([(e_r + e_c) * 2 / scale, *_ranges(cur.u), *_ranges(cur.v)])
-    check = _Check([], [], [], [], list(run.schedule.omega))
-    for e, u_lo, u_hi, v_lo, v_hi in zip(*stats.tolist(), strict=True):
+    stats = torch.stack([(e_r + e_c) * 2 / scale, *_ranges(cur.u), *_ranges(cur.v)]).tolist()
+    check = _Check([], [], [], [], list(run.schedule.omega), run.floor_watch(stats[0]))
+    for e, u_lo, u_hi, v_lo, v_hi in zip(*stats, strict=True):
         # every comparison with a NaN is False, so NaN anywhere fails `ok`
         ok = u_lo > 0 and v_lo > 0 and u_hi < math.inf and v_hi < math.inf and math.isfinite(e)
         big = not ok or max(u_hi, v_hi) > settings.big or min(u_lo, v_lo) < settings.small
         check.errors.append(e)
         check.finite.append(ok)
         check.big.append(big)
-        check.done.append(ok and e <= settings.tol)
+        check.done.append(ok and (e <= settings.tol or check.stalled[len(check.done)]))
     if settings.overrelax:
         run.schedule.update(check.errors, check.finite, steps)
         relaxed = any(w != 1.0 for w in run.schedule.omega)
@@ -395,14 +421,15 @@ def _retire(run: _Run, check: _Check, iterations: int) -> None:
     done = [i for i, d in enumerate(check.done) if d]
     whole = len(done) == len(run.rows)
     P, f, g, errors = _plan(run, None if whole else torch.tensor(done, device=run.problem.M.device))
-    passed = [k for k, e in enumerate(errors) if e <= run.settings.tol]
+    # a stalled sample retires with the residual it reached (unconverged: the caller warns)
+    passed = [k for k, e in enumerate(errors) if e <= run.settings.tol or check.stalled[done[k]]]
     if passed:
         sel = torch.tensor(passed, device=P.device)
         at = [done[k] for k in passed]
         part = P if len(passed) == len(done) else P[sel]
         _record(run, at, part, f[sel], g[sel], [errors[k] for k in passed], iterations)
-    for k, e in enumerate(errors):
-        check.done[done[k]] = e <= run.settings.tol
+    for k in range(len(done)):
+        check.done[done[k]] = k in passed
     keep = [i for i, d in enumerate(check.done) if not d]
     if len(keep) == len(run.rows):
         if whole:

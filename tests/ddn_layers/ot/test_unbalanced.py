@@ -209,6 +209,12 @@ def test_low_precision_solved_in_float32(dtype):
     torch.testing.assert_close(P.float(), ref, rtol=1e-2, atol=1e-3)
 
 
+def test_stall_at_the_float32_floor_is_a_warning_that_says_so():
+    M, r, c = problem(1, 60, 50, dtype=torch.float32, seed=4, kind="randn")
+    with pytest.warns(ddn.ConvergenceWarning, match="stalled at the precision floor"):
+        ddn.sinkhorn(M, r, c, marginal_penalty=1.0, tol=1e-12, max_iter=5000)
+
+
 def test_float32_large_gamma_gradient_is_finite():
     """gamma 1000 on costs of scale 10 (annealed): finite plan and gradients, float32."""
     M, r, c = problem(2, 12, 15, dtype=torch.float32, scale=10.0, seed=7, kind="randn")

@@ -108,3 +108,12 @@ def test_unconverged_samples_are_reported_and_converged_ones_frozen():
     alone = solve_unbalanced(M[:1], r[:1], c[:1], 10.0, (100.0, 100.0), 1e-12, 60)
     assert alone.iterations[0] == 50
     torch.testing.assert_close(sol.P[:1], alone.P, rtol=1e-13, atol=1e-16)
+
+
+def test_float32_stops_at_its_precision_floor():
+    """A tolerance below float32's floor: the sample stops (unconverged) once its residual no
+    longer improves, long before max_iter, with the residual it reached."""
+    M, r, c = problem(1, 60, 50, dtype=torch.float32, seed=4, kind="randn")
+    sol = solve_unbalanced(M, r, c, 10.0, (1.0, 1.0), 1e-12, 5000)
+    assert not bool(sol.converged[0]) and int(sol.iterations[0]) < 500
+    assert float(sol.residual[0]) < 1e-5
