@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from ddn_layers.base import Solved
+from ddn_layers.ot import drift
 from ddn_layers.ot.schedule import OmegaSchedule, backed_off
-from ddn_layers.ot.solver import SinkhornSolution
+from ddn_layers.ot.solver import LIMITS, SinkhornSolution
 
 
 def _safe_log(x: Tensor) -> Tensor:
@@ -53,6 +54,7 @@ class _State:
     last_check: int = 0
     stall: list[int] | None = None  # checks in a row without improvement at the precision floor
     stuck: list[int] | None = None  # checks in a row without improvement, over-relaxed
+    watch: drift.DriftWatch | None = None  # when a sample's error has stopped improving
 
 
 def _step(problem: _Problem, state: _State, first: bool) -> None:
@@ -121,6 +123,59 @@ def _check(problem: _Problem, state: _State, it: int, overrelax: bool, like: Ten
     state.active = state.active & ~newly
 
 
+def _newton_jumps(problem: _Problem, state: _State, like: Tensor) -> None:
+    """The forward's remedy for a crawl (see drift.py): a Newton step on the dual for each
+    active sample whose error has stopped improving. The new potentials are a fresh start for
+    autograd (detached): the gradient is then that of the iterations after the last step, which
+    converges to the solution's as those do, while the crawl before it is not recorded."""
+    with torch.no_grad():
+        on = state.active.tolist()
+        due = [i for i in state.watch.observe(state.error.tolist()) if on[i]]
+        if not due:
+            return
+        f, g, steps, df, dg = _newton_steps(problem, state, due)
+        jumped = [i for i, s in zip(due, steps, strict=True) if s > 0]
+        state.watch.settle(due, jumped)
+        if not jumped:
+            return
+        at = [due.index(i) for i in jumped]
+        s = torch.tensor([steps[k] for k in at], dtype=f.dtype, device=f.device).unsqueeze(-1)
+        rows = torch.tensor(jumped, device=f.device)
+        f_new = state.f.detach().index_copy(0, rows, f[at] + s * df[at])
+        g_new = state.g.detach().index_copy(0, rows, g[at] + s * dg[at])
+        moved = torch.zeros_like(state.active).index_fill_(0, rows, True).unsqueeze(-1)
+    state.f = torch.where(moved, f_new, state.f)
+    state.g = torch.where(moved, g_new, state.g)
+    for i in jumped:
+        state.schedule.reset(i)
+        state.stall[i] = state.stuck[i] = 0
+    state.omega = state.schedule.tensor(like)
+
+
+def _newton_steps(problem: _Problem, state: _State, due: list[int]):
+    """The potentials of the samples at ``due``, their Newton directions and the steps along
+    them (drift.py), on the kernel exp(log K + f (+) g)."""
+    sel = torch.tensor(due, device=state.f.device)
+    f, g = state.f.detach()[sel], state.g.detach()[sel]
+    logK, r, c = problem.logK[sel], problem.r[sel], problem.c[sel]
+    rows, cols = problem.row_mask[sel], problem.col_mask[sel]
+    df, dg = drift.newton_direction((logK + f.unsqueeze(-1) + g.unsqueeze(-2)).exp(), r, c)
+    df, dg = torch.where(rows, df, 0.0), torch.where(cols, dg, 0.0)
+    masks, padded = (rows.to(f.dtype), cols.to(f.dtype)), not bool(rows.all() & cols.all())
+    lo = LIMITS.get(f.dtype, LIMITS[torch.float32])[0]
+
+    def slope_at(idx: list[int], steps: list[float]) -> list[float]:
+        at = torch.tensor(idx, device=f.device)
+        s = torch.tensor(steps, dtype=f.dtype, device=f.device)
+        # -log K with gamma 1 is the cost gamma M the kernel is built from
+        return drift.dual_slopes(
+            -logK[at], 1.0, f[at], g[at], df[at], dg[at], r[at], c[at],
+            (masks[0][at], masks[1][at]), lo, padded, s,
+        )  # fmt: skip
+
+    return f, g, drift.step_lengths(slope_at, drift.first_steps(df, dg)), df, dg
+
+
 def _final_plan(problem: _Problem, state: _State) -> Tensor:
     """P from the potentials; an unconverged sample first gets one plain column update.
 
@@ -156,6 +211,7 @@ def _start(M: Tensor, r: Tensor, c: Tensor, gamma: float, tol: float, max_iter: 
         omega=schedule.tensor(M),
         stall=[0] * B,
         stuck=[0] * B,
+        watch=drift.DriftWatch(B, schedule.floor),
     )
     return problem, state
 
@@ -178,6 +234,7 @@ def unrolled_sinkhorn(
             _check(problem, state, it, overrelax, M)
             if not bool(state.active.any()):
                 break
+            _newton_jumps(problem, state, M)
     P = _final_plan(problem, state)
     rate = torch.tensor(state.schedule.mu2, dtype=M.dtype, device=M.device)
     converged = ~state.active & (state.error <= tol)  # a stalled sample stopped unconverged

@@ -8,8 +8,8 @@ POT run through autograd (its torch backend), never against the library itself:
 - CG gradients with one to nine real entries on the smaller side after padding;
 - padding at gamma 0.1-3000: a padded sample gives the plan it gives alone, its residual is
   its returned plan's own marginal error, and ``converged`` says whether that meets tol;
-- one to three outlying costs (-1e2 to -1e4): the forward converges where POT does, to POT's
-  plan;
+- one to three outlying costs (-1e2 to -1e4): the forward (and unroll's, in float64)
+  converges, to POT's plan wherever POT converges;
 - marginal entries down to the smallest subnormal: converged, at POT's plan;
 - marginals of any magnitude, up to sums that overflow: POT's plan of the normalised ones;
 - half precision: the returned plan's marginal error within the documented bound of
@@ -228,6 +228,12 @@ def test_outlying_costs_converge_where_pot_does(seed):
     tol = 1e-5 if dtype == torch.float32 else 1e-9
     P, info = ddn.sinkhorn(M, r, c, gamma=gamma, tol=tol, max_iter=2000, return_info=True)
     assert bool(info.converged), info
+    if dtype == F64:  # unroll's own log-domain forward (in float32 its potentials, of size
+        # gamma |M| as it does not reduce M, hold P only to about eps gamma |M|)
+        unrolled, info_u = ddn.sinkhorn(M, r, c, gamma=gamma, tol=tol, max_iter=2000,
+                                        backward_mode="unroll", return_info=True)  # fmt: skip
+        assert bool(info_u.converged), info_u
+        torch.testing.assert_close(unrolled.detach(), P, rtol=0, atol=8 * tol)
     want = pot_plan(M.to(F64), normalised(r), normalised(c), gamma)
     if want is None:
         return  # POT converges in neither orientation (its start crawls either way)
