@@ -20,8 +20,8 @@ KKT matrix [[diag(P 1), P], [P^T, diag(P^T 1)]] of the backward (schur.py), whos
 curvature along the crawl gives a long step, far too long in fact: D is not quadratic there.
 A line search along it (up or down from the full step, or from a move of ``TRUST`` where that
 is shorter, on the sign of D's slope, then bisection) makes the step an ascent to near the
-maximum along that line; the sample
-then resumes its Sinkhorn iterations from there. Where no step ascends, the patience doubles.
+maximum along that line; the sample then resumes its Sinkhorn iterations from there. Where no
+step ascends, the patience doubles.
 """
 
 from __future__ import annotations
