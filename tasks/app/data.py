@@ -1,6 +1,5 @@
 """The data module every task derives from: three splits, how they are loaded, and where the
-training data stands (saved in every checkpoint, so that a resume continues with the next batch).
-"""
+training data starts (a resume continues with the next batch)."""
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tasks.app.sampling import EpochSampler
@@ -81,27 +79,16 @@ class SplitData(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
-    def state_dict(self) -> dict[str, int]:
-        """Where the next training batch comes from: ``epoch``, and ``samples`` of that epoch
-        already trained on by all processes together (``world_size`` of them)."""
-        trainer = self.trainer
-        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
-            return {}
-        epochs = trainer.fit_loop.epoch_progress.current
-        epoch, batches = epochs.completed, 0
-        if epochs.started > epochs.completed:  # inside epoch `completed`
-            batches = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-            if batches >= trainer.num_training_batches:
-                epoch, batches = epoch + 1, 0
-        world = trainer.world_size
-        samples = batches * self.cfg.batch_size * world
-        return {"epoch": epoch, "samples": samples, "world_size": world}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._resume = dict(state_dict)
+    def resume_at(self, epoch: int, batches: int, world_size: int) -> None:
+        """Start the training data after ``batches`` batches of epoch ``epoch``, trained on by
+        ``world_size`` processes (see tasks/app/callbacks/data_position.py)."""
+        self._resume = {"epoch": epoch, "batches": batches, "world_size": world_size}
 
     def _skip(self, world: int) -> int:
-        samples, saved_world = self._resume["samples"], self._resume["world_size"]
+        """Items of this process's share of the resumed epoch already trained on: the first
+        ``batches * batch_size * world_size`` of the epoch's order, dealt out to ``world``."""
+        saved_world = self._resume["world_size"]
+        samples = self._resume["batches"] * self.cfg.batch_size * saved_world
         if samples and (saved_world != world or samples % world):
             warnings.warn(
                 f"resuming mid-epoch with {world} processes where the checkpoint was written by "

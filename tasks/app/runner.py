@@ -23,6 +23,7 @@ from pytorch_lightning.callbacks import (
 from tasks.app import rundir
 from tasks.app.callbacks import (
     AccumulatedGradients,
+    DataPosition,
     DDNProfiler,
     LastCheckpoint,
     RandomStates,
@@ -48,8 +49,8 @@ RESULTS_FILE = "results.json"
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # The first checkpoint callback is the one that keeps the best (see checkpoint_callbacks).
 warnings.filterwarnings("ignore", ".*configured with multiple `ModelCheckpoint` callbacks.*")
-# Lightning looks for the position in the epoch in the loader; the data module keeps it
-# (tasks/app/data.py), so a mid-epoch resume does continue with the next batch.
+# Lightning looks for the position in the epoch in the loader; DataPosition keeps it and the
+# data module starts from it, so a mid-epoch resume does continue with the next batch.
 warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")
 
 
@@ -101,6 +102,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[pl
         StepTimer(),
         RandomStates(),
         AccumulatedGradients(),
+        DataPosition(),
     ]
     # Lightning writes last.ckpt even at the end of a fast_dev_run, where it would be
     # mistaken for a run to resume; smoke runs get no checkpoint callback at all.

@@ -7,6 +7,9 @@ back to the best epoch instead of the newest. This callback has no metric to wai
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -16,7 +19,8 @@ from tasks.app.rundir import LAST_CHECKPOINT
 class LastCheckpoint(ModelCheckpoint):
     """Writes ``<dirpath>/last.ckpt`` every ``every_n_epochs`` epochs (at the end of the
     epoch's validation, or of its training when there is none) and when training ends or,
-    given instead, every ``every_n_train_steps`` optimiser steps."""
+    given instead, every ``every_n_train_steps`` optimiser steps (except at a step that a
+    validation or the epoch's end follows: the checkpoint after those comes instead)."""
 
     def __init__(
         self,
@@ -34,8 +38,33 @@ class LastCheckpoint(ModelCheckpoint):
             enable_version_counter=False,
         )
 
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        # Not between a batch and the validation or epoch end that follows it: Lightning resumes
+        # such a checkpoint by skipping that validation (the best checkpoint would miss its
+        # score) and, at an epoch's end, counts epochs wrongly in what it saves afterwards. The
+        # checkpoint written once they are done holds the same weights.
+        if not _validation_or_epoch_end_follows(trainer, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Training that ends between saves (max_steps, a stop, the last epoch's batches after
         # its last validation) still leaves its final state in last.ckpt.
         if self._every_n_epochs >= 1 and not self._should_skip_saving_checkpoint(trainer):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _validation_or_epoch_end_follows(trainer: pl.Trainer, batch_idx: int) -> bool:
+    if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        return True
+    if batch_idx + 1 >= trainer.num_training_batches:
+        return True
+    every = trainer.val_check_batch
+    validating = trainer.enable_validation and every is not None and math.isfinite(every)
+    return validating and (batch_idx + 1) % int(every) == 0

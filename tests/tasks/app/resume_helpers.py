@@ -32,10 +32,11 @@ def kill_after_checkpoints(run: Run, last: Path, count: int, delay: float) -> bo
 
 
 def position(checkpoint: Path) -> dict[str, int]:
-    """Where a run resumed from ``checkpoint`` starts: global step, and the data position."""
+    """Where a run resumed from ``checkpoint`` starts: global step, epoch, batch in the epoch."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    (data,) = (v for k, v in ckpt.items() if k.endswith("Data"))
-    return {"step": ckpt["global_step"], "epoch": data["epoch"], "samples": data["samples"]}
+    data = ckpt["callbacks"]["DataPosition"]
+    epoch, batch = divmod(data["batches"], data["per_epoch"])
+    return {"step": ckpt["global_step"], "epoch": epoch, "batch": batch}
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -103,12 +103,12 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(
     killed = KilledRun(train_processes, runs_dir, tmp_path)
     killed.kill(args, kill_moments(3))
     # kills that all missed the middle of an epoch get company
-    while not killed.finished and not any(s["samples"] for s in killed.starts):
+    while not killed.finished and not any(s["batch"] for s in killed.starts):
         killed.kill(args, kill_moments(1))
     killed.finish()
     print(task, "resumed from", killed.starts)
     assert len(killed.starts) >= 2, "the run ended before it could be killed"
-    assert any(s["samples"] for s in killed.starts), killed.starts
+    assert any(s["batch"] for s in killed.starts), killed.starts
     assert_same_result(runs_dir, killed)
 
 
@@ -126,7 +126,7 @@ def test_a_killed_ddp_run_resumes_to_the_uninterrupted_result(
     train_processes.run([*args, *logged, "name=reference"], tmp_path / "reference.log")
     killed = KilledRun(train_processes, runs_dir, tmp_path)
     killed.kill(args, kill_moments(1))
-    while not killed.finished and not any(s["samples"] for s in killed.starts):
+    while not killed.finished and not any(s["batch"] for s in killed.starts):
         killed.kill(args, kill_moments(1))
     killed.finish()
     print("ddp resumed from", killed.starts)
@@ -200,6 +200,6 @@ def test_a_checkpoint_inside_an_accumulation_window_resumes_exactly(
     args = [*quiet, *TASKS["classification"], *BUDGET, *budget]
     keep = KeepCheckpoints(tmp_path)
     run(load_config((), [*args, "name=reference"]), callbacks=[keep])
-    assert position(keep.kept[-1]) == {"step": 3, "epoch": 1, "samples": 96}  # inside step 4
+    assert position(keep.kept[-1]) == {"step": 3, "epoch": 1, "batch": 3}  # inside step 4
     run(load_config((), [*args, "name=resumed", f"ckpt={keep.kept[-1]}"]))
     assert max_difference(weights(runs_dir / "reference"), weights(runs_dir / "resumed")) == 0.0

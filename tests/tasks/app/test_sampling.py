@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from tasks.app.callbacks import DataPosition
 from tasks.app.data import SplitData
 from tasks.app.sampling import EpochSampler, ItemKey, item_seed
 from tasks.classification.config import DataConfig as ClassificationDataConfig
@@ -60,38 +61,39 @@ def test_a_resume_skips_the_consumed_items_of_its_epoch_only():
     assert list(resumed) == list(whole)
 
 
-def trainer(epoch: int, batches: int, per_epoch: int, world: int = 1) -> SimpleNamespace:
-    """What the data module reads of a trainer inside epoch ``epoch``."""
-    progress = SimpleNamespace(current=SimpleNamespace(ready=batches))
-    epochs = SimpleNamespace(current=SimpleNamespace(started=epoch + 1, completed=epoch))
+def fitting(datamodule: SplitData, per_epoch: int, world: int) -> SimpleNamespace:
+    """What the data position reads of a trainer."""
     return SimpleNamespace(
-        fit_loop=SimpleNamespace(
-            epoch_progress=epochs, epoch_loop=SimpleNamespace(batch_progress=progress)
-        ),
+        state=SimpleNamespace(fn="fit"),
         num_training_batches=per_epoch,
         world_size=world,
         global_rank=0,
-        state=SimpleNamespace(fn="fit"),
+        datamodule=datamodule,
     )
 
 
-@pytest.mark.parametrize(
-    ("batches", "expected"),
-    [(3, {"epoch": 2, "samples": 48}), (5, {"epoch": 3, "samples": 0})],
-)
-def test_the_position_is_the_next_batch(batches, expected):
+def test_the_position_is_the_count_of_batches_trained_on():
     dm = SplitData(OmegaConf.create({"batch_size": 8, "num_workers": 0}))
-    dm.trainer = trainer(epoch=2, batches=batches, per_epoch=5, world=2)
-    assert dm.state_dict() == {**expected, "world_size": 2}
+    dm.splits["train"] = list(range(100))
+    position = DataPosition()
+    position.setup(fitting(dm, per_epoch=5, world=1), None, "fit")
+    for _ in range(13):
+        position.on_train_batch_end(None, None, None, None, 0)
+    resumed = DataPosition()
+    resumed.setup(fitting(dm, per_epoch=5, world=1), None, "fit")
+    resumed.load_state_dict(position.state_dict())
+    assert resumed.batches == 13 and dm._resume == {"epoch": 2, "batches": 3, "world_size": 1}
+    sampler = dm.train_sampler(dm.splits["train"])
+    assert (sampler.epoch, sampler.resume_epoch, sampler.resume_skip) == (2, 2, 24)
 
 
 def test_a_mid_epoch_resume_on_another_process_count_says_it_will_differ():
     dm = SplitData(OmegaConf.create({"batch_size": 8, "num_workers": 0}))
     dm.splits["train"] = list(range(100))
-    dm.load_state_dict({"epoch": 1, "samples": 48, "world_size": 2})
-    dm.trainer = trainer(epoch=1, batches=0, per_epoch=5, world=2)
+    dm.resume_at(epoch=1, batches=3, world_size=2)
+    dm.trainer = fitting(dm, per_epoch=5, world=2)
     assert dm.train_sampler(dm.splits["train"]).resume_skip == 24
-    dm.trainer = trainer(epoch=1, batches=0, per_epoch=5, world=3)
+    dm.trainer = fitting(dm, per_epoch=5, world=3)
     with pytest.warns(UserWarning, match="3 processes where the checkpoint was written by 2"):
         assert dm.train_sampler(dm.splits["train"]).resume_skip == 16
 
