@@ -25,9 +25,9 @@ after which  dJ/dM = gamma P o (a (+) b - V),  dJ/dr = a,  dJ/dc = b.  K is A H^
   runs CG within the iteration budget that costs what the direct solve would
   (``cg_budget``), gives up early when its observed rate predicts a miss, and then solves
   directly. CG (``auto`` or ``cg``) is only trusted where it can be: a system with too few
-  real unknowns is solved directly, and a CG solution is checked afresh (its recomputed
-  residual and its gauge) before it is used, else solved directly. Only vectors are solved
-  for: never the (m x n) right-hand sides of the paper's Fig. 4.
+  real unknowns is solved directly, and a CG solution is checked afresh (the recomputed
+  residual of K [a; b] = [s_r; s_c]) before it is used, else solved directly. Only vectors
+  are solved for: never the (m x n) right-hand sides of the paper's Fig. 4.
 * ``full`` forms K (m + n square) densely, drops the first non-padded row constraint as the
   paper does (Eq. 16) and solves it by Cholesky: the unstructured baseline. Its gradient is
   differentiable again (create_graph=True).

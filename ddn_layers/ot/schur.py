@@ -131,11 +131,7 @@ default)."""
 
 CG_RESIDUAL_SLACK = 100.0
 """How far above CG's own tolerance the recomputed residual of its solution may lie (see
-:func:`schur_solution_ok`)."""
-
-CG_GAUGE_LIMIT = 16.0
-"""The largest mean of a CG solution over its real entries, relative to its spread about that
-mean, that :func:`schur_solution_ok` accepts."""
+:func:`kkt_residual_ok`)."""
 
 
 def cg_trusted_size(c: Tensor) -> bool:
@@ -146,67 +142,71 @@ def cg_trusted_size(c: Tensor) -> bool:
     return bool(((c > 0).sum(-1) > CG_CHECK_EVERY).all())
 
 
-def schur_solution_ok(P, c, rinv, b, rhs, rtol: float) -> Tensor:
-    """Per sample, whether CG's b solves S b = rhs (S = diag(c) - P^T diag(rinv) P) and can be
-    used: checked afresh, not by CG's recurrence.
+def kkt_residual_ok(P, c, a, b, s_c, rhs, rtol: float) -> Tensor:
+    """Per sample, whether a CG solution (a, b) solves K [a; b] = [s_r; s_c], checked afresh
+    rather than by CG's recurrence: ||c^-1/2 (s_c - c b - P^T a)|| <= ``CG_RESIDUAL_SLACK``
+    rtol ||c^-1/2 rhs||. (The row block holds by the construction of a.)
 
-    The residual: ||c^-1/2 (rhs - S b)|| <= ``CG_RESIDUAL_SLACK`` rtol ||c^-1/2 rhs||. CG
-    converged in the norm of its Jacobi scaling D, with 1e-3 c <= D <= c (see ``linalg``),
-    within a factor sqrt(1e3) of this one; the rest of the slack allows for the recurrence's
-    drift. The gauge: b + t q solves the system for any t (q: the real entries), but a large t
-    cancels in a (+) b only to t eps. CG's iterates keep sum D b = 0, so the mean of b over the
-    real entries is at most its largest deviation from it; a mean far beyond that is a step
-    along the null vector (``CG_GAUGE_LIMIT``). A b that is not finite fails.
+    That residual is rhs - S b in exact arithmetic; CG converged in the norm of its Jacobi
+    scaling D, with 1e-3 c <= D <= c (see ``linalg``), within a factor sqrt(1e3) of this one,
+    and the rest of the slack allows for the recurrence's drift. Measured through a, it also
+    sees a step along the gauge: b + t q solves S b = rhs for any t, but makes a = a - t, and
+    the t eps left in P^T a + c b is what the same cancellation leaves in a (+) b. A solution
+    that is not finite fails.
     """
-    Sb = c * b - rowvec_mat(rinv * mat_vec(P, b), P)
-    w = inv_or_zero(c).sqrt_()
-    err = torch.linalg.vector_norm(w * (rhs - Sb), dim=-1)
-    ok = err <= (CG_RESIDUAL_SLACK * rtol) * torch.linalg.vector_norm(w * rhs, dim=-1)
-    q = (c > 0).to(b.dtype)
-    mean = (b * q).sum(-1, keepdim=True) / q.sum(-1, keepdim=True).clamp_min(1)
-    spread = ((b - mean) * q).abs().amax(-1)
-    return ok & (mean.squeeze(-1).abs() <= CG_GAUGE_LIMIT * spread)
+    res = torch.addcmul(rowvec_mat(a, P), c, b).sub_(s_c)
+    w = c.rsqrt().nan_to_num_(posinf=0.0)  # 0 on padding
+    err, ref = torch.linalg.vector_norm(torch.stack([res, rhs]).mul_(w), dim=-1)
+    return err <= (CG_RESIDUAL_SLACK * rtol) * ref
 
 
-def solve_schur(P, c, rhs, rinv, scratch, solver: str) -> tuple[Tensor, Tensor]:
-    """b with S b = rhs by ``solver`` ("auto", "cg" or "cholesky"), and per-sample success.
-
-    CG is used only where it can be trusted: not on tiny systems (``cg_trusted_size``), and
-    its solution is checked afresh (``schur_solution_ok``). A CG that
-    gave up (its rate predicted a miss of the budget), stalled or failed the check falls back
-    on the direct solve."""
+def solve_schur(P, c, rhs, rinv, scratch, solver: str) -> tuple[Tensor, Tensor, bool]:
+    """b with S b = rhs by ``solver`` ("auto", "cg" or "cholesky"), per-sample success, and
+    whether CG gave b. CG is used only where it can be trusted: not on tiny systems
+    (``cg_trusted_size``); a CG that gave up (its rate predicted a miss of the budget) or
+    stalled falls back on the direct solve, and the caller checks the rest afresh
+    (``kkt_residual_ok``)."""
     n, m = P.shape[-1], P.shape[-2]
     budget = 4 * n + 50
     if solver == "auto":
         budget = cg_budget(n, m)
         solver = "cg" if budget >= 10 else "cholesky"
     if solver != "cg" or not cg_trusted_size(c):
-        return solve_schur_cholesky(P, c, rhs, rinv, scratch)
-    rtol = cg_tol(P.dtype)
-    b, ok, _ = solve_schur_cg(P, c, rhs, rinv, scratch, rtol, budget, give_up=True)
-    ok = ok & schur_solution_ok(P, c, rinv, b, rhs, rtol)
-    if not bool(ok.all()):
-        b2, ok2 = solve_schur_cholesky(P, c, rhs, rinv, scratch)
-        b = torch.where(ok.unsqueeze(-1), b, b2)
-        ok = ok | ok2
-    return b, ok
+        return (*solve_schur_cholesky(P, c, rhs, rinv, scratch), False)
+    b, ok, _ = solve_schur_cg(P, c, rhs, rinv, scratch, cg_tol(P.dtype), budget, give_up=True)
+    return b, ok, True
+
+
+def _fall_back(P, c, rhs, rinv, scratch, b, ok, ridge=0.0) -> tuple[Tensor, Tensor]:
+    """b solved directly (with ``ridge``) where not ``ok``; the new per-sample success."""
+    b2, ok2 = solve_schur_cholesky(P, c, rhs, rinv, scratch, ridge=ridge)
+    return torch.where(ok.unsqueeze(-1), b, b2), ok | ok2
 
 
 def solve_column_side(P, r, c, s_r, s_c, scratch, solver: str = "auto"):
     """a, b with K [a; b] = [s_r; s_c], and the numbers of samples whose S was singular beyond
     the gauge (P numerically block-diagonal) and of those still failing with the ridge.
 
-    Those samples are re-solved with a small ridge, which picks the near-minimum-norm solution:
+    A CG solution that fails its check is solved directly. Samples whose S is singular beyond
+    the gauge are re-solved with a small ridge, which picks the near-minimum-norm solution:
     exact for a (+) b, a choice for a and b themselves. ``scratch``: an (m, n) buffer it
     overwrites (the caller may reuse it afterwards).
     """
     rinv, rhs = schur_rhs(P, r, s_r, s_c)
-    b, ok = solve_schur(P, c, rhs, rinv, scratch, solver)
+    b, ok, by_cg = solve_schur(P, c, rhs, rinv, scratch, solver)
+    a = (s_r - mat_vec(P, b)) * rinv
+    solved_again = False
+    if by_cg:
+        ok = ok & kkt_residual_ok(P, c, a, b, s_c, rhs, cg_tol(P.dtype))
+        if not bool(ok.all()):
+            b, ok = _fall_back(P, c, rhs, rinv, scratch, b, ok)
+            solved_again = True
     n_bad = n_unresolved = 0
     if not bool(ok.all()):
+        n_bad = int((~ok).sum())
         ridge = math.sqrt(torch.finfo(P.dtype).eps)
-        b2, ok2 = solve_schur_cholesky(P, c, rhs, rinv, scratch, ridge=ridge)
-        b = torch.where(ok.unsqueeze(-1), b, b2)
-        n_bad, n_unresolved = int((~ok).sum()), int((~ok2).sum())
-    a = (s_r - mat_vec(P, b)) * rinv
+        b, ok = _fall_back(P, c, rhs, rinv, scratch, b, ok, ridge)
+        n_unresolved, solved_again = int((~ok).sum()), True
+    if solved_again:
+        a = (s_r - mat_vec(P, b)) * rinv
     return a, b, n_bad, n_unresolved
