@@ -75,8 +75,11 @@ EVERY_POINT = 8
 """Non-convex problems of at most EVERY_POINT points also evaluate the objective at every input
 point after the solve and, where one scores lower than y, iterate once more from the lowest:
 then y is never worse than an input point. There that costs about what an iteration costs in
-dispatch; for more points the pairwise distances would cost more than the solve. A start worse
-than every input point moves to the best of the EVERY_POINT input points nearest the mean."""
+dispatch; for more points the pairwise distances would cost more than the solve."""
+
+CANDIDATES = 8
+"""A start worse than every input point moves to the best of the CANDIDATES input points nearest
+the mean: one row of distances each, where the nearest alone is often an outlier."""
 
 SITS_ON = 64.0
 """y sits on an input point when their squared distance, as the distance identity computes it
@@ -585,20 +588,21 @@ def _leave_bad_starts(
     plan: _Plan, pts: CentredPoints, starts: Tensor, sq: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Starts (B, S, C) with distances sq (B, S, n) whose objective exceeds (n - 1) phi_max,
-    worse than every input point (phi(0) = 0, and phi_max bounds the other terms), moved to an
-    input point: of the :data:`EVERY_POINT` nearest the first start (the mean, which dense
+    worse than every input point (phi(0) = 0, and phi_max bounds the other terms), moved to
+    an input point: of the :data:`CANDIDATES` nearest the first start (the mean, which dense
     groups of points pull towards them), the one of lowest objective (for truncated quadratic,
-    about the one with the most neighbours within alpha). Such a start may be flat, where IRLS
-    does not move at all (truncated quadratic, every point beyond alpha: no weight); and since
-    IRLS never rises, no other start can end there."""
+    about the one with the most neighbours within alpha; ties to the nearest). Such a start
+    may be flat, where IRLS does not move at all (truncated quadratic, every point beyond
+    alpha: no weight); and since IRLS never rises, no other start can end there."""
     n = sq.shape[-1]
     with torch.no_grad():
         f = plan.call.penalty.phi(sq.detach().sqrt(), plan.alpha.detach()).sum(-1)
         bad = f > (n - 1) * plan.phi_max * (1 + MARGIN * torch.finfo(f.dtype).eps)
         if not bool(bad.any()):
             return starts, sq
-        idx = sq[:, 0].detach().topk(min(n, EVERY_POINT), largest=False).indices
+        idx = sq[:, 0].detach().topk(min(n, CANDIDATES), largest=False).indices
     cand, sq_c, f_c = _point_objectives(plan, pts, idx)
+    # argmin returns the first of equal values: the nearest of tied points
     b, j = torch.arange(idx.shape[0], device=idx.device), f_c.argmin(-1)
     pick, point, sq_point = bad[..., None], cand[b, j][:, None], sq_c[b, j][:, None]
     return torch.where(pick, point, starts), torch.where(pick, sq_point, sq)

@@ -165,6 +165,7 @@ def _status(name: str, X: np.ndarray, y: np.ndarray, alpha: float) -> str:
 def _layer(x, name, alpha, w, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ddn.IllConditionedWarning)
+        warnings.simplefilter("ignore", ddn.ConvergenceWarning)
         return (w * ddn.robust_pool(x, name, alpha, **TIGHT, **kw)).sum().item()
 
 
@@ -209,16 +210,26 @@ def test_gradients_against_finite_differences(seed):
     x, alpha, kind = problem(seed)
     rng = np.random.default_rng(10_000 + seed)
     name = PENALTY_NAMES[seed // len(KINDS) % len(PENALTY_NAMES)]
-    y = ddn.robust_pool(x, name, alpha, **TIGHT)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ddn.ConvergenceWarning)
+        y, info = ddn.robust_pool(x, name, alpha, **TIGHT, return_info=True)
+    # rare (huber with a point next to the kink, in few channels: IRLS at a rate near 1 and
+    # Newton steps rejected across the kink), said by a warning; its gradient means nothing
+    assert len(caught) == int(not info.converged.all()), (seed, kind, name)
     w = torch.from_numpy(rng.standard_normal(y.shape))
-    status = [_status(name, x[b].numpy(), y[b].numpy(), alpha) for b in range(x.shape[0])]
-    grads = _gradients(x, name, alpha, w)
+    status = [
+        _status(name, x[b].numpy(), y[b].numpy(), alpha) if info.converged[b] else "unclear"
+        for b in range(x.shape[0])
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ddn.ConvergenceWarning)
+        grads = _gradients(x, name, alpha, w)
     h, smooth = 1e-6 * x.abs().max().item() + 1e-300, []
     for b, st in enumerate(status):
         u = torch.zeros_like(x)
         u[b] = torch.from_numpy(rng.standard_normal(x[b].shape))
         fd = _fd(lambda t, u=u: _layer(x + t * u, name, alpha, w), h)
-        smooth.append(fd is not None)
+        smooth.append(fd is not None and st == "regular")
         for mode, (gx, _, _) in grads.items():
             where = (seed, kind, name, b, st, mode)
             if mode == "unroll":
@@ -233,8 +244,10 @@ def test_gradients_against_finite_differences(seed):
     for mode, (_, _, bad) in grads.items():
         if mode != "unroll" and "unclear" not in status:
             assert bad == int("singular" in status), (seed, kind, name, status, mode)
-    if name != "quadratic" and all(smooth) and set(status) == {"regular"}:
+    if name != "quadratic" and all(smooth):
         fd = _fd(lambda t: _layer(x, name, alpha + t, w), 1e-6 * alpha)
+        # y is solved to about 1e-13 of its size, which the step 1e-6 alpha magnifies
+        noise = 1e-6 * w.abs().sum().item() * (1 + x.abs().max().item() / alpha)
         for mode, (_, ga, _) in grads.items():
             if fd is not None and mode != "unroll":
-                assert ga.item() == pytest.approx(fd, rel=1e-5, abs=1e-8), (seed, kind, mode)
+                assert ga.item() == pytest.approx(fd, rel=1e-5, abs=noise), (seed, kind, mode)
