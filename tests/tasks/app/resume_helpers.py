@@ -55,10 +55,17 @@ def final_metrics(run_dir: Path) -> dict[str, Any]:
 
 
 def logged_losses(run_dir: Path) -> dict[int, str]:
-    """``train/loss`` per step in the newest CSV log of a run, as written (exact compares)."""
-    newest = max((run_dir / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-    with open(newest / "metrics.csv") as f:
-        return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r["train/loss"]}
+    """``train/loss`` per step, as written (for exact compares), from every CSV log of a run:
+    one per part of a resumed run. A killed part's last row may be cut short: it is left out."""
+    versions = sorted((run_dir / "csv").glob("version_*"), key=lambda p: int(p.name[8:]))
+    losses: dict[int, str] = {}
+    for i, version in enumerate(versions):
+        with open(version / "metrics.csv") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+        if i < len(versions) - 1:
+            rows = rows[:-1]
+        losses.update({int(r["step"]): r["train/loss"] for r in rows})
+    return losses
 
 
 class KilledRun:

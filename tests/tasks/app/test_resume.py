@@ -80,7 +80,7 @@ def assert_same_result(runs_dir: Path, killed: KilledRun) -> None:
     reference = runs_dir / "reference"
     assert max_difference(weights(reference), weights(killed.dir)) == 0.0
     assert final_metrics(killed.dir) == final_metrics(reference)
-    # the logger's step goes on: each loss the last resume logged is the reference's there
+    # the logger's step goes on: each loss a part logged is the reference's at that step
     resumed, expected = logged_losses(killed.dir), logged_losses(reference)
     assert resumed and all(expected[step] == loss for step, loss in resumed.items())
 
