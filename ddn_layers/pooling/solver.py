@@ -49,6 +49,7 @@ study of the stopping rule can run the same iteration without the stop.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, replace
@@ -248,9 +249,20 @@ def newton_step(
 
 
 def _phi_max(penalty: Penalty, alpha: float) -> float:
-    """sup phi (at z = inf), inf or NaN where phi is unbounded."""
+    """sup phi (at z = inf), inf or NaN where phi is unbounded. Cached where the penalty is
+    hashable (every penalty of Table 1): a layer calls it with one alpha, and the 0-d tensor
+    operations that compute it are pure dispatch."""
+    if type(penalty).__hash__ is None:
+        return _phi_at_inf(penalty, alpha)
+    return _phi_at_inf_cached(penalty, alpha)
+
+
+def _phi_at_inf(penalty: Penalty, alpha: float) -> float:
     inf, a = torch.tensor(math.inf, dtype=torch.float64), torch.tensor(alpha, dtype=torch.float64)
     return float(penalty.phi(inf, a))
+
+
+_phi_at_inf_cached = functools.lru_cache(maxsize=256)(_phi_at_inf)
 
 
 @dataclass(frozen=True)
