@@ -14,18 +14,23 @@ import torch
 from tests.processes import Run, TrainProcesses
 
 
-def kill_after_checkpoints(run: Run, last: Path, count: int, delay: float) -> bool:
-    """SIGKILL ``run`` ``delay`` seconds after it has written its ``count``-th checkpoint; False
-    when it ended first."""
+def kill_after_checkpoints(run: Run, last: Path, count: int, fraction: float) -> bool:
+    """SIGKILL ``run`` a ``fraction`` of a checkpoint interval after it has written its
+    ``count``-th checkpoint (``count`` >= 2: the interval is the time between the last two);
+    False when it ended first. The delay scales with the machine's speed, so a fast machine
+    does not finish the run before it is killed."""
     seen, stamp = 0, last.stat().st_mtime_ns if last.exists() else 0
-    deadline = time.monotonic() + 240
+    seen_at = [time.monotonic()]
+    deadline = seen_at[0] + 240
     while run.status() is None and seen < count:
         assert time.monotonic() < deadline, f"no checkpoint was written: {run.tail()}"
         now = last.stat().st_mtime_ns if last.exists() else 0
-        seen, stamp = seen + (now != stamp), now
-        time.sleep(0.005)
+        if now != stamp:
+            seen, stamp = seen + 1, now
+            seen_at.append(time.monotonic())
+        time.sleep(0.002)
     if run.status() is None:
-        time.sleep(delay)
+        time.sleep(fraction * (seen_at[-1] - seen_at[-2]))
     status = run.kill()
     assert status in (0, -9), f"train.py failed with {status}: {run.tail()}"
     return status == -9
@@ -93,13 +98,13 @@ class KilledRun:
 
     def kill(self, args: list[str], moments: list[tuple[int, float]]) -> None:
         """Start the run (``args``, the first time) or resume it, and SIGKILL it at the first
-        of ``moments``: ``(n, s)``, ``s`` seconds after its ``n``-th checkpoint; and so on for
-        each moment, unless it ends first."""
+        of ``moments``: ``(n, f)``, a fraction ``f`` of a checkpoint interval after its
+        ``n``-th checkpoint; and so on for each moment, unless it ends first."""
         last = self.dir / "checkpoints" / "last.ckpt"
-        for count, delay in moments:
+        for count, fraction in moments:
             if self.finished:
                 return
-            if kill_after_checkpoints(self._launch(args), last, count, delay):
+            if kill_after_checkpoints(self._launch(args), last, count, fraction):
                 self.starts.append(position(last))
             else:
                 self.finished = True

@@ -86,10 +86,11 @@ def assert_same_result(runs_dir: Path, killed: KilledRun) -> None:
 
 
 def kill_moments(count: int) -> list[tuple[int, float]]:
-    """``count`` random moments, each some seconds after one of the next few checkpoints."""
+    """``count`` random moments, each a fraction of a step after one of the next few
+    checkpoints."""
     rng = random.Random()  # new moments every time: the result must not depend on them
-    moments = [(rng.randint(1, 5), round(rng.uniform(0.0, 0.3), 2)) for _ in range(count)]
-    print("SIGKILL (this many checkpoints after the start, then seconds):", moments)
+    moments = [(rng.randint(2, 5), round(rng.uniform(0.0, 1.0), 2)) for _ in range(count)]
+    print("SIGKILL (this many checkpoints after the start, then a fraction of a step):", moments)
     return moments
 
 
