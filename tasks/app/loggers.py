@@ -65,9 +65,13 @@ def write_run_files(cfg: DictConfig, run_dir: Path, meta: dict[str, Any]) -> Non
     (run_dir / rundir.METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def hyperparameters(cfg: DictConfig, meta: dict[str, Any]) -> dict[str, Any]:
-    """What the loggers record as the run's config: the resolved config plus provenance."""
+def hyperparameters(
+    cfg: DictConfig, meta: dict[str, Any], layers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """What the loggers record as the run's config: the resolved config plus provenance and
+    ``layers`` (declarative layer name -> its class), so that W&B can group runs by them."""
     params = OmegaConf.to_container(cfg, resolve=True)
+    params["ddn_layers"] = dict(layers or {})
     params["git_commit"] = meta["git"]["commit"]
     params["git_dirty"] = meta["git"]["dirty"]
     params["versions"] = meta["versions"]
@@ -87,27 +91,45 @@ def _wandb_id(run_dir: Path) -> str:
     return run_id
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+class _WandbLogger(WandbLogger):
+    """Lightning's W&B logger without the two arguments it always hands ``wandb.init`` that
+    this wandb version warns about: ``anonymous`` (deprecated) and, offline, ``resume`` (which
+    an offline run cannot use; the run id in the run directory is what continues a run)."""
+
+    def __init__(self, *args: Any, offline: bool, **kwargs: Any) -> None:
+        super().__init__(*args, offline=offline, **kwargs)
+        self._wandb_init.pop("anonymous", None)
+        if offline:
+            self._wandb_init.pop("resume", None)
+
+
+def build_loggers(
+    cfg: DictConfig, run_dir: Path, layer_types: list[str] | None = None
+) -> list[Logger]:
+    """W&B (tags: task, backward mode, the types of the declarative layers, ``logger.tags``)
+    and CSV, as configured."""
     log = cfg.logger
     loggers: list[Logger] = []
     if log.wandb:
         import wandb  # here, not at the top: a run without W&B need not pay for importing it
 
         mode = cfg.ddn.backward_mode
+        tags = list(dict.fromkeys([cfg.task, mode, *(layer_types or []), *log.tags]))
         loggers.append(
-            WandbLogger(
+            _WandbLogger(
                 name=cfg.name,
                 project=log.project,
                 entity=log.entity,
                 group=log.group or f"{cfg.task}-{mode}",
-                tags=[cfg.task, mode, *log.tags],
+                tags=tags,
                 job_type=cfg.task,
                 save_dir=str(log.save_dir or run_dir),
                 id=_wandb_id(run_dir),
                 offline=not log.online,
                 mode="online" if log.online else "offline",
-                # W&B's own end-of-run printout repeats what the run summary shows.
-                settings=wandb.Settings(quiet=True),
+                # W&B's own end-of-run printout repeats what the run summary shows; offline,
+                # its start-up lines only say where the files go, which the summary prints.
+                settings=wandb.Settings(quiet=True, silent=not log.online),
             )
         )
     if log.csv:
@@ -115,14 +137,34 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     return loggers
 
 
-def finish_wandb() -> str | None:
-    """Close this process's W&B run, so that another run can start in it (tests, sweeps);
-    returns the command that uploads it when it was offline."""
+def wandb_command() -> str:
+    """``wandb`` as a fresh shell can run it: the one beside this Python (a virtual
+    environment's bin/ is not on PATH unless activated), relative to the working directory
+    when it is under it."""
+    exe = Path(sys.executable).parent / "wandb"
+    if not exe.is_file():
+        return "wandb"
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)
+
+
+def finish_wandb(
+    summary: dict[str, Any] | None = None, config: dict[str, Any] | None = None
+) -> str | None:
+    """Close this process's W&B run, so that another run can start in it (tests, sweeps),
+    after adding ``summary`` to its summary metrics and ``config`` to its config; returns the
+    command that uploads it when it was offline."""
     wandb = sys.modules.get("wandb")  # never imported: no run to close
     run = wandb.run if wandb is not None else None
     if run is None:
         return None
+    if summary:
+        run.summary.update(summary)
+    if config:
+        run.config.update(config, allow_val_change=True)
     offline = run.settings.mode == "offline"
     sync_dir = run.settings.sync_dir
     run.finish()
-    return f"wandb sync {sync_dir}" if offline else None
+    return f"{wandb_command()} sync {sync_dir}" if offline else None

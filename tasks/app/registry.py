@@ -36,7 +36,9 @@ class TaskSpec:
     data roots exist. ``build_datamodule(cfg)`` and ``build_module(cfg, datamodule)`` build the
     run; the module receives the data module so it can read shapes such as the class count.
     ``monitor``/``monitor_mode``: the validation metric that picks the best checkpoint.
-    ``summary``: metric names shown in the end-of-run table.
+    ``summary``: metric names shown in the end-of-run table. ``unsuitable_modes``: backward
+    mode -> why it cannot train this task's loss; a run in such a mode starts with a warning
+    that gives the reason.
     """
 
     name: str
@@ -47,6 +49,7 @@ class TaskSpec:
     monitor: str
     monitor_mode: str = "max"
     summary: tuple[str, ...] = field(default_factory=tuple)
+    unsuitable_modes: dict[str, str] = field(default_factory=dict)
 
 
 def task_names() -> list[str]:

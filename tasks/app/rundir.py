@@ -1,8 +1,10 @@
 """Where a run keeps its files, and how a resumed run finds them again.
 
 Layout of ``<runs_dir>/<name>/``: ``config.yaml`` (the resolved config), ``run.json`` (git
-commit, backward mode, versions), ``checkpoints/`` (``last.ckpt``, its previous version
-``last.prev.ckpt``, and the best), ``wandb/`` (offline W&B run files) and ``csv/`` (the CSV log).
+commit, backward mode, versions), ``results.json`` and ``summary.json`` (written when the run
+ends: its results, and the measured statistics with their spread), ``checkpoints/``
+(``last.ckpt``, its previous version ``last.prev.ckpt``, and the best), ``wandb/`` (offline
+W&B run files) and ``csv/`` (the CSV log).
 
 A torch checkpoint is a zip archive with a CRC-32 for every member: :func:`checkpoint_problem`
 reads them all, which catches a file cut short (no central directory) and altered bytes, without
@@ -11,15 +13,20 @@ unpickling anything (this module stays light: config errors come back before tor
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from tasks.app.config import ConfigError
 
 CONFIG_FILE = "config.yaml"
 METADATA_FILE = "run.json"
+SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 PREVIOUS_LAST_CHECKPOINT = "last.prev.ckpt"
@@ -134,3 +141,34 @@ def find_resumable_run(runs_dir: str, name: str | None) -> Path:
     if not candidates:
         raise ConfigError(f"ckpt=last: no run under {str(root)!r} has a {LAST_CHECKPOINT} yet")
     return max(candidates, key=lambda d: last_checkpoint(d).stat().st_mtime)
+
+
+# The trainer settings that decide how long a run trains.
+BUDGET_KEYS = ("max_epochs", "max_steps", "max_time", "limit_train_batches")
+
+
+def budget(cfg: DictConfig) -> dict[str, Any]:
+    """How long the run trains: the ``trainer.`` values of :data:`BUDGET_KEYS`."""
+    return {k: OmegaConf.to_container(cfg.trainer)[k] for k in BUDGET_KEYS}
+
+
+def finished_run(cfg: DictConfig) -> dict[str, Any] | None:
+    """The saved summary of the run that ``cfg`` resumes when that run already finished with
+    the same budget (its summary is newer than its checkpoint); None when there is training or
+    testing left to do."""
+    if cfg.ckpt is None:
+        return None
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    ckpt, summary_path = Path(cfg.ckpt), run_dir / SUMMARY_FILE
+    # only a resume from the run's newest state: an older checkpoint is a deliberate rewind
+    if ckpt != last_checkpoint(run_dir) or not summary_path.is_file():
+        return None
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("budget") != budget(cfg):
+        return None
+    if ckpt.stat().st_mtime > summary_path.stat().st_mtime:
+        return None
+    return summary

@@ -1,11 +1,14 @@
-"""Per-layer time and memory of every declarative layer, logged every N training batches.
+"""Per-layer time and memory of every declarative layer, measured on bursts of training batches.
 
 For each :class:`~ddn_layers.DeclarativeLayer` in the model (found by type, so every task gets
-it for free) the callback logs, under ``ddn/<layer>/``:
+it for free) the callback measures, under ``ddn/<layer>/``:
 
 - ``fwd_ms``, ``bwd_ms``: time of the layer's forward and of its backward (from the gradient
   reaching its output to the gradient leaving through its inputs). GPU: CUDA events on the
-  current stream; CPU: wall time (``time.perf_counter_ns``).
+  current stream; CPU: wall time (``time.perf_counter_ns``), and beside it ``fwd_cpu_ms``,
+  ``bwd_cpu_ms``: the CPU time of the thread that runs the layer (``time.thread_time_ns``),
+  which a busy machine does not inflate as it does wall time (work that torch hands to its
+  other intra-op threads is not in it).
 - ``saved_mib``: memory the forward leaves allocated until the backward (saved tensors and the
   output): this is where ``unroll`` pays for its iterations.
 - ``bwd_peak_mib``: ``saved_mib`` plus the most the backward allocates on top of what was live
@@ -17,16 +20,24 @@ it for free) the callback logs, under ``ddn/<layer>/``:
 - ``iters_mean``, ``iters_max``, ``residual_max``, ``converged_frac``: the forward solver's
   record (``layer.last_info.summary()``).
 
-On a CPU the times and the memory come from two consecutive batches: the torch profiler that
-records the allocations slows what it records, unevenly across modes
-(docs/benchmarks/matching_cpu.md), so the timed batch runs without it and the next batch runs
-under it for the ``*_mib`` values only (both come from one batch when it is the run's last).
-The record is logged at the step of the timed batch, the step its ``train/loss`` has.
+When: the first batch of every process (a fresh run or a resumed one) is a warm-up, measured
+and set aside (it pays for lazy initialisation and first allocations); then a burst of
+``TIMED_STEPS`` consecutive batches is timed, and a new burst starts every ``every_n_steps``
+batches (``every_n_steps=0``: never, and nothing is hooked). Each burst logs one record: the
+median of its batches' times and solver statistics, at the step of its last timed batch. On a
+CPU the torch profiler that records the allocations slows what it records, unevenly across
+modes (docs/benchmarks/matching_cpu.md), so the timed batches run without it and the batch after
+the burst runs under it for the ``*_mib`` values only.
 
-Cost: on batches that are not profiled the callback only counts (no hooks are attached, nothing
-is synchronised); ``every_n_steps=0`` switches it off. A profiled batch synchronises the device
-once at its end. Under DDP every rank measures the same batches and rank zero logs its own
-numbers (each rank runs the same layer on a same-sized shard, so they agree up to noise).
+:meth:`DDNProfiler.summary` gives, for every metric, the median, quartiles and count over all
+the timed batches of the run (memory: over the memory batches), so that a figure says how many
+steps it rests on and how much they spread; a run too short for any burst falls back on the
+warm-up batch (``n`` = 1 says so).
+
+Cost: batches outside the warm-up and the bursts are only counted (no hooks, no
+synchronisation). A profiled batch synchronises the device once at its end. Under DDP every
+rank measures the same batches and rank zero logs its own numbers (each rank runs the same layer
+on a same-sized shard, so they agree up to noise).
 """
 
 from __future__ import annotations
@@ -46,16 +57,23 @@ from torch.utils.hooks import RemovableHandle
 
 from ddn_layers import DeclarativeLayer
 from tasks.app.layers import declarative_layers
+from tasks.app.quiet import CppNoteFilter
+from tasks.app.stats import spread
 
 MIB = 1024 * 1024
 _PHASES = ("fwd", "bwd")
+# Consecutive batches timed per burst: enough for a median that one slow batch cannot move.
+TIMED_STEPS = 5
+_TIME, _MEMORY, _WARMUP = "time", "memory", "warmup"
 
 
 class DDNProfiler(pl.Callback):
-    """Log time and memory of each declarative layer every ``every_n_steps`` training batches.
+    """Measure each declarative layer on a warm-up batch, then on bursts of ``TIMED_STEPS``
+    batches every ``every_n_steps`` training batches.
 
     ``memory=False`` skips the CPU memory measure (the torch profiler slows the batch it
-    profiles); on GPU memory is always measured. ``history`` keeps every logged record.
+    profiles); on GPU memory is always measured. ``history`` keeps every logged record,
+    ``samples`` every timed batch's value of every metric, ``shapes`` each layer's input shapes.
     """
 
     def __init__(self, every_n_steps: int = 25, memory: bool = True) -> None:
@@ -66,18 +84,37 @@ class DDNProfiler(pl.Callback):
         self.every_n_steps = every_n_steps
         self.memory = memory
         self.history: list[dict[str, float]] = []
+        self.samples: dict[str, list[float]] = defaultdict(list)
+        self.shapes: dict[str, list[list[int]]] = {}
         self._batches_seen = 0
+        self._warm = False  # this process has run its warm-up batch
+        self._warmup: dict[str, float] = {}
+        self._plan: list[str] = []  # what the next batches of the current burst are for
+        self._burst: list[dict[str, float]] = []  # records of the burst's timed batches
+        self._burst_step = 0
         self._step: _ProfiledBatch | None = None
-        self._memory_only = False  # the batch being profiled gives only the *_mib values
-        self._step_at = 0  # trainer.global_step of the timed batch
-        self._pending: tuple[int, dict[str, float]] | None = None  # times awaiting memory
+        self._kind = ""
 
-    def state_dict(self) -> dict[str, int]:
-        # a resumed run profiles the batches the uninterrupted run would have profiled
-        return {"batches_seen": self._batches_seen}
+    def state_dict(self) -> dict[str, Any]:
+        # a resumed run's summary covers the steps timed before it was stopped
+        return {"batches_seen": self._batches_seen, "samples": dict(self.samples)}
 
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._batches_seen = state_dict["batches_seen"]
+        self.samples = defaultdict(
+            list, {k: list(v) for k, v in state_dict.get("samples", {}).items()}
+        )
+
+    def _burst_plan(self, device: torch.device) -> list[str]:
+        split = self.memory and device.type != "cuda"
+        return [_TIME] * TIMED_STEPS + ([_MEMORY] if split else [])
+
+    def _next_kind(self, seen: int, device: torch.device) -> str:
+        if not self._warm:
+            return _WARMUP
+        if not self._plan and seen % max(self.every_n_steps, len(self._burst_plan(device))) == 0:
+            self._plan = self._burst_plan(device)
+        return self._plan.pop(0) if self._plan else ""
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -86,24 +123,19 @@ class DDNProfiler(pl.Callback):
         self._batches_seen += 1
         if self.every_n_steps == 0:
             return
-        if self._pending is None and seen % self.every_n_steps:
+        device = pl_module.device
+        kind = self._next_kind(seen, device)
+        if not kind:
             return
         layers = declarative_layers(pl_module)
         if not layers:
+            self._warm, self._plan = True, []
             return
-        device = pl_module.device
-        if self._pending is not None:  # the batch after a timed one, under the CPU profiler
-            self._memory_only = True
-            self._step = _ProfiledBatch(layers, device, memory=True)
-            return
-        # the last batch of the run has no next one to measure memory on: both go there
-        left = float(trainer.estimated_stepping_batches) - trainer.global_step
-        split = self.memory and device.type != "cuda" and left > 1
-        self._memory_only = False
-        self._step_at = trainer.global_step
-        self._step = _ProfiledBatch(layers, device, memory=self.memory and not split)
-        if split:
-            self._pending = (self._step_at, {})
+        self._kind = kind
+        if kind == _TIME:
+            self._burst_step = trainer.global_step
+        # on GPU the allocator measures memory on every batch; _ProfiledBatch ignores the flag
+        self._step = _ProfiledBatch(layers, device, memory=self.memory and kind != _TIME)
 
     def on_train_batch_end(
         self,
@@ -117,22 +149,42 @@ class DDNProfiler(pl.Callback):
             return
         step, self._step = self._step, None
         metrics = step.finish()
-        if self._memory_only:
-            at, record = self._pending
-            self._pending = None
-            record.update({k: v for k, v in metrics.items() if k.endswith("_mib")})
-            self._log(trainer, at, record)
-        elif self._pending is not None:
-            self._pending = (self._step_at, metrics)
+        if self._kind == _WARMUP:
+            self._warm, self._warmup = True, metrics
+            self.shapes = step.shapes
+            self._plan = self._burst_plan(pl_module.device)
+            return
+        if self._kind == _TIME:
+            self._burst.append(metrics)
+            if self._plan:  # more timed batches, or the memory batch, to come
+                return
+            memory: dict[str, float] = {}
         else:
-            self._log(trainer, self._step_at, metrics)
+            memory = {k: v for k, v in metrics.items() if k.endswith("_mib")}
+        self._end_burst(trainer, memory)
+
+    def _end_burst(self, trainer: pl.Trainer, memory: dict[str, float]) -> None:
+        burst, self._burst = self._burst, []
+        for record in burst:
+            for key, value in record.items():
+                self.samples[key].append(value)
+        for key, value in memory.items():
+            self.samples[key].append(value)
+        keys = sorted({k for r in burst for k in r})
+        logged = {k: statistics.median(r[k] for r in burst if k in r) for k in keys}
+        self._log(trainer, self._burst_step, {**logged, **memory})
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # training ended right after a timed batch: its times go out without the memory
-        if self._pending is not None:
-            at, record = self._pending
-            self._pending = None
-            self._log(trainer, at, record)
+        # a burst cut short by the end of training still counts, with the batches it timed
+        if self._burst:
+            self._end_burst(trainer, {})
+        self._plan = []
+        # what no burst measured (a run of a batch or two) comes from the warm-up batch
+        missing = {k: v for k, v in self._warmup.items() if k not in self.samples}
+        if missing:
+            for key, value in missing.items():
+                self.samples[key].append(value)
+            self._log(trainer, trainer.global_step, missing)
 
     def _log(self, trainer: pl.Trainer, step: int, metrics: dict[str, float]) -> None:
         if not metrics:
@@ -148,14 +200,11 @@ class DDNProfiler(pl.Callback):
         if self._step is not None:
             self._step.close()
             self._step = None
-        self._pending = None
+        self._plan, self._burst = [], []
 
-    def summary(self) -> dict[str, float]:
-        """Median of each logged metric; the first record is dropped as warm-up when there
-        are others (it pays for lazy initialisation and first allocations)."""
-        records = self.history[1:] if len(self.history) > 1 else self.history
-        keys = sorted({k for r in records for k in r})
-        return {k: statistics.median(r[k] for r in records if k in r) for k in keys}
+    def summary(self) -> dict[str, dict[str, float | int]]:
+        """``{metric: {"median", "p25", "p75", "n"}}`` over every timed batch of the run."""
+        return {k: spread(v) for k, v in sorted(self.samples.items()) if v}
 
 
 class _ProfiledBatch:
@@ -167,10 +216,12 @@ class _ProfiledBatch:
         self.layers = {(name.replace(".", "_") or "model"): layer for name, layer in layers}
         self.cuda = device.type == "cuda"
         self.device = device
-        # key -> phase -> list of (start, end) stamps, one pair per call of the layer
+        # key -> phase -> list of (start, end) stamps, one pair per call of the layer; on a
+        # CPU each stamp is (wall ns, thread CPU ns)
         self.stamps: dict[str, dict[str, list[list[Any]]]] = {
             k: {p: [] for p in _PHASES} for k in self.layers
         }
+        self.shapes: dict[str, list[list[int]]] = {}  # key -> shapes of the first call's inputs
         # CUDA only: bytes live when a phase started, and what each phase measured
         self.live_at_start: dict[str, int] = {}
         self.saved_bytes: dict[str, int] = defaultdict(int)
@@ -178,6 +229,7 @@ class _ProfiledBatch:
         self.open_ranges: dict[str, Any] = {}
         self.handles: list[RemovableHandle] = []
         self.profiler: torch.autograd.profiler.profile | None = None
+        self.notes: CppNoteFilter | None = None
 
         for key, layer in self.layers.items():
             self.handles += [
@@ -189,11 +241,15 @@ class _ProfiledBatch:
         if memory and not self.cuda:
             # Kineto prints a banner each time a profiler starts unless told otherwise.
             os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+            # the profiler notes every free of a block allocated before it started
+            self.notes = CppNoteFilter().__enter__()
             self.profiler = torch.autograd.profiler.profile(profile_memory=True)
             self.profiler.__enter__()
 
     def _hook(self, key: str, phase: str, start: bool) -> Callable[..., None]:
-        def hook(*_: Any) -> None:
+        def hook(module: Any, inputs: Any, *_: Any) -> None:
+            if phase == "fwd" and start and key not in self.shapes:
+                self.shapes[key] = [list(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
             if start:
                 self._start(key, phase)
             else:
@@ -206,7 +262,7 @@ class _ProfiledBatch:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
-        return time.perf_counter_ns()
+        return time.perf_counter_ns(), time.thread_time_ns()
 
     def _start(self, key: str, phase: str) -> None:
         if self.cuda:
@@ -239,6 +295,9 @@ class _ProfiledBatch:
         self.open_ranges.clear()
         if self.profiler is not None:
             self.profiler.__exit__(None, None, None)
+        if self.notes is not None:
+            self.notes.__exit__(None, None, None)
+            self.notes = None
 
     def finish(self) -> dict[str, float]:
         self.close()
@@ -251,8 +310,13 @@ class _ProfiledBatch:
             prefix = f"ddn/{key}/"
             for phase in _PHASES:
                 pairs = [p for p in self.stamps[key][phase] if p[1] is not None]
-                if pairs:
-                    metrics[f"{prefix}{phase}_ms"] = sum(self._elapsed_ms(a, b) for a, b in pairs)
+                if not pairs:
+                    continue
+                if self.cuda:
+                    metrics[f"{prefix}{phase}_ms"] = sum(float(a.elapsed_time(b)) for a, b in pairs)
+                else:
+                    metrics[f"{prefix}{phase}_ms"] = sum(b[0] - a[0] for a, b in pairs) / 1e6
+                    metrics[f"{prefix}{phase}_cpu_ms"] = sum(b[1] - a[1] for a, b in pairs) / 1e6
             measured = self.cuda or self.profiler is not None
             if measured and self.stamps[key]["fwd"]:
                 metrics[f"{prefix}saved_mib"] = self.saved_bytes[key] / MIB
@@ -263,11 +327,6 @@ class _ProfiledBatch:
                 for name, value in layer.last_info.summary().items():
                     metrics[f"{prefix}{name}"] = value
         return metrics
-
-    def _elapsed_ms(self, start: Any, end: Any) -> float:
-        if self.cuda:
-            return float(start.elapsed_time(end))
-        return (end - start) / 1e6
 
     def _read_cpu_memory(self, profiler: torch.autograd.profiler.profile) -> None:
         events = profiler.kineto_results.events()

@@ -3,7 +3,8 @@
 Measured from ``on_train_batch_start`` to ``on_train_batch_end`` (data loading excluded; on
 GPU the device is synchronised at both ends, so the time is the batch's and not its launch's).
 Each epoch logs the median over its batches as ``time/train_step_ms``; ``summary()`` gives the
-median over the whole run (the first batch, which pays for lazy initialisation, left out).
+median, quartiles and count over the whole run (the first batch, which pays for lazy
+initialisation, left out).
 Batches the DDN profiler measures are slower; the median keeps them from moving the number.
 """
 
@@ -16,10 +17,14 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from tasks.app.stats import spread
+
 METRIC = "time/train_step_ms"
 
 
 class StepTimer(pl.Callback):
+    metric = METRIC
+
     def __init__(self) -> None:
         self.times_ms: list[float] = []
         self._epoch: list[float] = []
@@ -51,7 +56,8 @@ class StepTimer(pl.Callback):
             pl_module.log(METRIC, statistics.median(self._epoch), sync_dist=False)
         self._epoch = []
 
-    def summary(self) -> dict[str, float]:
-        """``{"time/train_step_ms": median over the run}`` (empty before any step)."""
+    def summary(self) -> dict[str, dict[str, float | int]]:
+        """``{"time/train_step_ms": {"median", "p25", "p75", "n"}}`` over the run's steps
+        (empty before any step)."""
         times = self.times_ms[1:] if len(self.times_ms) > 1 else self.times_ms
-        return {METRIC: statistics.median(times)} if times else {}
+        return {METRIC: spread(times)} if times else {}

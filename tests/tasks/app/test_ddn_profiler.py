@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import statistics
 
 import pytest
 import pytorch_lightning as pl
@@ -74,31 +75,39 @@ def fit(tmp_path, profiler: DDNProfiler, steps: int = 5) -> TinyModule:
     return module
 
 
-def test_cpu_memory_time_and_solver_stats_are_logged(tmp_path):
-    profiler = DDNProfiler(every_n_steps=2, memory=True)
-    module = fit(tmp_path, profiler, steps=6)
-    assert len(profiler.history) == 3  # timed batches 0, 2, 4; memory from 1, 3, 5
-    record = profiler.history[-1]
+def test_a_short_run_times_five_steps_after_a_warm_up(tmp_path):
+    # 8 batches: 0 warm-up, 1-5 timed, 6 under the memory profiler, 7 not measured
+    profiler = DDNProfiler(every_n_steps=25, memory=True)
+    module = fit(tmp_path, profiler, steps=8)
+    summary = profiler.summary()
+    for name in ("fwd_ms", "bwd_ms", "fwd_cpu_ms", "bwd_cpu_ms", "iters_mean"):
+        stats = summary[f"ddn/ddn/{name}"]
+        assert stats["n"] == 5, name
+        assert 0 < stats["p25"] <= stats["median"] <= stats["p75"], name
+        assert stats["median"] == statistics.median(profiler.samples[f"ddn/ddn/{name}"])
     mib = 4 / 1024 / 1024
-    assert record["ddn/ddn/saved_mib"] == pytest.approx(SAVED * mib, rel=0.01)
-    assert record["ddn/ddn/bwd_peak_mib"] == pytest.approx((SAVED + SCRATCH) * mib, rel=0.01)
-    assert record["ddn/ddn/fwd_ms"] > 0 and record["ddn/ddn/bwd_ms"] > 0
+    assert summary["ddn/ddn/saved_mib"]["median"] == pytest.approx(SAVED * mib, rel=0.01)
+    peak = summary["ddn/ddn/bwd_peak_mib"]
+    assert peak["median"] == pytest.approx((SAVED + SCRATCH) * mib, rel=0.01) and peak["n"] == 1
+    # one record for the burst: the median of its five steps, with the memory batch's values
+    (record,) = profiler.history
+    assert record["ddn/ddn/fwd_ms"] == summary["ddn/ddn/fwd_ms"]["median"]
     assert record["ddn/ddn/iters_mean"] == 3 and record["ddn/ddn/converged_frac"] == 1
-    # the hooks are gone once the profiled batch is over
+    assert profiler.shapes == {"ddn": [[4, 8]]}
+    # the hooks are gone once the profiled batches are over
     layer = module.ddn
     assert not layer._forward_hooks and not layer._forward_pre_hooks
     assert not layer._backward_hooks and not layer._backward_pre_hooks
     rows = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
-    logged = [r for r in rows if r.get("ddn/ddn/bwd_peak_mib")]
-    # at the steps of the timed batches, where their train/loss would be
-    assert [int(r["step"]) for r in logged] == [0, 2, 4]
-    summary = profiler.summary()
-    assert summary["ddn/ddn/bwd_peak_mib"] == pytest.approx(12.0, rel=0.01)
+    logged = [r for r in rows if r.get("ddn/ddn/fwd_ms")]
+    # at the step of the burst's last timed batch
+    assert [int(r["step"]) for r in logged] == [5]
+    assert float(logged[0]["ddn/ddn/bwd_peak_mib"]) == pytest.approx(peak["median"])
 
 
 def test_cpu_times_are_taken_without_the_memory_profiler(tmp_path, monkeypatch):
-    """The profiler that records allocations slows what it records: on a CPU a batch is timed
-    without it, and the next one measures memory under it."""
+    """The profiler that records allocations slows what it records: on a CPU the timed batches
+    run without it, and the batch after a burst measures memory under it."""
     flags = []
     real = ddn_profiler._ProfiledBatch
 
@@ -107,21 +116,31 @@ def test_cpu_times_are_taken_without_the_memory_profiler(tmp_path, monkeypatch):
         return real(layers, device, memory)
 
     monkeypatch.setattr(ddn_profiler, "_ProfiledBatch", spy)
-    profiler = DDNProfiler(every_n_steps=3, memory=True)
-    fit(tmp_path, profiler, steps=7)
-    # batches 0, 1, 3, 4, 6; the last one of the run has no batch after it: both there
-    assert flags == [False, True, False, True, True]
-    assert len(profiler.history) == 3
+    profiler = DDNProfiler(every_n_steps=7, memory=True)
+    fit(tmp_path, profiler, steps=14)
+    # warm-up (both), 1-5 timed, 6 memory; the next burst at batch 7: 7-11, 12; 13 nothing
+    assert flags == [True] + [False] * 5 + [True] + [False] * 5 + [True]
+    assert len(profiler.history) == 2
+    assert profiler.summary()["ddn/ddn/bwd_ms"]["n"] == 10
     for record in profiler.history:
         assert record["ddn/ddn/bwd_ms"] > 0 and record["ddn/ddn/bwd_peak_mib"] > 0
 
 
 def test_timing_only(tmp_path):
     profiler = DDNProfiler(every_n_steps=1, memory=False)
-    fit(tmp_path, profiler, steps=2)
-    assert len(profiler.history) == 2
-    assert "ddn/ddn/bwd_ms" in profiler.history[0]
-    assert "ddn/ddn/bwd_peak_mib" not in profiler.history[0]
+    fit(tmp_path, profiler, steps=3)
+    # a burst cut short by the end of training counts with the steps it timed
+    summary = profiler.summary()
+    assert summary["ddn/ddn/bwd_ms"]["n"] == 2 and len(profiler.history) == 1
+    assert not any(k.endswith("_mib") for k in summary)
+
+
+def test_a_run_too_short_for_a_burst_falls_back_on_the_warm_up(tmp_path):
+    profiler = DDNProfiler(every_n_steps=25, memory=True)
+    fit(tmp_path, profiler, steps=1)
+    summary = profiler.summary()
+    assert summary["ddn/ddn/bwd_ms"]["n"] == 1 and summary["ddn/ddn/bwd_peak_mib"]["n"] == 1
+    assert profiler.history and profiler.history[0]["ddn/ddn/bwd_ms"] > 0
 
 
 def test_switched_off_attaches_nothing(tmp_path, monkeypatch):
@@ -156,12 +175,14 @@ def test_hooks_removed_when_the_step_fails(tmp_path):
     assert not torch._C._autograd._profiler_enabled()  # the CPU memory profiler was stopped
 
 
-def test_a_resumed_run_profiles_the_batches_the_uninterrupted_one_would():
-    profiler = DDNProfiler(every_n_steps=5)
-    profiler._batches_seen = 7
-    resumed = DDNProfiler(every_n_steps=5)
+def test_a_resumed_run_keeps_the_steps_timed_before_and_warms_up_again(tmp_path):
+    profiler = DDNProfiler(every_n_steps=25, memory=False)
+    fit(tmp_path / "first", profiler, steps=7)
+    resumed = DDNProfiler(every_n_steps=25, memory=False)
     resumed.load_state_dict(profiler.state_dict())
-    assert resumed._batches_seen == 7
+    assert resumed._batches_seen == 7 and not resumed._warm
+    fit(tmp_path / "second", resumed, steps=7)
+    assert resumed.summary()["ddn/ddn/fwd_ms"]["n"] == 10
 
 
 def test_bad_interval():

@@ -38,5 +38,7 @@ def test_step_timer_logs_each_epoch_and_summarises(tmp_path):
     trainer.fit(_Tiny(), data)
     assert len(timer.times_ms) == 6 and all(t > 0 for t in timer.times_ms)
     assert trainer.callback_metrics[METRIC] > 0
-    assert set(timer.summary()) == {METRIC} and timer.summary()[METRIC] > 0
+    summary = timer.summary()
+    assert set(summary) == {METRIC} and summary[METRIC]["n"] == 5  # the first step left out
+    assert 0 < summary[METRIC]["p25"] <= summary[METRIC]["median"] <= summary[METRIC]["p75"]
     assert StepTimer().summary() == {}
