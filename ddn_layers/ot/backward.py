@@ -34,6 +34,12 @@ after which  dJ/dM = gamma P o (a (+) b - V),  dJ/dr = a,  dJ/dc = b.  K is A H^
 * ``approx`` ignores the constraints: P = r c^T o exp(-gamma M) up to scaling, so
   dJ/dM = -gamma P o V, dJ/dr = s_r / r, dJ/dc = s_c / c (Fig. 4, line 6).
 
+With ``log_plan`` the saved output is log P and the incoming gradient W = dJ/d(log P): every
+formula above uses V only through P o V = W, so each mode runs with W in its place
+(dJ/dM = gamma (P o (a (+) b) - W) for the exact modes, -gamma W for ``approx``, which is
+then the derivative of log P with the scalings held fixed); W is masked on padding first
+(logplan.py).
+
 A failed factorisation is detected per sample (``linalg.guarded_cholesky``) and re-solved
 with a small ridge (the near-minimum-norm solution) with an IllConditionedWarning; it is
 never ignored.
@@ -50,25 +56,32 @@ from ddn_layers.base import BackwardContext, Unrolled
 from ddn_layers.checks import IllConditionedWarning
 from ddn_layers.linalg import guarded_cholesky
 from ddn_layers.modes import BackwardMode
+from ddn_layers.ot.logplan import plan_and_weight
 from ddn_layers.ot.schur import inv_or_zero, solve_column_side
 from ddn_layers.ot.unrolled import solve_unrolled
 
 Grads = tuple[Tensor, Tensor, Tensor]
 
 
-def implicit_grads(P: Tensor, r: Tensor, c: Tensor, V: Tensor, gamma: float, solver="auto"):
-    """(dJ/dM, dJ/dr, dJ/dc) by the Schur complement on the smaller side of P."""
+def implicit_grads(
+    P: Tensor, r: Tensor, c: Tensor, V: Tensor, gamma: float, solver="auto", log=False
+):
+    """(dJ/dM, dJ/dr, dJ/dc) by the Schur complement on the smaller side of P; with ``log``,
+    V is dJ/d(log P), masked (logplan.py), and P o dJ/dP is V itself."""
     m, n = P.shape[-2:]
     transpose = m < n  # solve on the smaller side: the rows
     if transpose:
         P, r, c, V = P.mT, c, r, V.mT
-    X = torch.mul(P, V)  # P o V, reused below as scratch and as the output buffer
+    # P o dJ/dP, reused below as scratch and as the output buffer
+    X = V.clone() if log else torch.mul(P, V)
     a, b, n_bad, n_unresolved = solve_column_side(P, r, c, X.sum(-1), X.sum(-2), X, solver)
     if n_bad:
         _warn_ill_conditioned(n_bad, n_unresolved)
-    # dJ/dM = gamma P o (a (+) b - V), written into X in three passes (gamma on the vectors)
-    torch.sub((gamma * a).unsqueeze(-1), V, alpha=gamma, out=X)
-    X.add_((gamma * b).unsqueeze(-2)).mul_(P)
+    if log:  # dJ/dM = gamma (P o (a (+) b) - W)
+        torch.add(a.unsqueeze(-1), b.unsqueeze(-2), out=X).mul_(P).sub_(V).mul_(gamma)
+    else:  # dJ/dM = gamma P o (a (+) b - V), written into X in three passes (gamma on vectors)
+        torch.sub((gamma * a).unsqueeze(-1), V, alpha=gamma, out=X)
+        X.add_((gamma * b).unsqueeze(-2)).mul_(P)
     if transpose:
         return X.mT, b, a
     return X, a, b
@@ -109,10 +122,11 @@ def _dense_kkt(P: Tensor, r: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor, Tens
     return K, s * fm
 
 
-def full_grads(P: Tensor, r: Tensor, c: Tensor, V: Tensor, gamma: float):
-    """(dJ/dM, dJ/dr, dJ/dc) by a dense Cholesky solve of the (m + n)-square system K."""
+def full_grads(P: Tensor, r: Tensor, c: Tensor, V: Tensor, gamma: float, log=False):
+    """(dJ/dM, dJ/dr, dJ/dc) by a dense Cholesky solve of the (m + n)-square system K (``log``
+    as in :func:`implicit_grads`)."""
     m = P.shape[-2]
-    G = P * V
+    G = V if log else P * V
     K, s = _dense_kkt(P, r, c, torch.cat([G.sum(-1), G.sum(-2)], dim=-1))
     L, ok = guarded_cholesky(K, pivot_floor=0.0)
     ab = torch.cholesky_solve(s.unsqueeze(-1), L)
@@ -120,36 +134,46 @@ def full_grads(P: Tensor, r: Tensor, c: Tensor, V: Tensor, gamma: float):
     if not bool(ok.all()):
         # Dropping a constraint leaves a numerically singular system when P is (nearly)
         # block-diagonal; the implicit path handles those samples (and warns).
-        _, a2, b2 = implicit_grads(P, r, c, V, gamma, "cholesky")
+        _, a2, b2 = implicit_grads(P, r, c, V, gamma, "cholesky", log)
         a = torch.where(ok.view(-1, 1), a, a2)
         b = torch.where(ok.view(-1, 1), b, b2)
         _warn_ill_conditioned(int((~ok).sum()), 0, "full")
-    dM = gamma * P * (a.unsqueeze(-1) + b.unsqueeze(-2) - V)
+    ab = a.unsqueeze(-1) + b.unsqueeze(-2)
+    dM = gamma * (P * ab - G) if log else gamma * P * (ab - V)
     return dM, a, b
 
 
-def approx_grads(P: Tensor, r: Tensor, c: Tensor, V: Tensor, gamma: float):
-    """Constraints ignored (see the module docstring)."""
-    G = P * V
+def approx_grads(P: Tensor, r: Tensor, c: Tensor, V: Tensor, gamma: float, log=False):
+    """Constraints ignored (see the module docstring; ``log`` as in :func:`implicit_grads`)."""
+    G = V if log else P * V
     return -gamma * G, G.sum(-1) * inv_or_zero(r), G.sum(-2) * inv_or_zero(c)
+
+
+def _plan(ctx: BackwardContext, V: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """The saved plan (P, or log P with ``log_plan``) as P, the incoming gradient to use and
+    whether it is a log plan's (logplan.py)."""
+    (saved,) = ctx.saved
+    log = ctx.opts.log_plan
+    return (*plan_and_weight(saved, V, log), log)
 
 
 def implicit(ctx: BackwardContext, V: Tensor) -> Grads:
     """``implicit``: the Schur complement, solved by ``ctx.opts.implicit_solver``."""
-    (P,) = ctx.saved
-    return implicit_grads(P, P.sum(-1), P.sum(-2), V, ctx.opts.gamma, ctx.opts.implicit_solver)
+    P, V, log = _plan(ctx, V)
+    solver = ctx.opts.implicit_solver
+    return implicit_grads(P, P.sum(-1), P.sum(-2), V, ctx.opts.gamma, solver, log)
 
 
 def full(ctx: BackwardContext, V: Tensor) -> Grads:
     """``full``: the dense KKT system; differentiable again."""
-    (P,) = ctx.saved
-    return full_grads(P, P.sum(-1), P.sum(-2), V, ctx.opts.gamma)
+    P, V, log = _plan(ctx, V)
+    return full_grads(P, P.sum(-1), P.sum(-2), V, ctx.opts.gamma, log)
 
 
 def approx(ctx: BackwardContext, V: Tensor) -> Grads:
     """``approx``: the constraints ignored."""
-    (P,) = ctx.saved
-    return approx_grads(P, P.sum(-1), P.sum(-2), V, ctx.opts.gamma)
+    P, V, log = _plan(ctx, V)
+    return approx_grads(P, P.sum(-1), P.sum(-2), V, ctx.opts.gamma, log)
 
 
 BACKWARDS = {

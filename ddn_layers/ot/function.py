@@ -78,6 +78,7 @@ def sinkhorn(
     check_every: int = 10,
     warn: bool = True,
     marginal_penalty: float | tuple[float, float] | None = None,
+    log_plan: bool = False,
     return_info: bool = False,
 ):
     """Entropy-regularised optimal transport plan, differentiable in M, r and c.
@@ -125,6 +126,19 @@ def sinkhorn(
             the mass of those targets (f: the row log potentials; the marginal error on a
             hard side); ``extra`` holds ``omega`` and ``stages`` (annealing stages of gamma,
             run where gamma times the spread of M is large). See ddn_layers/ot/unbalanced/.
+        log_plan: return log P instead of P (same shape), for losses on log P (an assignment
+            NLL) where P underflows: log of the plan where it is positive, else the exponent
+            of the potentials, f_i + g_j - gamma M_ij (finite, exact at any gamma), and -inf
+            on padding rows/columns (zero or flushed entries of r, c). Every backward mode
+            supports it: implicit, full and unroll differentiate log P exactly (the exact
+            modes use only P o dJ/dP, which is dJ/d(log P) itself, so entries where P
+            underflows keep their gradient); approx is, as for P, the derivative with the
+            scalings held fixed: dJ/dM = -gamma W, dJ/dr = W 1 / r, dJ/dc = W^T 1 / c for
+            W = dJ/d(log P). The -inf entries are constants: their incoming gradient is
+            replaced by 0 (not multiplied by it), so a loss over the real entries, e.g.
+            ``-(W * logP)[real].sum()`` or ``torch.where(real, logP, 0)``, never gives NaN.
+            In float16 or bfloat16 the float32 log P is cast back (float16 rounds values
+            below -65504 to -inf).
         return_info: also return a :class:`~ddn_layers.SolverInfo`, per sample:
             ``iterations``; ``residual``, the L1 marginal error of the returned plan itself
             (||P 1 - r||_1 + ||P^T 1 - c||_1 with P as returned, r and c normalised);
@@ -133,7 +147,8 @@ def sinkhorn(
             was seen).
 
     Returns:
-        P with the shape of M (and the SolverInfo if ``return_info``). Entries below
+        P (log P with ``log_plan``) with the shape of M (and the SolverInfo if
+        ``return_info``). Entries below
         sqrt(smallest normal) are flushed to zero. float16/bfloat16 inputs are solved in
         float32 and P is cast back; ``residual`` and ``converged`` then describe the float32
         plan, and rounding to the half format adds at most 2 u + m n d to the returned
@@ -163,6 +178,7 @@ def sinkhorn(
         check_every=check_every,
         warn=warn,
         marginal_penalty=marginal_penalty,
+        log_plan=log_plan,
     )
     P, info = sinkhorn_with_options(M, r, c, mode, opts)
     return (P, info) if return_info else P

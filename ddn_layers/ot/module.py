@@ -13,7 +13,8 @@ from ddn_layers.ot.options import OTOptions
 
 
 class OptimalTransport(DeclarativeLayer):
-    """Entropic optimal transport as a module: ``ot(M, r=None, c=None) -> P``.
+    """Entropic optimal transport as a module: ``ot(M, r=None, c=None) -> P`` (log P with
+    ``log_plan=True``).
 
     Shapes: M (B, m, n) or (m, n); r (m,) or (B, m); c (n,) or (B, n); P like M.
     ``last_info`` holds the per-sample iterations and residuals of the latest call.
@@ -31,6 +32,7 @@ class OptimalTransport(DeclarativeLayer):
         check_every: int = 10,
         warn: bool = True,
         marginal_penalty: float | tuple[float, float] | None = None,
+        log_plan: bool = False,
     ) -> None:
         super().__init__(backward_mode)
         self.options = OTOptions(
@@ -41,6 +43,7 @@ class OptimalTransport(DeclarativeLayer):
             check_every=check_every,
             warn=warn,
             marginal_penalty=marginal_penalty,
+            log_plan=log_plan,
         )
 
     def forward(self, M: Tensor, r: Tensor | None = None, c: Tensor | None = None) -> Tensor:
@@ -52,10 +55,11 @@ class OptimalTransport(DeclarativeLayer):
         unbalanced = (
             "" if o.marginal_penalty is None else f", marginal_penalty={o.marginal_penalty}"
         )
+        log = ", log_plan=True" if o.log_plan else ""
         return (
             f"gamma={o.gamma}, tol={o.tol}, max_iter={o.max_iter}, "
             f"backward_mode={self.backward_mode.value}, implicit_solver={o.implicit_solver}"
-            f"{unbalanced}"
+            f"{unbalanced}{log}"
         )
 
 

@@ -38,7 +38,8 @@ class OTOptions(LayerOptions):
     convergence checks (each is one host sync); ``warn``: raise a ConvergenceWarning for
     samples that did not converge; ``marginal_penalty``: None (the balanced problem) or the
     pair (rho_r, rho_c) of KL penalties of the unbalanced problem (a number is used for both
-    sides; inf on both sides is None).
+    sides; inf on both sides is None); ``log_plan``: return log P instead of P (see
+    :func:`~ddn_layers.sinkhorn`).
     """
 
     gamma: float = option(10.0, check=check_gamma)
@@ -48,3 +49,4 @@ class OTOptions(LayerOptions):
     check_every: int = option(10, check=at_least(1))
     warn: bool = option(True, check=check_bool)
     marginal_penalty: tuple[float, float] | None = option(None, check=check_marginal_penalty)
+    log_plan: bool = option(False, check=check_bool)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ddn_layers.base import Solved, SolverInfo
-from ddn_layers.ot import blocks, drift
+from ddn_layers.ot import blocks, drift, logplan
 from ddn_layers.ot.blocks import kernel_times
 from ddn_layers.ot.schedule import OmegaSchedule
 
@@ -702,7 +702,18 @@ def solve_sinkhorn(
     return results.solution()
 
 
+def log_plan_of(sol: SinkhornSolution, M: Tensor, r: Tensor, c: Tensor, gamma: float) -> Tensor:
+    """log P of a solution (logplan.py): log of the plan where it is positive, else the
+    exponent f (+) g - gamma M' of its potentials (M' the reduced cost they refer to), -inf on
+    padding."""
+    problem = _Problem.of(M, r, c)
+    exponent = torch.add(sol.f.unsqueeze(-1), sol.g.unsqueeze(-2)).sub_(problem.M, alpha=gamma)
+    return logplan.log_plan(sol.P, exponent)
+
+
 def solve(opts, M: Tensor, r: Tensor, c: Tensor) -> Solved:
-    """The layer's solver (``LayerSpec.solve``): P, saved for the backward, and its record."""
+    """The layer's solver (``LayerSpec.solve``): P (or log P), saved for the backward, and
+    its record."""
     sol = solve_sinkhorn(M, r, c, opts.gamma, opts.tol, opts.max_iter, opts.check_every)
-    return Solved(sol.P, (sol.P,), sol.info())
+    y = log_plan_of(sol, M, r, c, opts.gamma) if opts.log_plan else sol.P
+    return Solved(y, (y,), sol.info())

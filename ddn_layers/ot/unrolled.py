@@ -176,8 +176,9 @@ def _newton_steps(problem: _Problem, state: _State, due: list[int]):
     return f, g, drift.step_lengths(slope_at, drift.first_steps(df, dg)), df, dg
 
 
-def _final_plan(problem: _Problem, state: _State) -> Tensor:
-    """P from the potentials; an unconverged sample first gets one plain column update.
+def _final_plan(problem: _Problem, state: _State, log_plan: bool) -> Tensor:
+    """P (or log P) from the potentials; an unconverged sample first gets one plain column
+    update.
 
     An unconverged sample may end inside an over-relaxed overshoot, where f + g is large
     enough for exp to overflow; the plain column update makes every column of P sum to its
@@ -187,12 +188,19 @@ def _final_plan(problem: _Problem, state: _State) -> Tensor:
     if unfinished:
         g_plain = problem.log_c - torch.logsumexp(problem.logK + state.f.unsqueeze(-1), dim=-2)
         state.g = torch.where(state.active.unsqueeze(-1) & problem.col_mask, g_plain, state.g)
-    P = torch.exp(problem.logK + state.f.unsqueeze(-1) + state.g.unsqueeze(-2))
+    logP = problem.logK + state.f.unsqueeze(-1) + state.g.unsqueeze(-2)
+    P = None if log_plan else torch.exp(logP)
     if unfinished:
         with torch.no_grad():
-            e = (P.sum(-1) - problem.r).abs().sum(-1) + (P.sum(-2) - problem.c).abs().sum(-1)
+            Q = logP.exp() if P is None else P
+            e = (Q.sum(-1) - problem.r).abs().sum(-1) + (Q.sum(-2) - problem.c).abs().sum(-1)
             state.error = torch.where(state.active, e, state.error)
-    return P
+    if P is not None:
+        return P
+    # padding is -inf through the potentials; the mask makes it a constant for autograd (its
+    # gradient would otherwise reach the real rows' potentials through the sums)
+    real = problem.row_mask.unsqueeze(-1) & problem.col_mask.unsqueeze(-2)
+    return torch.where(real, logP, -math.inf)
 
 
 def _start(M: Tensor, r: Tensor, c: Tensor, gamma: float, tol: float, max_iter: int):
@@ -225,8 +233,10 @@ def unrolled_sinkhorn(
     max_iter: int,
     check_every: int = 10,
     overrelax: bool = True,
+    log_plan: bool = False,
 ) -> SinkhornSolution:
-    """The problem of :func:`~ddn_layers.ot.solver.solve_sinkhorn`, recorded by autograd."""
+    """The problem of :func:`~ddn_layers.ot.solver.solve_sinkhorn`, recorded by autograd;
+    with ``log_plan`` the solution's ``P`` holds log P (-inf on padding, a constant there)."""
     problem, state = _start(M, r, c, gamma, tol, max_iter)
     for it in range(1, max_iter + 1):
         _step(problem, state, first=it == 1)
@@ -235,7 +245,7 @@ def unrolled_sinkhorn(
             if not bool(state.active.any()):
                 break
             _newton_jumps(problem, state, M)
-    P = _final_plan(problem, state)
+    P = _final_plan(problem, state, log_plan)
     rate = torch.tensor(state.schedule.mu2, dtype=M.dtype, device=M.device)
     converged = ~state.active & (state.error <= tol)  # a stalled sample stopped unconverged
     omega = state.omega.view(M.shape[0])
@@ -246,5 +256,7 @@ def unrolled_sinkhorn(
 
 def solve_unrolled(opts, M: Tensor, r: Tensor, c: Tensor) -> Solved:
     """The ``unroll`` entry's solver: autograd differentiates P through the iterations."""
-    sol = unrolled_sinkhorn(M, r, c, opts.gamma, opts.tol, opts.max_iter, opts.check_every)
+    sol = unrolled_sinkhorn(
+        M, r, c, opts.gamma, opts.tol, opts.max_iter, opts.check_every, log_plan=opts.log_plan
+    )
     return Solved(sol.P, (), sol.info())

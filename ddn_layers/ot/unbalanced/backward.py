@@ -26,6 +26,9 @@ S = kappa_c diag(q) - P^T diag(1 / (kappa_r p)) P  is at least
 * ``full`` forms K ((m + n) square) densely and solves it by Cholesky; differentiable again.
 * ``approx`` ignores the constraints: P = diag(U) (r c^T o exp(-gamma M)) diag(V) with the
   scalings held fixed, so dJ/dM = -gamma P o V, dJ/dr = s_r / r, dJ/dc = s_c / c.
+
+With ``log_plan`` the saved output is log P and each mode runs with W = dJ/d(log P), masked
+on padding, in place of P o V (as in the balanced layer's backward.py).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from ddn_layers.base import BackwardContext, Unrolled
 from ddn_layers.checks import IllConditionedWarning
 from ddn_layers.linalg import cholesky_solve_vectors, diagonal_minus_gram_cg, guarded_cholesky
 from ddn_layers.modes import BackwardMode
+from ddn_layers.ot.logplan import plan_and_weight
 from ddn_layers.ot.schur import cg_budget, cg_tol, inv_or_zero, mat_vec, rowvec_mat, schur_lower
 from ddn_layers.ot.unbalanced.solver import Sides
 from ddn_layers.ot.unbalanced.unrolled import solve_unrolled
@@ -97,14 +101,16 @@ def _marginal_grad(a: Tensor, p: Tensor, x: Tensor, lam: float) -> Tensor:
     return (1.0 + lam) * a * p * inv_or_zero(x)
 
 
-def implicit_grads(P, r, c, V, gamma: float, sides: Sides, solver: str = "auto"):
-    """(dJ/dM, dJ/dr, dJ/dc) by the Schur complement on the smaller side of P."""
+def implicit_grads(P, r, c, V, gamma: float, sides: Sides, solver: str = "auto", log=False):
+    """(dJ/dM, dJ/dr, dJ/dc) by the Schur complement on the smaller side of P; with ``log``,
+    V is dJ/d(log P), masked (ot/logplan.py), and P o dJ/dP is V itself."""
     lam_r, lam_c = sides.lam_r, sides.lam_c
     transpose = P.shape[-2] < P.shape[-1]  # solve on the smaller side: the rows
     if transpose:
         P, r, c, V, lam_r, lam_c = P.mT, c, r, V.mT, lam_c, lam_r
     p, q = P.sum(-1), P.sum(-2)
-    X = torch.mul(P, V)  # P o V, reused as scratch and as the output buffer
+    # P o dJ/dP, reused as scratch and as the output buffer
+    X = V.clone() if log else torch.mul(P, V)
     s_r, s_c = X.sum(-1), X.sum(-2)
     rinv = inv_or_zero((1.0 + lam_r) * p)
     rhs = s_c - rowvec_mat(rinv * s_r, P)
@@ -116,9 +122,11 @@ def implicit_grads(P, r, c, V, gamma: float, sides: Sides, solver: str = "auto")
         b = torch.where(ok.unsqueeze(-1), b, b2)
         _warn_ill_conditioned(int((~ok).sum()), int((~ok2).sum()))
     a = (s_r - mat_vec(P, b)) * rinv
-    # dJ/dM = gamma P o (a (+) b - V), written into X in three passes (gamma on the vectors)
-    torch.sub((gamma * a).unsqueeze(-1), V, alpha=gamma, out=X)
-    X.add_((gamma * b).unsqueeze(-2)).mul_(P)
+    if log:  # dJ/dM = gamma (P o (a (+) b) - W)
+        torch.add(a.unsqueeze(-1), b.unsqueeze(-2), out=X).mul_(P).sub_(V).mul_(gamma)
+    else:  # dJ/dM = gamma P o (a (+) b - V), written into X in three passes
+        torch.sub((gamma * a).unsqueeze(-1), V, alpha=gamma, out=X)
+        X.add_((gamma * b).unsqueeze(-2)).mul_(P)
     ga, gb = _marginal_grad(a, p, r, lam_r), _marginal_grad(b, q, c, lam_c)
     return (X.mT, gb, ga) if transpose else (X, ga, gb)
 
@@ -149,51 +157,58 @@ def _dense_kkt(P, p, q, s, lam_r: float, lam_c: float):
     return K, s * fm
 
 
-def full_grads(P, r, c, V, gamma: float, sides: Sides):
-    """(dJ/dM, dJ/dr, dJ/dc) by a dense Cholesky solve of the (m + n)-square system K."""
+def full_grads(P, r, c, V, gamma: float, sides: Sides, log=False):
+    """(dJ/dM, dJ/dr, dJ/dc) by a dense Cholesky solve of the (m + n)-square system K
+    (``log`` as in :func:`implicit_grads`)."""
     m = P.shape[-2]
     p, q = P.sum(-1), P.sum(-2)
-    G = P * V
+    G = V if log else P * V
     K, s = _dense_kkt(P, p, q, torch.cat([G.sum(-1), G.sum(-2)], -1), sides.lam_r, sides.lam_c)
     L, ok = guarded_cholesky(K, pivot_floor=0.0)
     ab = torch.cholesky_solve(s.unsqueeze(-1), L)
     a, b = ab[:, :m, 0], ab[:, m:, 0]
     if not bool(ok.all()):
-        _, a2, b2 = implicit_grads(P.detach(), r, c, V.detach(), gamma, sides, "cholesky")
+        _, a2, b2 = implicit_grads(P.detach(), r, c, V.detach(), gamma, sides, "cholesky", log)
         a = torch.where(ok.view(-1, 1), a, a2)
         b = torch.where(ok.view(-1, 1), b, b2)
         _warn_ill_conditioned(int((~ok).sum()), 0, "full")
-    dM = gamma * P * (a.unsqueeze(-1) + b.unsqueeze(-2) - V)
+    ab = a.unsqueeze(-1) + b.unsqueeze(-2)
+    dM = gamma * (P * ab - G) if log else gamma * P * (ab - V)
     return dM, _marginal_grad(a, p, r, sides.lam_r), _marginal_grad(b, q, c, sides.lam_c)
 
 
-def approx_grads(P, r, c, V, gamma: float):
-    """The scalings held fixed (see the module docstring)."""
-    G = P * V
+def approx_grads(P, r, c, V, gamma: float, log=False):
+    """The scalings held fixed (see the module docstring; ``log`` as in
+    :func:`implicit_grads`)."""
+    G = V if log else P * V
     return -gamma * G, G.sum(-1) * inv_or_zero(r), G.sum(-2) * inv_or_zero(c)
 
 
-def _saved(ctx: BackwardContext):
-    P, r, c = ctx.saved
-    return P, r, c, ctx.opts.gamma, Sides.of(ctx.opts.gamma, ctx.opts.marginal_penalty)
+def _saved(ctx: BackwardContext, V: Tensor):
+    """P (from log P with ``log_plan``), the masses, the incoming gradient to use (masked for
+    a log plan, ot/logplan.py), gamma and the sides."""
+    saved, r, c = ctx.saved
+    log = ctx.opts.log_plan
+    P, V = plan_and_weight(saved, V, log)
+    return P, r, c, V, log, Sides.of(ctx.opts.gamma, ctx.opts.marginal_penalty)
 
 
 def implicit(ctx: BackwardContext, V: Tensor):
     """``implicit``: the Schur complement, solved by ``ctx.opts.implicit_solver``."""
-    P, r, c, gamma, sides = _saved(ctx)
-    return implicit_grads(P, r, c, V, gamma, sides, ctx.opts.implicit_solver)
+    P, r, c, V, log, sides = _saved(ctx, V)
+    return implicit_grads(P, r, c, V, ctx.opts.gamma, sides, ctx.opts.implicit_solver, log)
 
 
 def full(ctx: BackwardContext, V: Tensor):
     """``full``: the dense KKT system; differentiable again."""
-    P, r, c, gamma, sides = _saved(ctx)
-    return full_grads(P, r, c, V, gamma, sides)
+    P, r, c, V, log, sides = _saved(ctx, V)
+    return full_grads(P, r, c, V, ctx.opts.gamma, sides, log)
 
 
 def approx(ctx: BackwardContext, V: Tensor):
     """``approx``: the constraints ignored."""
-    P, r, c, gamma, _ = _saved(ctx)
-    return approx_grads(P, r, c, V, gamma)
+    P, r, c, V, log, _ = _saved(ctx, V)
+    return approx_grads(P, r, c, V, ctx.opts.gamma, log)
 
 
 BACKWARDS = {

@@ -62,7 +62,8 @@ class UnbalancedOptions(LayerOptions):
     ``max_iter``: iteration limit per sample, over all annealing stages; ``implicit_solver``:
     one of :data:`IMPLICIT_SOLVERS`; ``check_every``: iterations between convergence checks;
     ``warn``: raise a ConvergenceWarning for samples that did not converge; ``anneal``:
-    run the gamma schedule where it pays (annealing.py), False for a single stage.
+    run the gamma schedule where it pays (annealing.py), False for a single stage;
+    ``log_plan``: return log P instead of P.
     """
 
     marginal_penalty: tuple[float, float] = option(check=check_penalty_pair)
@@ -73,6 +74,7 @@ class UnbalancedOptions(LayerOptions):
     check_every: int = option(10, check=at_least(1))
     warn: bool = option(True, check=check_bool)
     anneal: bool = option(True, check=check_bool)
+    log_plan: bool = option(False, check=check_bool)
 
     @classmethod
     def of(cls, opts) -> UnbalancedOptions:
@@ -86,4 +88,5 @@ class UnbalancedOptions(LayerOptions):
             implicit_solver=opts.implicit_solver,
             check_every=opts.check_every,
             warn=opts.warn,
+            log_plan=opts.log_plan,
         )

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ddn_layers.base import Solved, SolverInfo
+from ddn_layers.ot import logplan
 from ddn_layers.ot.schedule import OmegaSchedule
 from ddn_layers.ot.unbalanced import annealing
 
@@ -586,11 +587,21 @@ def solve_annealed(M, r, c, gamma, rho, tol, max_iter, check_every=10, anneal=Tr
     return sol, len(gammas)
 
 
+def log_plan_of(sol: UnbalancedSolution, M: Tensor, r: Tensor, c: Tensor, gamma) -> Tensor:
+    """log P of a solution (ot/logplan.py): log of the plan where it is positive, else
+    log r (+) log c + f (+) g - gamma M, -inf on padding."""
+    problem = Problem.of(M, r, c)
+    rows, cols = problem.log_r + sol.f, problem.log_c + sol.g
+    exponent = torch.add(rows.unsqueeze(-1), cols.unsqueeze(-2)).sub_(M, alpha=gamma)
+    return logplan.log_plan(sol.P, exponent)
+
+
 def solve(opts, M: Tensor, r: Tensor, c: Tensor) -> Solved:
-    """The layer's solver (``LayerSpec.solve``): P, saved for the backward with the masses,
-    and its record."""
+    """The layer's solver (``LayerSpec.solve``): P (or log P), saved for the backward with
+    the masses, and its record."""
     sol, stages = solve_annealed(
         M, r, c, opts.gamma, opts.marginal_penalty, opts.tol, opts.max_iter,
         opts.check_every, opts.anneal,
     )  # fmt: skip
-    return Solved(sol.P, (sol.P, r, c), sol.info(stages))
+    y = log_plan_of(sol, M, r, c, opts.gamma) if opts.log_plan else sol.P
+    return Solved(y, (y, r, c), sol.info(stages))

@@ -114,17 +114,20 @@ def unrolled_stage(problem, gamma, sides, tol, max_iter, check_every, start) -> 
 
 
 def _final_plan(problem: Problem, logK: Tensor, sides: Sides, state: _State) -> Tensor:
-    """P from the potentials; an unconverged sample first gets one plain column update, so
-    that it does not end inside an over-relaxed overshoot (where exp can overflow)."""
+    """log P from the potentials; an unconverged sample first gets one plain column update,
+    so that it does not end inside an over-relaxed overshoot (where exp can overflow)."""
     if bool(state.active.any()):
         g = torch.logsumexp(logK + (problem.log_r + state.f).unsqueeze(-1), dim=-2) * -sides.phi_c
         state.g = torch.where(state.active.unsqueeze(-1), g, state.g)
-    return _log_plan(problem, logK, state.f, state.g).exp()
+    return _log_plan(problem, logK, state.f, state.g)
 
 
-def unrolled_unbalanced(M, r, c, gamma, rho, tol, max_iter, check_every=10, anneal=True):
+def unrolled_unbalanced(
+    M, r, c, gamma, rho, tol, max_iter, check_every=10, anneal=True, log_plan=False
+):
     """The problem of :func:`~ddn_layers.ot.unbalanced.solver.solve_unbalanced`, recorded
-    by autograd; returns the solution and the number of annealing stages."""
+    by autograd; returns the solution (whose ``P`` is log P with ``log_plan``, -inf and a
+    constant on padding) and the number of annealing stages."""
     floor = math.sqrt(torch.finfo(M.dtype).tiny)
     log_r, log_c = _safe_log(r, floor), _safe_log(c, floor)
     rm, cm = (r > floor).to(M.dtype), (c > floor).to(M.dtype)
@@ -138,9 +141,17 @@ def unrolled_unbalanced(M, r, c, gamma, rho, tol, max_iter, check_every=10, anne
 
     last, iterations = annealing.run_stages(stage, gammas, tol, max_iter)
     state, sides = last.result, Sides.of(gamma, rho)
-    P = _final_plan(problem, M * (-gamma), sides, state)
+    logP = _final_plan(problem, M * (-gamma), sides, state)
+    if log_plan:
+        # padding is -inf through log r, log c; the mask makes it a constant for autograd (its
+        # gradient would otherwise reach the real rows' potentials through the sums)
+        real = (rm.unsqueeze(-1) > 0) & (cm.unsqueeze(-2) > 0)
+        P = torch.where(real, logP, -math.inf)
+    else:
+        P = logP.exp()
     with torch.no_grad():
-        error = torch.nan_to_num(problem.residual(sides, P, state.f, state.g), nan=math.inf)
+        plan = P.exp() if log_plan else P
+        error = torch.nan_to_num(problem.residual(sides, plan, state.f, state.g), nan=math.inf)
     omega = state.omega.view(-1).detach()
     f = torch.where(rm > 0, state.f.detach(), -math.inf)
     g = torch.where(cm > 0, state.g.detach(), -math.inf)
@@ -152,6 +163,6 @@ def solve_unrolled(opts, M: Tensor, r: Tensor, c: Tensor) -> Solved:
     """The ``unroll`` entry's solver: autograd differentiates P through the iterations."""
     sol, stages = unrolled_unbalanced(
         M, r, c, opts.gamma, opts.marginal_penalty, opts.tol, opts.max_iter,
-        opts.check_every, opts.anneal,
+        opts.check_every, opts.anneal, opts.log_plan,
     )  # fmt: skip
     return Solved(sol.P, (), sol.info(stages))
