@@ -165,3 +165,22 @@ def test_two_node_ranks_on_one_host_with_torchrun(quiet, runs_dir, tmp_path):
     assert 0.0 <= results["test/acc"] <= 1.0
     saved = OmegaConf.load(run_dir / "config.yaml").trainer
     assert (saved.num_nodes, saved.devices, saved.strategy) == (2, 1, "ddp")
+
+
+def test_help_and_config_checks_import_neither_lightning_nor_torchvision():
+    # --help loads nothing heavy; a config is checked and printed before Lightning and the
+    # task's models are imported (torch comes with the layers whose options are checked).
+    script = (
+        "import sys, train\n"
+        "assert 'torch' not in sys.modules\n"
+        "assert train.main(['model.penalty=welch']) == 2\n"
+        "assert train.main(['--print-config']) == 0\n"
+        "heavy = {'pytorch_lightning', 'lightning_fabric', 'torchvision', 'wandb'}\n"
+        "assert not heavy & set(sys.modules), heavy & set(sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "did you mean 'welsch'?" in proc.stderr
+    assert "backward_mode: implicit" in proc.stdout

@@ -25,7 +25,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from tasks.app import rundir
 from tasks.app.config import ConfigError, RunConfig, validate_run
-from tasks.app.registry import TaskSpec, get_task
+from tasks.app.registry import TaskConfig, get_task_config
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -69,7 +69,7 @@ def load_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> Dic
     task = peek.get("task") or (resumed.get("task") if resumed else None) or RunConfig.task
     if not isinstance(task, str):
         raise ConfigError(f"task={task!r} must be a task name")
-    spec = get_task(task)
+    spec = get_task_config(task)
     cfg = _merge(spec, [s for s in (resumed, *sources) if s is not None])
 
     problems = validate_run(cfg) + spec.validate(cfg)
@@ -148,7 +148,7 @@ def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [leaf for key, value in items for leaf in _leaves(value, key)]
 
 
-def _merge(spec: TaskSpec, sources: list[DictConfig]) -> DictConfig:
+def _merge(spec: TaskConfig, sources: list[DictConfig]) -> DictConfig:
     schema = OmegaConf.structured(spec.schema)
     try:
         return OmegaConf.merge(schema, *sources)

@@ -9,13 +9,19 @@ sources are merged, and :func:`validate_run` checks the values whose type alone 
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ddn_layers import BackwardMode
+if TYPE_CHECKING:  # ddn_layers loads torch: a config is checked before torch is imported
+    from ddn_layers import BackwardMode
+
+# ddn.BackwardMode's values, spelled out so that checking a config needs no torch (a test keeps
+# the two lists equal).
+BACKWARD_MODES = ("implicit", "full", "approx", "unroll")
 
 
 class ConfigError(ValueError):
@@ -30,7 +36,7 @@ class ConfigError(ValueError):
 class DDNConfig:
     """Settings that apply to every declarative layer of the run."""
 
-    backward_mode: str = BackwardMode.IMPLICIT.value
+    backward_mode: str = "implicit"
     # Measure each declarative layer's forward/backward time and memory every N training
     # batches (0: never; nothing is hooked or synchronised then).
     profile_every_n_steps: int = 25
@@ -140,6 +146,36 @@ class RunConfig:
 
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
+# Lightning's registered strategies, spelled out so that checking a config needs no Lightning
+# import (a test keeps the list equal to StrategyRegistry.available_strategies()).
+STRATEGIES = (
+    "ddp",
+    "ddp_find_unused_parameters_false",
+    "ddp_find_unused_parameters_true",
+    "ddp_fork",
+    "ddp_fork_find_unused_parameters_false",
+    "ddp_fork_find_unused_parameters_true",
+    "ddp_notebook",
+    "ddp_notebook_find_unused_parameters_false",
+    "ddp_notebook_find_unused_parameters_true",
+    "ddp_spawn",
+    "ddp_spawn_find_unused_parameters_false",
+    "ddp_spawn_find_unused_parameters_true",
+    "deepspeed",
+    "deepspeed_stage_1",
+    "deepspeed_stage_2",
+    "deepspeed_stage_2_offload",
+    "deepspeed_stage_3",
+    "deepspeed_stage_3_offload",
+    "deepspeed_stage_3_offload_nvme",
+    "fsdp",
+    "fsdp_cpu_offload",
+    "single_device",
+    "single_tpu",
+    "single_xla",
+    "xla",
+    "xla_debug",
+)
 SCHEDULERS = ("cosine", "none")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
 PRECISIONS = (
@@ -160,11 +196,21 @@ PRECISIONS = (
 
 
 def check_choice(cfg: DictConfig, key: str, choices: Any, problems: list[str]) -> None:
-    """Append a message to ``problems`` unless the value at dotted ``key`` is in ``choices``."""
+    """Append a message to ``problems`` unless the value at dotted ``key`` is in ``choices``
+    (with the closest choice when the value looks like a typo of it)."""
     value = _select(cfg, key)
     choices = list(choices)
     if value not in choices:
-        problems.append(f"{key}={value!r} is not one of {choices}")
+        problems.append(f"{key}={value!r} is not one of {choices}{did_you_mean(value, choices)}")
+
+
+def did_you_mean(value: Any, choices: list[Any]) -> str:
+    """``"; did you mean 'x'?"`` for the choice closest to ``value``, or ``""``."""
+    if not isinstance(value, str):
+        return ""
+    names = {str(c).lower(): c for c in choices}
+    hint = difflib.get_close_matches(value.lower(), list(names), n=1, cutoff=0.6)
+    return f"; did you mean {names[hint[0]]!r}?" if hint else ""
 
 
 def check_range(
@@ -201,6 +247,8 @@ def check_layer_options(
 
 def backward_mode(cfg: DictConfig) -> BackwardMode:
     """The run's ``ddn.backward_mode`` as the enum the layers take (checked by validate_run)."""
+    from ddn_layers import BackwardMode
+
     return BackwardMode(cfg.ddn.backward_mode)
 
 
@@ -246,13 +294,10 @@ def _devices_ok(devices: Any) -> bool:
 
 def _check_launch(cfg: DictConfig, problems: list[str]) -> None:
     """Where the run's processes go: accelerator, precision, strategy, devices, nodes."""
-    from pytorch_lightning.strategies import StrategyRegistry
-
     t = cfg.trainer
     check_choice(cfg, "trainer.accelerator", ACCELERATORS, problems)
     check_choice(cfg, "trainer.precision", PRECISIONS, problems)
-    strategies = ["auto", *sorted(StrategyRegistry.available_strategies())]
-    check_choice(cfg, "trainer.strategy", strategies, problems)
+    check_choice(cfg, "trainer.strategy", ["auto", *STRATEGIES], problems)
     if isinstance(t.strategy, str) and "spawn" in t.strategy:
         # spawned processes log into loggers and callbacks the parent never sees: the test
         # stage then fails in the CSV logger after the whole fit
@@ -304,7 +349,7 @@ def _check_loops(cfg: DictConfig, problems: list[str]) -> None:
 def validate_run(cfg: DictConfig) -> list[str]:
     """Problems with the shared sections (the task validates its own ``data`` and ``model``)."""
     problems: list[str] = []
-    check_choice(cfg, "ddn.backward_mode", BackwardMode.choices(), problems)
+    check_choice(cfg, "ddn.backward_mode", BACKWARD_MODES, problems)
     check_range(cfg, "ddn.profile_every_n_steps", problems, low=0)
     _check_trainer(cfg, problems)
     check_choice(cfg, "optim.name", OPTIMIZERS, problems)

@@ -207,3 +207,29 @@ def test_registry():
     assert spec.monitor == "val/acc"
     with pytest.raises(ConfigError, match="task='nope'"):
         get_task("nope")
+
+
+def test_the_spelled_out_lists_match_the_libraries():
+    from pytorch_lightning.strategies import StrategyRegistry
+
+    from ddn_layers import BackwardMode
+    from tasks.app.config import BACKWARD_MODES, STRATEGIES
+
+    assert list(BACKWARD_MODES) == list(BackwardMode.choices())
+    assert sorted(STRATEGIES) == sorted(StrategyRegistry.available_strategies())
+
+
+def test_a_value_typo_gets_the_closest_choice():
+    message = fails("model.penalty=welch", "optim.name=adamm", "trainer.strategy=dpp")
+    assert "model.penalty='welch' is not one of" in message
+    assert "did you mean 'welsch'?" in message and "did you mean 'adam'?" in message
+    assert "did you mean 'ddp'?" in message
+    assert "did you mean" not in fails(*AVG, "ddn.backward_mode=sideways")
+
+
+def test_the_task_config_is_the_one_the_task_package_uses():
+    # config checks load <task>/config.py alone; the package must reuse that module
+    from tasks.app.registry import get_task_config
+
+    for name in task_names():
+        assert get_task_config(name).schema is get_task(name).schema
