@@ -132,7 +132,7 @@ def matching_grads(mode, S, dustbin, matches0, matches1, gamma):
     r = torch.cat([torch.ones(B, m, dtype=F64), torch.full((B, 1), float(n), dtype=F64)], 1)
     c = torch.cat([torch.ones(B, n, dtype=F64), torch.full((B, 1), float(m), dtype=F64)], 1)
     P = ddn.sinkhorn(-full, r, c, gamma=gamma, backward_mode=mode, **TIGHT)
-    loss = matching_nll(P * (m + n), matches0, matches1, mask0, mask1).sum()
+    loss = matching_nll((P * (m + n)).log(), matches0, matches1, mask0, mask1).sum()
     loss.backward()
     return S.grad, d.grad, float(loss.detach())
 
@@ -217,7 +217,7 @@ def train_trace(mode: str, steps: int, seed: int) -> list[str]:
                 gt = torch.zeros_like(real)
                 bi, ii = (b["matches0"] >= 0).nonzero(as_tuple=True)
                 gt[bi, ii, b["matches0"][bi, ii]] = True
-                binned = (A[:, :-1, -1] * b["mask0"]).sum() / b["mask0"].sum()
+                binned = (A[:, :-1, -1].exp() * b["mask0"]).sum() / b["mask0"].sum()
                 iters = net.ot.last_info.iterations.float().mean()
             lines.append(
                 f"| {step} | {float(loss.detach()):.3f} | {float(net.dustbin.detach()):+.3f} "

@@ -13,6 +13,7 @@ TASK = TaskSpec(
     build_module=build_module,
     monitor="val/f1",
     monitor_mode="max",
+    unsuitable_modes={"approx": "its gradient of the NLL on log P has no minimum: F1 falls to 0"},
     summary=(
         "val/f1",
         "test/precision",
@@ -20,6 +21,8 @@ TASK = TaskSpec(
         "test/f1",
         "test/nn_f1",
         "test/hungarian_f1",
+        "test/patch_nn_f1",
+        "test/descriptor_nn_f1",
         "test/loss",
     ),
 )

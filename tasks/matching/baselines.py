@@ -1,5 +1,7 @@
-"""Matching without learning, on raw coordinates: mutual nearest neighbours and the Hungarian
-algorithm (``scipy.optimize.linear_sum_assignment`` on Euclidean distances).
+"""Matching without the model's context or OT layer: mutual nearest neighbours and the Hungarian
+algorithm (``scipy.optimize.linear_sum_assignment``) on Euclidean distances between raw
+coordinates, and mutual nearest neighbours between descriptors (raw normalised pixel patches,
+or the model's own learned descriptors: see tasks/matching/module.py).
 
 Both produce candidate pairs with their distances; a pair is kept when its distance is at most
 ``max_distance``. Without a threshold outliers are always matched to something, so the fair
@@ -15,7 +17,10 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+# On coordinates; the descriptor baselines exist where the data (patch_nn) or the model
+# (descriptor_nn) has descriptors.
 BASELINES = ("nn", "hungarian")
+DESCRIPTOR_BASELINES = ("patch_nn", "descriptor_nn")
 
 
 def _distances(kpts0: torch.Tensor, kpts1: torch.Tensor, mask1: torch.Tensor) -> torch.Tensor:
@@ -26,8 +31,9 @@ def _distances(kpts0: torch.Tensor, kpts1: torch.Tensor, mask1: torch.Tensor) ->
 def nearest_neighbour(
     kpts0: torch.Tensor, kpts1: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mutual nearest neighbours: ``(matches0, distance)``, both (B, M); -1 and inf where a
-    point of set 0 has no candidate."""
+    """Mutual nearest neighbours of (B, M, D) and (B, N, D) features (coordinates or
+    descriptors): ``(matches0, distance)``, both (B, M); -1 and inf where a point of set 0
+    has no candidate."""
     d = _distances(kpts0, kpts1, mask1).masked_fill(~mask0.unsqueeze(2), math.inf)
     dist, best1 = d.min(2)
     best0 = d.argmin(1)

@@ -21,6 +21,7 @@ from tasks.app.config import (
     check_layer_options,
     check_range,
 )
+from tasks.matching.model import DESCRIPTORS, TRANSPORTS
 
 SOURCES = ("synthetic", "images")
 WARPS = ("similarity", "affine", "homography", "nonrigid")
@@ -93,34 +94,49 @@ class SyntheticConfig:
 
 @dataclass
 class ImageConfig:
-    """Keypoints detected (Harris corners) on scikit-image's bundled photographs and on a
-    warped copy; two keypoints match when the warp carries one to within ``match_px`` pixels
-    of the other and each is the other's nearest such keypoint. Training pairs come from
-    ``train_images``, validation and test pairs from ``eval_images`` (different photographs).
-    ``descriptors``: give each keypoint its normalised ``patch`` x ``patch`` pixel patch."""
+    """Two views of a bundled photograph (``data.source=images``, see tasks/matching/photos.py).
+
+    Photographs are resized so that their shorter side is ``short_side`` pixels. A sample is a
+    ``crop`` x ``crop`` view of one and a second view under a random ``data.warp`` (in units of
+    the view's side), each view with its own photometric change: contrast log-uniform in
+    [1/(1+contrast), 1+contrast], brightness uniform in +-``brightness``, Gaussian blur of
+    sigma uniform in [0, ``blur``] pixels, Gaussian noise of standard deviation uniform in
+    [0, ``noise``] (intensities in [0, 1]). Keypoints: the ``max_keypoints`` strongest Harris
+    corners (structure tensor at ``harris_sigma``) at least ``min_distance`` pixels apart; two
+    match when the warp carries one to within ``match_px`` pixels of the other and each is the
+    other's nearest. Every keypoint carries its ``patch`` x ``patch`` pixel patch. Training,
+    validation and test pairs come from different photographs.
+    """
 
     train_images: list[str] = field(
         default_factory=lambda: [
             "astronaut",
+            "brick",
             "camera",
-            "coffee",
+            "cell",
             "coins",
+            "gravel",
             "hubble_deep_field",
             "immunohistochemistry",
             "moon",
             "page",
-            "rocket",
+            "retina",
             "text",
         ]
     )
-    eval_images: list[str] = field(default_factory=lambda: ["cat", "clock", "brick"])
-    # Longer side, in pixels, the photographs are resized to before detection.
-    size: int = 256
-    max_keypoints: int = 48
-    min_distance: int = 6
+    val_images: list[str] = field(default_factory=lambda: ["grass", "rocket"])
+    test_images: list[str] = field(default_factory=lambda: ["chelsea", "coffee"])
+    short_side: int = 256
+    crop: int = 160
+    max_keypoints: int = 64
+    min_distance: int = 4
+    harris_sigma: float = 1.5
     match_px: float = 3.0
-    descriptors: bool = False
-    patch: int = 7
+    patch: int = 15
+    contrast: float = 0.3
+    brightness: float = 0.1
+    blur: float = 1.0
+    noise: float = 0.02
 
 
 @dataclass
@@ -157,6 +173,15 @@ class ModelConfig:
     """
 
     dim: int = 32
+    # Descriptor of a keypoint's pixel patch (data.source=images): a linear map or a CNN of
+    # `channels` base channels.
+    descriptor: str = "linear"
+    channels: int = 16
+    # dustbin: a learnable no-match row and column, balanced OT; unbalanced: soft marginals
+    # (ddn.sinkhorn's marginal_penalty=rho), what a point's row leaves untransported is its
+    # probability of no match.
+    transport: str = "dustbin"
+    rho: float = 1.0
     layers: int = 4
     heads: int = 4
     knn: int = 8
@@ -242,7 +267,7 @@ def _check_data(cfg: DictConfig, problems: list[str]) -> None:
     check_range(cfg, "data.synthetic.missing_fraction", problems, low=0.0, high=0.9)
     check_range(cfg, "data.synthetic.noise", problems, low=0.0)
 
-    for key in ("train_images", "eval_images"):
+    for key in ("train_images", "val_images", "test_images"):
         _check_list(cfg, f"data.images.{key}", BUNDLED_IMAGES, problems)
     if data.source == "images":
         kinds = [k for k in data.warp.kinds if k not in IMAGE_WARPS and k in WARPS]
@@ -251,10 +276,14 @@ def _check_data(cfg: DictConfig, problems: list[str]) -> None:
                 f"data.warp.kinds: {kinds} cannot resample an image (data.source=images takes "
                 f"{list(IMAGE_WARPS)})"
             )
-    check_range(cfg, "data.images.size", problems, low=64)
+    check_range(cfg, "data.images.crop", problems, low=32)
+    check_range(cfg, "data.images.short_side", problems, low=data.images.crop)
     check_range(cfg, "data.images.max_keypoints", problems, low=2)
     check_range(cfg, "data.images.min_distance", problems, low=1)
-    check_range(cfg, "data.images.match_px", problems, low=0.0, low_open=True)
+    for key in ("match_px", "harris_sigma"):
+        check_range(cfg, f"data.images.{key}", problems, low=0.0, low_open=True)
+    for key in ("contrast", "brightness", "blur", "noise"):
+        check_range(cfg, f"data.images.{key}", problems, low=0.0)
     check_range(cfg, "data.images.patch", problems, low=3)
     if data.images.patch % 2 == 0:
         problems.append(f"data.images.patch={data.images.patch} must be odd (centred patch)")
@@ -269,6 +298,10 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
         problems.append(f"model.dim={model.dim} must be a multiple of model.heads={model.heads}")
     check_range(cfg, "model.knn", problems, low=0)
     check_choice(cfg, "model.normalize", NORMALIZATIONS, problems)
+    check_choice(cfg, "model.descriptor", DESCRIPTORS, problems)
+    check_choice(cfg, "model.transport", TRANSPORTS, problems)
+    check_range(cfg, "model.channels", problems, low=1)
+    check_range(cfg, "model.rho", problems, low=0.0, low_open=True)
     check_range(cfg, "model.unmatched_weight", problems, low=0.0)
     check_range(cfg, "model.match_threshold", problems, low=0.0, high=1.0)
     check_range(cfg, "model.threads", problems, low=1)

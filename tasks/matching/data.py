@@ -5,9 +5,10 @@ Two sources share one sample format (a dict of tensors, see :func:`collate_pairs
 - ``synthetic``: random points in the unit square, carried by a random warp
   (similarity/affine/homography/non-rigid), with Gaussian noise, outliers on both sides and
   missing counterparts;
-- ``images``: Harris corners of one of scikit-image's bundled photographs and of a copy
-  resampled under a random warp; the ground truth comes from the warp, so detector noise,
-  corners that appear in one image only and points leaving the frame are the real thing.
+- ``images``: Harris corners of two views of one of scikit-image's bundled photographs, the
+  second under a random warp and both under photometric changes, with their pixel patches
+  (:mod:`tasks.matching.photos`); the ground truth comes from the warp, so detector noise,
+  corners that appear in one view only and points leaving the frame are the real thing.
 
 Training sample ``i`` of epoch ``e`` is a function of ``(seed, e, i)`` (fresh every epoch, the
 same in a resumed run and in any DataLoader worker); validation and test sample ``i`` is a
@@ -19,7 +20,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -77,7 +77,7 @@ def sample_warp(rng: np.random.Generator, kind: str, cfg: DictConfig) -> Warp:
     return Warp(H, centers, offsets, cfg.bump_width)
 
 
-def _pair(
+def pair_sample(
     kpts0: np.ndarray,
     kpts1: np.ndarray,
     matches0: np.ndarray,
@@ -139,100 +139,10 @@ class SyntheticPairs:
         out1 = warp(rng.uniform(-0.5, 0.5, (n_out1, 2)))
         matches0 = np.full(n_in + n_out0, -1, dtype=np.int64)
         matches0[kept] = np.arange(len(kept))
-        sample = _pair(np.concatenate([src, out0]), np.concatenate([tgt, out1]), matches0, rng)
-        return sample, warp
-
-    def sample(self, rng: np.random.Generator) -> Sample:
-        return self.draw(rng)[0]
-
-
-def _load_photo(name: str, size: int) -> np.ndarray:
-    """Grayscale float photograph from skimage.data, its longer side resized to ``size``."""
-    import skimage.data
-    from skimage.color import rgb2gray, rgba2rgb
-    from skimage.transform import rescale
-
-    image = getattr(skimage.data, name)()
-    if image.ndim == 3 and image.shape[-1] == 4:
-        image = rgba2rgb(image)
-    if image.ndim == 3:
-        image = rgb2gray(image)
-    image = image.astype(np.float64)
-    if image.max() > 1.0:
-        image = image / 255.0
-    return rescale(image, size / max(image.shape), anti_aliasing=True)
-
-
-class ImagePairs:
-    """Harris corners of a bundled photograph and of a warped copy (``data.images``)."""
-
-    def __init__(self, names: Sequence[str], cfg: DictConfig, warp: DictConfig) -> None:
-        self.names = list(names)
-        self.cfg = cfg
-        self.warp_cfg = warp
-        self.kinds = list(warp.kinds)
-        self.descriptor_dim = cfg.patch**2 if cfg.descriptors else 0
-
-    @cached_property
-    def photos(self) -> list[np.ndarray]:
-        # Loaded on first use, in whichever process (DataLoader worker) draws samples.
-        return [_load_photo(name, self.cfg.size) for name in self.names]
-
-    def _keypoints(self, image: np.ndarray) -> np.ndarray:
-        from skimage.feature import corner_harris, corner_peaks
-
-        peaks = corner_peaks(
-            corner_harris(image, sigma=1.5),
-            min_distance=self.cfg.min_distance,
-            threshold_rel=0.02,
-            num_peaks=self.cfg.max_keypoints,
+        sample = pair_sample(
+            np.concatenate([src, out0]), np.concatenate([tgt, out1]), matches0, rng
         )
-        return peaks[:, ::-1].astype(np.float64)  # (row, col) -> (x, y)
-
-    def _patches(self, image: np.ndarray, xy: np.ndarray) -> np.ndarray:
-        half = self.cfg.patch // 2
-        padded = np.pad(image, half, mode="reflect")
-        cols = np.rint(xy[:, 0]).astype(int)[:, None, None] + np.arange(-half, half + 1)
-        rows = np.rint(xy[:, 1]).astype(int)[:, None, None] + np.arange(-half, half + 1)[:, None]
-        patches = padded[rows + half, cols + half].reshape(len(xy), -1)
-        patches = patches - patches.mean(1, keepdims=True)
-        return patches / np.maximum(np.linalg.norm(patches, axis=1, keepdims=True), 1e-6)
-
-    def draw(self, rng: np.random.Generator, attempts: int = 20) -> tuple[Sample, Warp]:
-        from skimage.transform import ProjectiveTransform, warp
-
-        for _ in range(attempts):
-            image = self.photos[rng.integers(len(self.photos))]
-            kind = self.kinds[rng.integers(len(self.kinds))]
-            w = sample_warp(rng, kind, self.warp_cfg)
-            h, wd = image.shape
-            side = max(h, wd)
-            # Normalised coordinates: pixels less the image centre, over the longer side.
-            to_unit = np.array(
-                [[1 / side, 0, -wd / 2 / side], [0, 1 / side, -h / 2 / side], [0, 0, 1]]
-            )
-            H_px = np.linalg.inv(to_unit) @ w.H @ to_unit
-            warped = warp(image, ProjectiveTransform(np.linalg.inv(H_px)), output_shape=image.shape)
-            xy0, xy1 = self._keypoints(image), self._keypoints(warped)
-            if len(xy0) and len(xy1):
-                break
-        else:
-            raise RuntimeError(
-                f"no keypoints found in {attempts} warped copies of {self.names}; "
-                "lower data.images.min_distance or raise data.images.size"
-            )
-        proj = ProjectiveTransform(H_px)(xy0)
-        dist = np.linalg.norm(proj[:, None] - xy1[None], axis=-1)
-        nearest1, nearest0 = dist.argmin(1), dist.argmin(0)
-        mutual = nearest0[nearest1] == np.arange(len(xy0))
-        close = dist[np.arange(len(xy0)), nearest1] < self.cfg.match_px
-        matches0 = np.where(mutual & close, nearest1, -1)
-        desc0 = desc1 = None
-        if self.cfg.descriptors:
-            desc0, desc1 = self._patches(image, xy0), self._patches(warped, xy1)
-        kpts0 = (np.c_[xy0, np.ones(len(xy0))] @ to_unit.T)[:, :2]
-        kpts1 = (np.c_[xy1, np.ones(len(xy1))] @ to_unit.T)[:, :2]
-        return _pair(kpts0, kpts1, matches0, rng, desc0, desc1), w
+        return sample, warp
 
     def sample(self, rng: np.random.Generator) -> Sample:
         return self.draw(rng)[0]
@@ -298,15 +208,18 @@ def collate_pairs(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def build_sources(cfg: DictConfig) -> tuple[PairSource, PairSource]:
-    """(training source, evaluation source) of a ``data`` section."""
+def build_sources(cfg: DictConfig) -> dict[str, PairSource]:
+    """The source of each split (``train``, ``val``, ``test``) of a ``data`` section."""
     if cfg.source == "images":
-        return (
-            ImagePairs(cfg.images.train_images, cfg.images, cfg.warp),
-            ImagePairs(cfg.images.eval_images, cfg.images, cfg.warp),
-        )
+        from tasks.matching.photos import PhotoPairs
+
+        images = cfg.images
+        return {
+            split: PhotoPairs(images[f"{split}_images"], images, cfg.warp)
+            for split in ("train", "val", "test")
+        }
     source = SyntheticPairs(cfg.synthetic, cfg.warp)
-    return source, source
+    return dict.fromkeys(("train", "val", "test"), source)
 
 
 class MatchingData(SplitData):
@@ -317,15 +230,15 @@ class MatchingData(SplitData):
 
     def __init__(self, cfg: DictConfig, seed: int = 0) -> None:
         super().__init__(cfg, seed, collate_fn=collate_pairs)
-        self.train_source, self.eval_source = build_sources(cfg)
-        self.descriptor_dim = self.train_source.descriptor_dim
+        self.sources = build_sources(cfg)
+        self.descriptor_dim = self.sources["train"].descriptor_dim
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
         cfg = self.cfg
         self.splits = {
-            "train": Stream(self.train_source, cfg.train_size),
-            "val": Fixed(self.eval_source, cfg.val_size, cfg.split_seed, "val"),
-            "test": Fixed(self.eval_source, cfg.test_size, cfg.split_seed, "test"),
+            "train": Stream(self.sources["train"], cfg.train_size),
+            "val": Fixed(self.sources["val"], cfg.val_size, cfg.split_seed, "val"),
+            "test": Fixed(self.sources["test"], cfg.test_size, cfg.split_seed, "test"),
         }

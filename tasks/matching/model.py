@@ -32,6 +32,8 @@ import ddn_layers as ddn
 LOG_FLOOR = 1e-12
 
 Batch = Mapping[str, torch.Tensor]
+DESCRIPTORS = ("linear", "cnn")
+TRANSPORTS = ("dustbin", "unbalanced")
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -129,6 +131,36 @@ class LocalShape(nn.Module):
         return self.post(torch.where(valid.any(2), pooled, 0.0))
 
 
+class PatchEncoder(nn.Module):
+    """A small CNN on square pixel patches: (B, K, p * p) -> (B, K, dim), computed for the
+    real points only (``mask`` (B, K)); padding rows stay zero. A 5 x 5 and a 3 x 3
+    convolution, both of stride 2 (the first at full resolution dominates a CPU's time, so it
+    strides at once), keep the patch's layout, which a linear map of the flattened output
+    reads, so where a feature lies in the patch counts."""
+
+    def __init__(self, patch: int, dim: int, channels: int = 16) -> None:
+        super().__init__()
+        self.patch = patch
+        c = channels
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, c, 5, stride=2, padding=2),
+            nn.ReLU(),
+            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        side = (patch + 3) // 4
+        self.out = nn.Linear(2 * c * side * side, dim)
+
+    def forward(self, desc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        p = self.patch
+        # Unit-norm patches have pixels of about 1/p: scaled back to unit variance.
+        real = desc[mask].view(-1, 1, p, p) * p
+        out = desc.new_zeros(*mask.shape, self.out.out_features)
+        out[mask] = self.out(self.conv(real))
+        return out
+
+
 class Attention(nn.Module):
     """Pre-norm multi-head attention from ``x`` to ``context`` plus an MLP, both residual."""
 
@@ -173,6 +205,10 @@ class MatchingNet(nn.Module):
         normalize: str = "center",
         radial_frame: bool = False,
         descriptor_dim: int = 0,
+        descriptor: str = "linear",
+        channels: int = 16,
+        transport: str = "dustbin",
+        rho: float = 1.0,
         gamma: float = 10.0,
         ot_tol: float = 1e-4,
         ot_max_iter: int = 500,
@@ -184,11 +220,24 @@ class MatchingNet(nn.Module):
             raise ValueError(
                 f"normalize must be one of ['none', 'center', 'whiten'], got {normalize!r}"
             )
+        if descriptor not in DESCRIPTORS:
+            raise ValueError(f"descriptor must be one of {list(DESCRIPTORS)}, got {descriptor!r}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {list(TRANSPORTS)}, got {transport!r}")
+        if descriptor == "cnn" and math.isqrt(descriptor_dim) ** 2 != descriptor_dim:
+            raise ValueError(
+                f"descriptor='cnn' needs square patches: descriptor_dim={descriptor_dim}"
+            )
         self.normalize = normalize
         self.radial_frame = radial_frame
+        self.transport = transport
         self.position = _mlp(3 if radial_frame else 2, dim, dim)
         self.local = LocalShape(knn, dim, radial_frame) if knn > 0 else None
-        self.descriptor = nn.Linear(descriptor_dim, dim) if descriptor_dim else None
+        self.descriptor: nn.Module | None = None
+        if descriptor_dim and descriptor == "cnn":
+            self.descriptor = PatchEncoder(math.isqrt(descriptor_dim), dim, channels)
+        elif descriptor_dim:
+            self.descriptor = nn.Linear(descriptor_dim, dim)
         self.self_attn = nn.ModuleList(Attention(dim, heads) for _ in range(layers))
         self.cross_attn = nn.ModuleList(Attention(dim, heads) for _ in range(layers))
         self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
@@ -197,6 +246,7 @@ class MatchingNet(nn.Module):
             gamma=gamma,
             tol=ot_tol,
             max_iter=ot_max_iter,
+            marginal_penalty=rho if transport == "unbalanced" else None,
             **(ot_kwargs or {}),
         )
 
@@ -210,8 +260,24 @@ class MatchingNet(nn.Module):
         if self.local is not None:
             h = h + self.local(x, mask)
         if self.descriptor is not None and desc is not None:
-            h = h + self.descriptor(desc)
+            h = h + self._describe(desc, mask)
         return h
+
+    def _describe(self, desc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.descriptor, PatchEncoder):
+            return self.descriptor(desc, mask)
+        return self.descriptor(desc)
+
+    def descriptors(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learned descriptors before any attention, unit-normalised: (B, M, dim) and
+        (B, N, dim) (zero on padding). What mutual nearest neighbours on the model's own
+        descriptors match, without the encoder's context or the OT layer."""
+        if self.descriptor is None or "desc0" not in batch:
+            raise ValueError("descriptors: the model has no descriptor or the batch no desc0")
+        out = [
+            F.normalize(self._describe(batch[f"desc{s}"], batch[f"mask{s}"]), dim=-1) for s in "01"
+        ]
+        return out[0], out[1]
 
     def scores(self, batch: Batch) -> torch.Tensor:
         """Cosine similarities (B, M, N) of the final embeddings, in [-1, 1]."""
@@ -235,9 +301,15 @@ class MatchingNet(nn.Module):
         return f[:B, :M] @ f[B:, :N].transpose(1, 2)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """The assignment (B, M+1, N+1) of a batch as ``collate_pairs`` makes it."""
+        """The log-assignment (B, M+1, N+1) of a batch as ``collate_pairs`` makes it: log
+        match probabilities, column N and row M the log probabilities of no match (-inf on
+        padding)."""
         S = self.scores(batch)
-        mask0, mask1 = batch["mask0"], batch["mask1"]
+        if self.transport == "unbalanced":
+            return self._unbalanced(S, batch["mask0"], batch["mask1"])
+        return self._dustbin(S, batch["mask0"], batch["mask1"])
+
+    def _dustbin(self, S: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor) -> torch.Tensor:
         B, M, N = S.shape
         bin_col = self.dustbin.expand(B, M, 1)
         bin_row = self.dustbin.expand(B, 1, N + 1)
@@ -247,31 +319,56 @@ class MatchingNet(nn.Module):
         r = torch.cat([mask0.to(S.dtype), n], dim=1)
         c = torch.cat([mask1.to(S.dtype), m], dim=1)
         P = self.ot(-S, r, c)
-        return P * (m + n).unsqueeze(-1)
+        return _log(P, r > 0, c > 0) + (m + n).log().unsqueeze(-1)
+
+    def _unbalanced(
+        self, S: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor
+    ) -> torch.Tensor:
+        """Soft marginals instead of a dustbin: a unit of mass per real point, which the
+        plan may leave untransported at a KL price (``rho``); what a point's row (column)
+        leaves of its unit is its probability of no match. The learnable ``dustbin`` score is
+        the similarity that breaks even: costs are ``dustbin - S``."""
+        P = self.ot(self.dustbin - S, mask0.to(S.dtype), mask1.to(S.dtype))
+        # Mass is soft, so a row may carry slightly more than its unit: no-match is then 0.
+        alone0 = _log((1 - P.sum(2)).clamp_min(0), mask0)
+        alone1 = _log((1 - P.sum(1)).clamp_min(0), mask1)
+        log_p = _log(P, mask0, mask1)
+        corner = S.new_full((S.shape[0], 1, 1), -math.inf)
+        log_p = torch.cat([log_p, alone0.unsqueeze(2)], dim=2)
+        return torch.cat([log_p, torch.cat([alone1.unsqueeze(1), corner], dim=2)], dim=1)
+
+
+def _log(P: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+    """log P (B, K) or (B, K, L), -inf where ``rows`` (B, K) or ``cols`` (B, L) is false
+    (padding); elsewhere floored, which guards float32 underflow (a NaN gradient) only."""
+    real = rows if cols is None else rows.unsqueeze(-1) & cols.unsqueeze(-2)
+    return P.clamp_min(LOG_FLOOR).log().masked_fill(~real, -math.inf)
 
 
 def matching_nll(
-    assignment: torch.Tensor,
+    log_assignment: torch.Tensor,
     matches0: torch.Tensor,
     matches1: torch.Tensor,
     mask0: torch.Tensor,
     mask1: torch.Tensor,
     unmatched_weight: float = 1.0,
 ) -> torch.Tensor:
-    """Per-sample loss (B,): mean -log assignment of the ground-truth matches, plus
-    ``unmatched_weight`` times the mean -log dustbin probability of the unmatched points of
-    both sets. Each mean is over that sample's own terms (a sample without unmatched points
-    contributes no dustbin term), so a sample's loss does not depend on what it is batched
-    with or how much it is padded."""
-    M, N = assignment.shape[1] - 1, assignment.shape[2] - 1
-    logp = assignment.clamp_min(LOG_FLOOR).log()
+    """Per-sample loss (B,) of a log-assignment (B, M+1, N+1): mean -log probability of the
+    ground-truth matches, plus ``unmatched_weight`` times the mean -log probability of no
+    match of the unmatched points of both sets. Each mean is over that sample's own terms (a
+    sample without unmatched points contributes no dustbin term), so a sample's loss does
+    not depend on what it is batched with or how much it is padded."""
+    M, N = log_assignment.shape[1] - 1, log_assignment.shape[2] - 1
     matched = matches0 >= 0
     to = matches0.clamp_min(0).unsqueeze(-1)
-    match_logp = logp[:, :M].gather(2, to).squeeze(-1)
-    match_nll = -(match_logp * matched).sum(1) / matched.sum(1).clamp_min(1)
+    match_logp = log_assignment[:, :M].gather(2, to).squeeze(-1)
+    # where, not a product: padding and unmatched entries may be -inf.
+    zero = log_assignment.new_zeros(())
+    match_nll = -torch.where(matched, match_logp, zero).sum(1) / matched.sum(1).clamp_min(1)
     alone0 = mask0 & (matches0 < 0)
     alone1 = mask1 & (matches1 < 0)
-    bin_logp = (logp[:, :M, N] * alone0).sum(1) + (logp[:, M, :N] * alone1).sum(1)
+    bin_logp = torch.where(alone0, log_assignment[:, :M, N], zero).sum(1)
+    bin_logp = bin_logp + torch.where(alone1, log_assignment[:, M, :N], zero).sum(1)
     bin_nll = -bin_logp / (alone0.sum(1) + alone1.sum(1)).clamp_min(1)
     return match_nll + unmatched_weight * bin_nll
 

@@ -18,7 +18,9 @@ from tasks.matching.model import Batch, MatchingNet, matching_nll, mutual_matche
 class MatchingModule(DeclarativeTask):
     """Logs ``<split>/precision``, ``<split>/recall``, ``<split>/f1`` for train, val and test,
     and the losses (see DeclarativeTask). The test split also scores the baselines with the
-    same metric: ``test/nn_f1``, ``test/hungarian_f1`` (and their precision and recall)."""
+    same metric: ``test/nn_f1``, ``test/hungarian_f1`` on coordinates and, where the samples
+    carry patches, ``test/patch_nn_f1`` (raw patches) and ``test/descriptor_nn_f1`` (the
+    model's own descriptors), with their precision and recall."""
 
     progress_bar = "f1"
 
@@ -35,7 +37,10 @@ class MatchingModule(DeclarativeTask):
         self.unmatched_weight = model["unmatched_weight"]
         self.threshold = model["match_threshold"]
         self.baseline_metrics = torch.nn.ModuleDict(
-            {name: match_metrics(f"test/{name}_") for name in baselines_names(baselines)}
+            {
+                name: match_metrics(f"test/{name}_")
+                for name in baselines_names(baselines, descriptor_dim)
+            }
         )
         # name -> max_distance; tuned on the validation set when the config leaves it null.
         self.max_distance: dict[str, float] = {}
@@ -55,13 +60,13 @@ class MatchingModule(DeclarativeTask):
             self._threads_before = None
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """The assignment matrix (B, M+1, N+1) of a collated batch (see MatchingNet)."""
+        """The log-assignment (B, M+1, N+1) of a collated batch (see MatchingNet)."""
         return self.net(batch)
 
     def evaluate(self, batch: Batch, split: str) -> Evaluation:
-        assignment = self(batch)
+        log_assignment = self(batch)
         loss = matching_nll(
-            assignment,
+            log_assignment,
             batch["matches0"],
             batch["matches1"],
             batch["mask0"],
@@ -69,17 +74,31 @@ class MatchingModule(DeclarativeTask):
             self.unmatched_weight,
         ).mean()
         predicted = mutual_matches(
-            assignment.detach(), batch["mask0"], batch["mask1"], self.threshold
+            log_assignment.detach().exp(), batch["mask0"], batch["mask1"], self.threshold
         )
         return Evaluation(loss, predicted, batch["matches0"], len(batch["mask0"]))
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         super().test_step(batch, batch_idx)
         for name, metrics in self.baseline_metrics.items():
-            matches0, distance = _baseline(name, batch)
+            matches0, distance = self.baseline(name, batch)
             predicted = baselines.within(matches0, distance, self.max_distance[name])
             metrics.update(predicted, batch["matches0"])
             self.log_metrics(metrics, len(batch["mask0"]))
+
+    @torch.no_grad()
+    def baseline(self, name: str, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(matches0, distance)`` (B, M) of the baseline ``name`` on a batch."""
+        mask0, mask1 = batch["mask0"], batch["mask1"]
+        if name == "hungarian":
+            return baselines.hungarian(batch["kpts0"], batch["kpts1"], mask0, mask1)
+        if name == "patch_nn":
+            features = batch["desc0"], batch["desc1"]
+        elif name == "descriptor_nn":
+            features = self.net.descriptors(batch)
+        else:
+            features = batch["kpts0"], batch["kpts1"]
+        return baselines.nearest_neighbour(*features, mask0, mask1)
 
     def on_test_epoch_start(self) -> None:
         fixed = self.hparams.baselines["max_distance"]
@@ -92,37 +111,39 @@ class MatchingModule(DeclarativeTask):
         # Every rank reads the whole validation set (a plain loader, not sharded), so all
         # ranks find the same thresholds without communicating.
         loader = self.trainer.datamodule.val_dataloader()
-        self.max_distance.update(tune_max_distance(loader, todo))
+        self.max_distance.update(self.tune_max_distance(loader, todo))
 
     def on_test_epoch_end(self) -> None:
         for name in self.baseline_metrics:
             self.log(f"test/{name}_max_distance", self.max_distance[name], sync_dist=False)
 
+    def tune_max_distance(self, loader: Any, names: list[str]) -> dict[str, float]:
+        """Each baseline's F1-maximising distance threshold over the batches of ``loader``."""
+        found: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {n: ([], []) for n in names}
+        actual = 0
+        for batch in loader:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            actual += int((batch["matches0"] >= 0).sum())
+            for name in names:
+                matches0, distance = self.baseline(name, batch)
+                found[name][0].append(distance.flatten().cpu().numpy())
+                correct = (matches0 >= 0) & (matches0 == batch["matches0"])
+                found[name][1].append(correct.flatten().cpu().numpy())
+        return {
+            name: baselines.best_max_distance(np.concatenate(d), np.concatenate(c), actual)
+            for name, (d, c) in found.items()
+        }
 
-def baselines_names(cfg: dict[str, Any]) -> tuple[str, ...]:
-    return baselines.BASELINES if cfg["enabled"] else ()
 
-
-def _baseline(name: str, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    method = baselines.nearest_neighbour if name == "nn" else baselines.hungarian
-    return method(batch["kpts0"], batch["kpts1"], batch["mask0"], batch["mask1"])
-
-
-def tune_max_distance(loader: Any, names: list[str]) -> dict[str, float]:
-    """Each baseline's F1-maximising distance threshold over the batches of ``loader``."""
-    found: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {n: ([], []) for n in names}
-    actual = 0
-    for batch in loader:
-        actual += int((batch["matches0"] >= 0).sum())
-        for name in names:
-            matches0, distance = _baseline(name, batch)
-            found[name][0].append(distance.flatten().cpu().numpy())
-            correct = (matches0 >= 0) & (matches0 == batch["matches0"])
-            found[name][1].append(correct.flatten().cpu().numpy())
-    return {
-        name: baselines.best_max_distance(np.concatenate(d), np.concatenate(c), actual)
-        for name, (d, c) in found.items()
-    }
+def baselines_names(cfg: dict[str, Any], descriptor_dim: int) -> list[str]:
+    """The baselines a run scores: on coordinates always, on raw patches where the data has
+    them, on the model's descriptors where the model has some."""
+    if not cfg["enabled"]:
+        return []
+    names = list(baselines.BASELINES)
+    if descriptor_dim:
+        names += baselines.DESCRIPTOR_BASELINES
+    return names
 
 
 def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> MatchingModule:

@@ -11,7 +11,6 @@ from omegaconf import OmegaConf
 from tasks.matching.config import DataConfig
 from tasks.matching.data import (
     Fixed,
-    ImagePairs,
     Stream,
     SyntheticPairs,
     collate_pairs,
@@ -118,19 +117,3 @@ def test_homography_keeps_points_finite_at_the_largest_perspective():
     corners = np.array([[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]])
     for _ in range(100):
         assert np.isfinite(sample_warp(rng, "homography", cfg.warp)(corners)).all()
-
-
-def test_image_pairs_ground_truth_follows_the_warp():
-    cfg = data_cfg()
-    cfg.images.descriptors = True
-    cfg.warp.kinds = ["homography"]
-    source = ImagePairs(["camera"], cfg.images, cfg.warp)
-    for seed in range(2):
-        sample, warp = source.draw(np.random.default_rng(seed))
-        src, tgt = matched(sample)
-        assert len(src) >= 5
-        # match_px pixels, in units of the image's longer side
-        tol = cfg.images.match_px / cfg.images.size
-        assert np.linalg.norm(warp(src) - tgt, axis=1).max() < tol
-        assert sample["desc0"].shape == (len(sample["kpts0"]), cfg.images.patch**2)
-        assert source.descriptor_dim == cfg.images.patch**2

@@ -29,25 +29,34 @@ def tiny_net(mode="implicit", **kwargs) -> MatchingNet:
     return net
 
 
-def samples(n: int = 3, seed: int = 0):
+def samples(n: int = 3, seed: int = 0, patch: int = 0):
+    """Synthetic pairs; with ``patch``, each point also gets a random patch x patch patch."""
     cfg = OmegaConf.structured(DataConfig)
     cfg.synthetic.min_inliers, cfg.synthetic.max_inliers = 4, 9
     source = SyntheticPairs(cfg.synthetic, cfg.warp)
     rng = np.random.default_rng(seed)
-    return [source.sample(rng) for _ in range(n)]
+    out = [source.sample(rng) for _ in range(n)]
+    for s in out if patch else ():
+        for side in "01":
+            s[f"desc{side}"] = torch.randn(len(s[f"kpts{side}"]), patch * patch)
+    return out
 
 
 def run(net, batch, weight=0.7):
     batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
-    assignment = net(batch)
+    log_assignment = net(batch)
     keys = ("matches0", "matches1", "mask0", "mask1")
-    return assignment, matching_nll(assignment, *(batch[k] for k in keys), weight)
+    return log_assignment, matching_nll(log_assignment, *(batch[k] for k in keys), weight)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_padded_batch_equals_samples_one_by_one(mode, single_thread):
-    net = tiny_net(mode)
-    items = samples()
+@pytest.mark.parametrize(
+    ("mode", "options"),
+    [(mode, {}) for mode in MODES]
+    + [("implicit", {"transport": "unbalanced", "descriptor": "cnn", "descriptor_dim": 25})],
+)
+def test_padded_batch_equals_samples_one_by_one(mode, options, single_thread):
+    net = tiny_net(mode, **options)
+    items = samples(patch=5 if options else 0)
     sizes = [(len(s["kpts0"]), len(s["kpts1"])) for s in items]
     assert len(set(sizes)) > 1, "the samples need padding"
 
@@ -70,7 +79,7 @@ def test_padding_takes_no_mass_and_dustbins_take_the_rest():
     net = tiny_net()
     batch = collate_pairs(samples())
     with torch.no_grad():
-        A, _ = run(net, batch)
+        A = run(net, batch)[0].exp()
     m0, m1 = batch["mask0"], batch["mask1"]
     M, N = m0.shape[1], m1.shape[1]
     assert (A[:, :M][~m0] == 0).all() and (A[:, :, :N].transpose(1, 2)[~m1] == 0).all()
@@ -107,14 +116,15 @@ def test_loss_is_small_for_the_true_assignment_and_weights_the_dustbin():
     mask0, mask1 = torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool)
     A = torch.zeros(1, 4, 3)
     A[0, 0, 1] = A[0, 1, 0] = A[0, 2, 2] = 1.0
-    zero = matching_nll(A, matches0, matches1, mask0, mask1)
+    zero = matching_nll(A.log(), matches0, matches1, mask0, mask1)
     assert float(zero) == pytest.approx(0.0, abs=1e-6)
     A[0, 2, 2] = 0.5
-    loss = matching_nll(A, matches0, matches1, mask0, mask1, unmatched_weight=2.0)
+    loss = matching_nll(A.log(), matches0, matches1, mask0, mask1, unmatched_weight=2.0)
     assert float(loss) == pytest.approx(2.0 * math.log(2.0))
-    # a zero probability is clamped, not -inf
-    A[0, 0, 1] = 0.0
-    assert math.isfinite(float(matching_nll(A, matches0, matches1, mask0, mask1)))
+    # -inf (zero probability) where no term looks leaves the loss and its gradient finite
+    log_a = A.log().requires_grad_()
+    matching_nll(log_a, matches0, matches1, mask0, mask1).backward()
+    assert torch.isfinite(log_a.grad).all() and float(log_a.grad[0, 0, 1]) == -0.5
 
 
 def test_mutual_matches_need_both_directions_and_the_threshold():
@@ -130,6 +140,20 @@ def test_mutual_matches_need_both_directions_and_the_threshold():
     assert mutual_matches(A, pad, mask, 0.1)[0, 2] == -1
 
 
+def test_unbalanced_transport_leaves_the_rest_of_each_unit_to_no_match():
+    net = tiny_net(transport="unbalanced", rho=0.5)
+    assert net.ot.marginal_penalty == (0.5, 0.5)
+    batch = collate_pairs(samples())
+    with torch.no_grad():
+        A = run(net, batch)[0].exp()
+    m0, m1 = batch["mask0"], batch["mask1"]
+    M, N = m0.shape[1], m1.shape[1]
+    assert (A[:, :M][~m0] == 0).all() and (A[:, :, :N].transpose(1, 2)[~m1] == 0).all()
+    rows = A[:, :M].sum(2)[m0]
+    assert (rows >= 1 - 1e-9).all() and (A[:, :M, N][m0] <= 1).all()
+    assert (A[:, M, N] == 0).all()
+
+
 def test_the_ot_layer_is_the_one_declarative_layer():
     net = MatchingNet(dim=8, heads=2)
     assert declarative_layers(net) == [("ot", net.ot)]
@@ -137,3 +161,7 @@ def test_the_ot_layer_is_the_one_declarative_layer():
     assert net.ot.backward_mode is ddn.BackwardMode.UNROLL
     with pytest.raises(ValueError, match="normalize"):
         MatchingNet(normalize="sphere")
+    with pytest.raises(ValueError, match="transport"):
+        MatchingNet(transport="dustpan")
+    with pytest.raises(ValueError, match="square patches"):
+        MatchingNet(descriptor="cnn", descriptor_dim=24)

@@ -4,6 +4,7 @@ failing before anything is built, naming the key."""
 
 from __future__ import annotations
 
+import csv
 from types import SimpleNamespace
 
 import pytest
@@ -47,6 +48,39 @@ def test_fast_dev_run_in_every_mode(quiet, mode):
     assert results["ddn/net_ot/bwd_peak_mib"] > 0
 
 
+# Photographs at the smallest sizes: a few steps of a CNN on 7 x 7 patches.
+TINY_IMAGES = [
+    "data.source=images",
+    "data.images.crop=48",
+    "data.images.short_side=64",
+    "data.images.max_keypoints=12",
+    "data.images.patch=7",
+    "model.descriptor=cnn",
+    "model.channels=2",
+    "model.normalize=none",
+    "model.knn=0",
+]
+
+
+def test_images_train_end_to_end_with_every_baseline_in_the_csv(quiet, runs_dir):
+    overrides = ["trainer.max_epochs=1", "data.train_size=8", "name=images"]
+    cfg = load_config(["configs/matching_images.yaml"], [*quiet, *TINY, *TINY_IMAGES, *overrides])
+    results = run(cfg)
+    names = ("nn", "hungarian", "patch_nn", "descriptor_nn")
+    for key in ("test/f1", *(f"test/{name}_f1" for name in names)):
+        assert 0.0 <= results[key] <= 1.0, key
+    assert results["val/f1"] >= 0.0 and results["test/loss"] > 0
+    with open(runs_dir / "images" / "csv" / "version_0" / "metrics.csv") as f:
+        logged = set(next(csv.reader(f)))
+    assert {f"test/{name}_f1" for name in names} <= logged
+
+
+def test_unbalanced_transport_trains(quiet):
+    overrides = ["trainer.fast_dev_run=true", "model.transport=unbalanced", "model.rho=0.5"]
+    results = run(load_config((), [*quiet, *TINY, *overrides]))
+    assert 0.0 <= results["test/f1"] <= 1.0 and results["test/loss"] > 0
+
+
 def test_shipped_config_and_task_spec():
     cfg = load_config(["configs/matching.yaml"], [])
     assert cfg.task == "matching" and cfg.model.normalize == "whiten"
@@ -54,6 +88,11 @@ def test_shipped_config_and_task_spec():
     assert load_config((), ["task=matching"]).name.startswith("matching-implicit-")
     spec = get_task("matching")
     assert spec.monitor == "val/f1" and "test/hungarian_f1" in spec.summary
+    assert "test/patch_nn_f1" in spec.summary and "test/descriptor_nn_f1" in spec.summary
+    images = load_config(["configs/matching_images.yaml"], [])
+    assert images.data.source == "images" and images.model.descriptor == "cnn"
+    splits = [set(images.data.images[f"{s}_images"]) for s in ("train", "val", "test")]
+    assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
 
 
 @pytest.mark.parametrize("radial_frame", [True, False])
@@ -85,7 +124,9 @@ def test_bad_values_name_their_key():
     assert "data.synthetic.max_inliers" in fails("data.synthetic.max_inliers=3")
     assert "model.gamma" in fails("model.gamma=0")
     assert "baselines.max_distance" in fails("baselines.max_distance=-1.0")
-    assert "data.images.eval_images: 'lena'" in fails("data.images.eval_images=[lena]")
+    assert "data.images.test_images: 'lena'" in fails("data.images.test_images=[lena]")
+    assert "model.transport='dustpan'" in fails("model.transport=dustpan")
+    assert "model.rho" in fails("model.rho=0")
 
 
 def test_options_that_do_not_fit_together():
