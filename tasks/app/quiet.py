@@ -52,6 +52,14 @@ def silence_library_noise() -> None:
     warnings.filterwarnings(
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=Warning
     )
+    # Lightning suggests DataLoader workers; for in-memory datasets (digits) they cost more
+    # than they save, and data.num_workers is there for the others.
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    # The first checkpoint callback is the one that keeps the best (see checkpoint_callbacks).
+    warnings.filterwarnings("ignore", ".*configured with multiple `ModelCheckpoint` callbacks.*")
+    # Lightning looks for the position in the epoch in the loader; DataPosition keeps it and
+    # the data module starts from it, so a mid-epoch resume does continue with the next batch.
+    warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")
 
 
 class CppNoteFilter:

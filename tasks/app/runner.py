@@ -47,15 +47,6 @@ from tasks.app.summary import ModelTable, print_summary
 
 RESULTS_FILE = "results.json"
 
-# Lightning suggests DataLoader workers; for in-memory datasets (digits) they cost more than
-# they save, and data.num_workers is there for the others.
-warnings.filterwarnings("ignore", ".*does not have many workers.*")
-# The first checkpoint callback is the one that keeps the best (see checkpoint_callbacks).
-warnings.filterwarnings("ignore", ".*configured with multiple `ModelCheckpoint` callbacks.*")
-# Lightning looks for the position in the epoch in the loader; DataPosition keeps it and the
-# data module starts from it, so a mid-epoch resume does continue with the next batch.
-warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")
-
 
 @contextmanager
 def _run_name_for_other_ranks(name: str) -> Iterator[None]:
@@ -218,7 +209,7 @@ def _warn_if_unsuitable(cfg: DictConfig, unsuitable: dict[str, str]) -> None:
     if reason is not None and rank_zero_only.rank == 0:
         print(
             f"warning: ddn.backward_mode={cfg.ddn.backward_mode} cannot train the {cfg.task} "
-            f"task: {reason}",
+            f"task: {reason} (use another mode)",
             file=sys.stderr,
             flush=True,
         )
