@@ -1,12 +1,16 @@
 """Draw the optimal transport benchmark figures from its CSV alone (no solver is run).
 
-python scripts/plot_ot.py                       # docs/benchmarks/ot/ot.csv -> *.png
-python scripts/plot_ot.py --csv /tmp/ot/ot.csv --out /tmp/ot
+.venv/bin/python scripts/plot_ot.py                 # docs/benchmarks/ot/ot.csv -> *.png
+.venv/bin/python scripts/plot_ot.py --csv /tmp/ot/ot.csv --out /tmp/ot
+
+The forward panel draws one line for the modes that run the same forward solver (their
+measured forward times differ by noise only), labelled with the solver's iterations.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from benchutil import read_csv  # noqa: E402
+from plot_common import emphasis, legend_below, save  # noqa: E402
 
 STYLE = {
     "implicit/auto": dict(color="C0", marker="o", label="implicit (auto)"),
@@ -24,6 +29,12 @@ STYLE = {
     "unroll/auto": dict(color="C1", marker="x", label="unroll (autograd)"),
     "pot/log": dict(color="C7", marker="+", label="POT sinkhorn_log + autograd"),
 }
+
+
+# Modes whose forward is the same solver run (they differ in the backward only): their forward
+# times differ by noise alone, so the figure shows one forward line for them.
+SHARED_FORWARD = ("implicit/auto", "implicit/cholesky", "implicit/cg", "full/auto", "approx/auto")
+DEFAULT = "implicit/auto"
 
 
 def _series(rows, section, batch, key):
@@ -41,6 +52,39 @@ def _series(rows, section, batch, key):
     return out
 
 
+def _shared_forward(rows, batch):
+    """Per size, the median forward time of the modes in SHARED_FORWARD and its iterations."""
+    times: dict[float, list[float]] = {}
+    iterations: dict[float, str] = {}
+    for row in rows:
+        name = f"{row['mode']}/{row['solver']}"
+        if row["section"] != "size" or int(row["batch"]) != batch or name not in SHARED_FORWARD:
+            continue
+        if row["fwd_ms"]:
+            times.setdefault(float(row["m"]), []).append(float(row["fwd_ms"]))
+            iterations[float(row["m"])] = row["iterations"]
+    xs = sorted(times)
+    return xs, [statistics.median(times[x]) for x in xs], [iterations[x] for x in xs]
+
+
+def _draw(ax, name, xs, ys) -> None:
+    style = {**STYLE.get(name, dict(label=name)), **emphasis(name == DEFAULT)}
+    ax.plot(xs, ys, **style)
+
+
+def _forward_panel(ax, rows, batch, ser) -> None:
+    xs, ys, iterations = _shared_forward(rows, batch)
+    if xs:
+        label = "forward of implicit, full, approx (one solver; median of their runs)"
+        ax.plot(xs, ys, color="k", marker="o", lw=2, zorder=4, label=label)
+        for x, y, it in zip(xs, ys, iterations, strict=True):
+            # the iterations the solver needed explain the time at each size
+            ax.annotate(f"{it} it", (x, y), textcoords="offset points", xytext=(4, -11), fontsize=7)
+    for name, (sx, sy) in ser.items():
+        if name not in SHARED_FORWARD:
+            _draw(ax, name, sx, sy)
+
+
 def plot_sizes(rows, out: Path, batch: int) -> Path | None:
     keys = [
         ("fwd_ms", "forward time (ms)"),
@@ -50,32 +94,33 @@ def plot_sizes(rows, out: Path, batch: int) -> Path | None:
     series = [_series(rows, "size", batch, k) for k, _ in keys]
     if not any(series):
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, (_key, label), ser in zip(axes, keys, series, strict=True):
-        for name, (xs, ys) in ser.items():
-            ax.plot(xs, ys, **STYLE.get(name, dict(label=name)))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
+    for ax, (key, label), ser in zip(axes, keys, series, strict=True):
+        if key == "fwd_ms":
+            _forward_panel(ax, rows, batch, ser)
+        else:
+            for name in sorted(ser, key=lambda n: n == DEFAULT):  # the default drawn last
+                _draw(ax, name, *ser[name])
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("m = n")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    bottom = legend_below(fig, axes, ncol=4)
     fig.suptitle(f"Entropic OT (gamma = 10, float32), batch {batch}")
-    fig.tight_layout()
-    path = out / f"ot_size_b{batch}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    return save(fig, out / f"ot_size_b{batch}.png", dpi=120)
 
 
 def plot_iterations(rows, out: Path) -> Path | None:
     ser = _series(rows, "iters", 1, "peak_mib")
     if not ser:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for name, (xs, ys) in ser.items():
+    fig, ax = plt.subplots(figsize=(6.5, 5.0))
+    for name in sorted(ser, key=lambda n: n == DEFAULT):  # the default drawn last
+        xs, ys = ser[name]
         order = sorted(range(len(xs)), key=xs.__getitem__)
-        ax.plot([xs[i] for i in order], [ys[i] for i in order], **STYLE.get(name, {}))
+        _draw(ax, name, [xs[i] for i in order], [ys[i] for i in order])
     m = next(r["m"] for r in rows if r["section"] == "iters")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -83,12 +128,9 @@ def plot_iterations(rows, out: Path) -> Path | None:
     ax.set_ylabel("peak memory, fwd + bwd (MiB)")
     ax.set_title(f"Memory against iterations, {m} x {m}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "ot_iterations.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    bottom = legend_below(fig, [ax], ncol=2)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    return save(fig, out / "ot_iterations.png", dpi=120)
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 """Draw the robust pooling benchmark's figures from its CSV alone.
 
-    python scripts/plot_pool.py [--csv docs/benchmarks/pool/pool.csv]
+    .venv/bin/python scripts/plot_pool.py [--csv docs/benchmarks/pool/pool.csv]
 
 Writes, beside the CSV: ``fig1_<kind>.png`` (the paper's Fig. 1: time and peak memory of the
 forward and the implicit backward against the number of points, one line per penalty, with
@@ -18,9 +18,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from benchutil import read_csv  # noqa: E402
+from plot_common import emphasis, legend_below, save  # noqa: E402
 
 PENALTIES = ("quadratic", "pseudo-huber", "huber", "welsch", "truncated-quadratic")
 LBFGS = "torch.optim.LBFGS"
+# The default (implicit, auto) first; each variant has its own marker so that lines lying on
+# one another stay told apart.
+MARKERS = ("o", "s", "^", "D", "v", "x")
 VARIANTS = [
     ("implicit", "auto", "implicit (auto)"),
     ("implicit", "cholesky", "implicit, C x C Cholesky"),
@@ -65,13 +69,6 @@ def _plot(ax, n, v, *args, **kw) -> None:
         ax.plot(n, v, *args, **kw)
 
 
-def _legend(axes) -> None:
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, ncol=2)
-            return
-
-
 def _log_axes(ax, **kw) -> None:
     """Log-log when the panel has data; a panel left empty by a partial run stays linear."""
     ax.set(**kw)
@@ -81,7 +78,7 @@ def _log_axes(ax, **kw) -> None:
 
 
 def fig1(rows, kind, out: Path) -> None:
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+    fig, axes = plt.subplots(2, 2, figsize=(10, 8.3))
     panels = [
         ("fwd_ms", "forward time (ms)"),
         ("bwd_ms", "backward time (ms), implicit"),
@@ -98,30 +95,31 @@ def fig1(rows, kind, out: Path) -> None:
         _log_axes(ax, title=title)
     for ax in axes[1]:
         ax.set_xlabel("points n = s x s (C = 128, batch 1)")
-    _legend(axes.flat)
+    bottom = legend_below(fig, axes.flat, ncol=5, fontsize=7)
     fig.suptitle(f"Robust vector pooling on this CPU, float32, {kind} input")
-    fig.tight_layout()
-    fig.savefig(out / f"fig1_{kind}.png", dpi=110)
-    plt.close(fig)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    save(fig, out / f"fig1_{kind}.png", dpi=110)
 
 
 def modes(rows, kind, out: Path) -> None:
     pens = ("pseudo-huber", "welsch")
-    fig, axes = plt.subplots(2, len(pens), figsize=(11, 7.5))
+    fig, axes = plt.subplots(2, len(pens), figsize=(11, 8.2))
     for j, pen in enumerate(pens):
         panels = (("bwd_ms", 0, "time (ms)"), ("bwd_peak_mib", 1, "peak memory (MiB)"))
         for key, row, label in panels:
             ax = axes[row, j]
-            for i, (mode, solver, name) in enumerate(VARIANTS):
+            # the default last, over the others: its hollow markers let theirs show through
+            order = list(enumerate(VARIANTS))[1:] + [(0, VARIANTS[0])]
+            for i, (mode, solver, name) in order:
                 n, v = _series(rows, kind, pen, mode, solver, key)
-                _plot(ax, n, v, "o-", color=f"C{i}", label=name)
+                style = dict(color=f"C{i}", marker=MARKERS[i], label=name, **emphasis(i == 0))
+                _plot(ax, n, v, **style)
             _log_axes(ax, title=f"{pen}: backward {label}")
         axes[1, j].set_xlabel("points n (C = 128, batch 1)")
-    _legend(axes.flat)
+    bottom = legend_below(fig, axes.flat, ncol=3)
     fig.suptitle(f"Backward modes, float32, {kind} input")
-    fig.tight_layout()
-    fig.savefig(out / f"modes_{kind}.png", dpi=110)
-    plt.close(fig)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    save(fig, out / f"modes_{kind}.png", dpi=110)
 
 
 def resnet(rows, out: Path) -> None:
@@ -129,7 +127,7 @@ def resnet(rows, out: Path) -> None:
     if not res:
         return
     kinds = sorted({k[0] for k in res})
-    fig, axes = plt.subplots(len(kinds), 2, figsize=(13, 4.2 * len(kinds)), squeeze=False)
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(16, 4.2 * len(kinds)), squeeze=False)
 
     def bars(ax, series, key):
         width = 0.8 / len(series)
@@ -138,7 +136,8 @@ def resnet(rows, out: Path) -> None:
             ax.bar([p + i * width for p in range(len(PENALTIES))], vals, width, label=label)
         ax.set_xticks([p + 0.4 - width / 2 for p in range(len(PENALTIES))], PENALTIES, fontsize=8)
         ax.set_yscale("log")
-        ax.legend(fontsize=7)
+        # beside the bars, not over them
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
 
     nan = float("nan")
     for k, kind in enumerate(kinds):
@@ -148,8 +147,7 @@ def resnet(rows, out: Path) -> None:
         bars(axes[k, 1], lbfgs, "fwd_ms")
         axes[k, 1].set(ylabel="forward time (ms)", title=f"forward, {kind}")
     fig.tight_layout()
-    fig.savefig(out / "resnet.png", dpi=110)
-    plt.close(fig)
+    save(fig, out / "resnet.png", dpi=110)
 
 
 def main(argv=None) -> None:

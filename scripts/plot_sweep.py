@@ -1,6 +1,6 @@
 """Draw a backward-mode sweep's figure and write its README from the sweep's CSV alone.
 
-    python scripts/plot_sweep.py [--csv docs/benchmarks/sweeps/classification/sweep.csv]
+    .venv/bin/python scripts/plot_sweep.py [--csv docs/benchmarks/sweeps/classification/sweep.csv]
 
 Writes, beside the CSV: ``sweep.png`` (four panels, one bar per run: the test metric, time
 per training step, the declarative layers' forward and backward time, their backward peak
@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from benchutil import read_csv  # noqa: E402
+from plot_common import runnable, save  # noqa: E402
 
 PNG = "sweep.png"
 MODE_COLORS = {
@@ -118,13 +119,14 @@ def _bars(ax, labels, values, colors, title, log=False, fmt="{:.3g}"):
     ax.margins(x=0.25)
 
 
-def _paired_bars(ax, ys, upper, lower, labels, title) -> None:
+def _paired_bars(ax, ys, upper, lower, labels, title, notes=None) -> None:
     """Two horizontal bars per row (``upper`` above ``lower``: (values, colours)), each
-    labelled with its value, on a log axis."""
+    labelled with its value (and the upper one with ``notes[i]`` when given), on a log axis."""
     for shift, (values, colour) in ((-0.2, upper), (0.2, lower)):
         ax.barh([y + shift for y in ys], values, height=0.4, color=colour)
-        for y, v in zip(ys, values, strict=True):
-            ax.text(v, y + shift, f" {v:.3g}", va="center", fontsize=7)
+        for i, (y, v) in enumerate(zip(ys, values, strict=True)):
+            note = notes[i] if notes is not None and shift < 0 else ""
+            ax.text(v, y + shift, f" {v:.3g}{note}", va="center", fontsize=7)
     ax.set_yticks(ys, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
@@ -153,13 +155,17 @@ def plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     ys = list(range(len(layered)))
     colours = [MODE_COLORS.get(r["mode"], "tab:purple") for r in layered]
     labels = [label(r) for r in layered]
+    # every mode but unroll runs the same forward solver: the iterations it needed (which the
+    # trained weights decide) are what sets its time apart from one run to another
+    iterations = [_iterations(r) for r in layered]
     _paired_bars(
         axes[1, 0],
         ys,
         ([r["fwd_ms"] for r in layered], "tab:gray"),
         ([r["bwd_ms"] for r in layered], colours),
         labels,
-        "layer time: forward (grey) and backward (colour), ms",
+        "layer time: forward (grey, solver iterations) and backward (colour), ms",
+        notes=iterations,
     )
     _paired_bars(
         axes[1, 1],
@@ -172,10 +178,12 @@ def plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=110)
+
+
+def _iterations(row: dict[str, Any]) -> str:
+    value = row.get("iters_mean", math.nan)
+    return "" if value is None or math.isnan(value) else f" ({value:.3g} it)"
 
 
 def load_meta(csv_path: str | Path) -> dict[str, Any]:
@@ -199,10 +207,10 @@ def write_readme(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | P
         "Every run trains the same model with the same seed and budget; only the backward mode"
         + (" (and for classification the final pool)" if task == "classification" else "")
         + " changes. Regenerate with the command below; redraw the figure and this file from the"
-        " CSV alone with `python scripts/plot_sweep.py --csv "
+        " CSV alone with `.venv/bin/python scripts/plot_sweep.py --csv "
         f"docs/benchmarks/sweeps/{task}/sweep.csv` (or `make plots`).",
         "",
-        f"- Command: `{meta.get('command', '?')}`",
+        f"- Command: `{runnable(meta.get('command', '?'))}`",
         f"- Budget (config overlay): `{meta.get('config', '?')}`; every run: "
         f"`{' '.join(meta.get('train_args', []))}`",
         f"- Machine: {meta.get('cpu', '?')}, {meta.get('cpu_count', '?')} cores, torch "
@@ -229,18 +237,31 @@ def write_readme(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | P
         markdown_table(rows),
         "",
         "`step ms`: median wall time of a training step (forward, backward, optimiser step)."
-        " Layer columns: medians over the profiled steps (`ddn/<layer>/...`, every "
-        "`ddn.profile_every_n_steps` steps, first dropped) of the declarative layer's forward"
-        " and backward wall time (on a CPU, timed on a step without the memory profiler, which"
-        " measures the next one), the backward's peak memory (what the forward kept plus the "
-        "backward's own peak, from the torch profiler's allocation records) and what the "
-        "forward keeps for the backward; `-`: the run has no declarative layer.",
+        f" Layer columns: medians over the profiled steps ({_profiled_steps(meta)}) of the "
+        "declarative layer's forward and backward wall time (on a CPU, timed on steps without "
+        "the memory profiler, which measures the next one), the backward's peak memory (what "
+        "the forward kept plus the backward's own peak, from the torch profiler's allocation "
+        "records) and what the forward keeps for the backward; `-`: the run has no declarative"
+        " layer. Every mode but `unroll` runs the same forward solver, yet each run trains its"
+        " own weights, so its forward solves other problems: the figure gives the solver's mean"
+        " iterations beside each forward time, which say when that matters (`approx` stopping at"
+        " the iteration cap); between runs with the same iterations the difference is noise.",
         "",
         f"![sweep]({PNG})",
         "",
     ]
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def _profiled_steps(meta: dict[str, Any]) -> str:
+    if meta.get("profiler") == "bursts":
+        return (
+            "a warm-up batch set aside, then 5 consecutive steps every "
+            "`ddn.profile_every_n_steps` steps; `summary.json` of each run has their quartiles "
+            "and count"
+        )
+    return "`ddn/<layer>/...`, one step every `ddn.profile_every_n_steps` steps, first dropped"
 
 
 def regenerate(csv_path: str | Path) -> list[Path]:

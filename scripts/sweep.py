@@ -13,9 +13,10 @@ backward mode) and ``robust`` once per mode. Extra ``key=value`` arguments reach
 From each run's CSV log (``<run>/csv/version_0/metrics.csv``) the sweep reads the test
 metric (``test/acc`` or ``test/f1``), the time per training step (``time/train_step_ms``,
 logged every epoch) and every declarative layer's ``ddn/<layer>/fwd_ms``, ``bwd_ms``,
-``bwd_peak_mib``, ``saved_mib`` and ``iters_mean`` (medians over the profiled steps, first one
-dropped; a model with several declarative layers gets their times and saved memory summed and
-the largest peak). It writes, to ``--out`` (default ``docs/benchmarks/sweeps/<task>/``):
+``bwd_peak_mib``, ``saved_mib`` and ``iters_mean`` (medians over the timed steps, from the run's
+``summary.json`` where it wrote one, else over the CSV's logged values with the first dropped; a
+model with several declarative layers gets their times and saved memory summed and the largest
+peak). It writes, to ``--out`` (default ``docs/benchmarks/sweeps/<task>/``):
 ``sweep.csv`` + ``sweep.meta.json`` (the command, the machine, whether other jobs shared it),
 ``sweep.png`` and ``README.md`` (``plot_sweep.py`` redraws both from the CSV alone).
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import statistics
@@ -134,6 +136,7 @@ def read_run(run_dir: Path, task: str) -> dict[str, Any]:
             if values:
                 stats[s].append(_median(values))
     out["layers"] = "+".join(layers)
+    _medians_from_summary(run_dir, layers, stats, out)
     for s in LAYER_STATS:
         if not stats[s]:
             out[s] = math.nan
@@ -142,6 +145,25 @@ def read_run(run_dir: Path, task: str) -> dict[str, Any]:
         else:
             out[s] = sum(stats[s])
     return out
+
+
+def _medians_from_summary(
+    run_dir: Path, layers: list[str], stats: dict[str, list[float]], out: dict[str, Any]
+) -> None:
+    """Replace the CSV-derived medians with the run's ``summary.json`` (the median over every
+    timed step, not over the logged per-burst medians), where the run wrote one."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return
+    summary = json.loads(path.read_text())
+    step = summary.get("time/train_step_ms")
+    if isinstance(step, dict):
+        out["train_step_ms"] = step["median"]
+    for s in LAYER_STATS:
+        values = [summary.get(f"ddn/{layer}/{s}") for layer in layers]
+        values = [v["median"] for v in values if isinstance(v, dict)]
+        if layers and len(values) == len(layers):
+            stats[s] = values
 
 
 def train_args(args: argparse.Namespace, pool: str, mode: str, name: str) -> list[str]:
@@ -325,6 +347,8 @@ def main(argv=None) -> list[dict[str, Any]]:
         "other_processes": sorted(seen),
         "shared": bool(seen),
         "runs_dir": str(sweep_dir),
+        # how train.py chose the layer's timed steps (see tasks/app/callbacks/ddn_profiler.py)
+        "profiler": "bursts",
     }
     csv_path = write_csv(args.out / "sweep.csv", rows, meta)
     png, readme = plot_sweep.regenerate(csv_path)
