@@ -92,7 +92,8 @@ def test_run_files_and_wandb_offline(quiet, runs_dir):
     data = records.read_bytes()
     for name in ("ddn/net_pool/fwd_ms", "ddn/net_pool/bwd_ms", "ddn/net_pool/bwd_peak_mib",
                  "ddn/net_pool/iters_mean", "ddn/net_pool/residual_max", "test/acc",
-                 "classification-unroll", "git_commit"):  # fmt: skip
+                 "classification-unroll", "git_commit", "RobustPool2d", "ddn_layer_shapes",
+                 "ddn/net_pool/fwd_ms_p25", "ddn/net_pool/fwd_ms_n"):  # fmt: skip
         assert name.encode() in data, name
     assert (run_dir / "wandb_id").read_text().strip() in offline.name
 

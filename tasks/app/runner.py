@@ -261,6 +261,11 @@ def _fit_and_test(
     with _run_name_for_other_ranks(cfg.name):
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt)
     fit_seconds = time.perf_counter() - start
+    # before testing: restoring the best checkpoint for the test also restores the callbacks'
+    # states, which would take the profiler back to the samples it had at that checkpoint
+    stats: dict[str, Any] = {}
+    for kind in (DDNProfiler, StepTimer):
+        stats.update(next(c for c in trainer.callbacks if isinstance(c, kind)).summary())
     results: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if checkpoint is not None and checkpoint.best_model_score is not None:
         results[f"best/{checkpoint.monitor}"] = float(checkpoint.best_model_score)
@@ -271,9 +276,6 @@ def _fit_and_test(
             results.update({k: float(v) for k, v in metrics.items()})
         results["test_seconds"] = time.perf_counter() - start
     results["fit_seconds"] = fit_seconds
-    stats: dict[str, Any] = {}
-    for kind in (DDNProfiler, StepTimer):
-        stats.update(next(c for c in trainer.callbacks if isinstance(c, kind)).summary())
     results.update(medians(stats))
     return results, stats
 

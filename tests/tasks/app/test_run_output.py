@@ -86,6 +86,10 @@ def check_resume_messages(runs_dir, capfd):
     longer = ["ckpt=last", "name=short", "trainer.max_epochs=2", "logger.wandb=false"]
     run(load_config((), [f"runs_dir={runs_dir}", *longer]))
     assert "resuming short from epoch 1, step 8 (checkpoint " in capfd.readouterr().out
+    # the steps timed before the resume count too (and testing the best checkpoint, which
+    # restores the callbacks' states, does not take them back)
+    summary = json.loads((runs_dir / "short" / "summary.json").read_text())
+    assert summary["ddn/net_pool/fwd_ms"]["n"] == 10
 
 
 def test_a_mode_that_cannot_train_the_task_is_a_one_line_warning(capsys):
