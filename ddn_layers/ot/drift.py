@@ -53,14 +53,22 @@ BISECTIONS = 6
 """Bisection steps after the search has bracketed the maximum."""
 
 
+EAGER = (0.5, 3)
+"""(improvement factor, patience) of the eager watch (``DriftWatch(eager=True)``): a step
+wherever the error has not halved in 3 checks. The stages of an annealed solve use it: they
+start near their solution, where the Newton step is in its quadratic regime, and at the
+gamma that needs annealing the scaling iteration's linear rate is too slow to finish."""
+
+
 class DriftWatch:
     """Per active sample (host lists, compacted with the batch): the best error, the checks
-    since it improved by 1%, and the patience."""
+    since it improved by 1% (by half when ``eager``), and the patience."""
 
-    def __init__(self, batch: int, floor: float) -> None:
+    def __init__(self, batch: int, floor: float, eager: bool = False) -> None:
+        self.factor, patience = EAGER if eager else (0.99, PATIENCE)
         self.best = [math.inf] * batch
         self.waited = [0] * batch
-        self.patience = [PATIENCE] * batch
+        self.patience = [patience] * batch
         self.floor = floor  # errors below it may be rounding noise, which no step removes
 
     def keep(self, rows: list[int]) -> None:
@@ -73,7 +81,7 @@ class DriftWatch:
         """Record a check's errors; the positions now due for a Newton step."""
         due = []
         for i, err in enumerate(errors):
-            if err < 0.99 * self.best[i]:
+            if err < self.factor * self.best[i]:
                 self.best[i], self.waited[i] = err, 0
             else:
                 self.waited[i] += 1

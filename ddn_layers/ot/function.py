@@ -10,16 +10,16 @@ from torch import Tensor
 from ddn_layers.base import LayerSpec, SolverInfo, run_layer
 from ddn_layers.checks import ConvergenceWarning, check_tensor, compute_dtype
 from ddn_layers.modes import BackwardMode
+from ddn_layers.ot.annealed import solve
 from ddn_layers.ot.backward import BACKWARDS
 from ddn_layers.ot.options import OTOptions
-from ddn_layers.ot.solver import solve
 from ddn_layers.ot.unbalanced import UnbalancedOptions, unbalanced_with_options
 
 SPEC = LayerSpec(
     name="sinkhorn",
     solve=solve,
     backwards=BACKWARDS,
-    extra_keys=("omega", "rate"),
+    extra_keys=("omega", "rate", "stages", "stalled", "newton_steps"),
     # full's dense solve is built by differentiable operations; implicit's solves write into
     # preallocated buffers (out=), which autograd cannot follow, and approx differentiated
     # again would approximate dP/dM a second time, not differentiate its own first derivative
@@ -99,11 +99,17 @@ def sinkhorn(
         gamma: inverse regularisation strength (> 0, a number or a one-element tensor without
             grad); any value is numerically safe. It is not differentiated (a tensor that
             requires grad is a ValueError): P depends on M and gamma only through gamma * M,
-            so a learned gamma is ``sinkhorn(gamma * M, r, c, gamma=1.0)``.
+            so a learned gamma is ``sinkhorn(gamma * M, r, c, gamma=1.0)``. Where gamma
+            times the spread of a sample's costs exceeds 500, the forward anneals: it solves
+            at gamma / 4^k first and raises gamma stage by stage, each warm-started from the
+            last and taking Newton steps on the dual where the error stops halving
+            (ot/annealed.py); ``unroll`` runs the single stage.
         tol: convergence tolerance on ||P 1 - r||_1 + ||P^T 1 - c||_1 (marginals normalised),
             measured on the plan returned.
-        max_iter: iteration limit per sample; a sample that does not converge raises a
-            ConvergenceWarning naming how many did not.
+        max_iter: iteration limit per sample, over all annealing stages; a sample that
+            does not converge raises a ConvergenceWarning naming how many did not. A sample
+            whose error settles above tol at the precision floor of its potentials (large
+            gamma in float32) stops there, before max_iter, and the warning gives that floor.
         backward_mode: one of ``ddn.BackwardMode`` (implicit, full, approx, unroll).
             ``approx`` ignores the constraints: the derivative of P with Sinkhorn's scalings
             held fixed, dJ/dM = -gamma P o V, dJ/dr = (P o V) 1 / r, dJ/dc = (P o V)^T 1 / c
@@ -140,11 +146,13 @@ def sinkhorn(
             In float16 or bfloat16 the float32 log P is cast back (float16 rounds values
             below -65504 to -inf).
         return_info: also return a :class:`~ddn_layers.SolverInfo`, per sample:
-            ``iterations``; ``residual``, the L1 marginal error of the returned plan itself
-            (||P 1 - r||_1 + ||P^T 1 - c||_1 with P as returned, r and c normalised);
-            ``converged``, whether that meets tol; ``extra["omega"]`` the over-relaxation
-            factor used, ``extra["rate"]`` the estimated rate of plain Sinkhorn (0 where none
-            was seen).
+            ``iterations`` (all stages); ``residual``, the L1 marginal error of the returned
+            plan itself (||P 1 - r||_1 + ||P^T 1 - c||_1 with P as returned, r and c
+            normalised); ``converged``, whether that meets tol; ``extra["omega"]`` the
+            over-relaxation factor used, ``extra["rate"]`` the estimated rate of plain
+            Sinkhorn (0 where none was seen), ``extra["stages"]`` the annealing stages run,
+            ``extra["stalled"]`` whether it stopped at its precision floor,
+            ``extra["newton_steps"]`` the Newton steps on the dual taken.
 
     Returns:
         P (log P with ``log_plan``) with the shape of M (and the SolverInfo if
@@ -210,13 +218,16 @@ def _warn_unconverged(info: SolverInfo, opts: OTOptions) -> None:
     n_bad = int((~info.converged).sum())
     if not n_bad:
         return
-    stalled = bool((info.iterations[~info.converged] < opts.max_iter).any())
-    hint = (
-        "an unrolled solve stopped where its error stalled at the precision floor: "
-        "raise tol or use float64"
-        if stalled
-        else "raise max_iter or lower gamma"
-    )
+    missed = ~info.converged
+    stalled = info.extra["stalled"][missed]
+    if bool(stalled.any()):
+        floor = float(info.residual[missed][stalled].min())
+        hint = (
+            f"the marginal error stalled at the precision floor of the potentials (smallest "
+            f"{floor:.3g}; large gamma in float32): raise tol or use float64"
+        )
+    else:
+        hint = "raise max_iter or lower gamma"
     warnings.warn(
         f"sinkhorn: {n_bad} of {info.converged.numel()} sample(s) did not reach "
         f"tol={opts.tol:g} within max_iter={opts.max_iter} (largest marginal error "

@@ -37,13 +37,22 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from ddn_layers.base import Solved, SolverInfo
-from ddn_layers.ot import blocks, drift, logplan
+from ddn_layers.base import SolverInfo
+from ddn_layers.ot import blocks, drift
 from ddn_layers.ot.blocks import kernel_times
 from ddn_layers.ot.schedule import OmegaSchedule
 
 LIMITS = {torch.float32: (-60.0, 15.0), torch.float64: (-600.0, 100.0)}
 """(flush threshold for log K, absorption threshold for |log u|, |log v|) per dtype."""
+
+STALL_CHECKS = 20
+"""Checks of the plain iteration without a 1% improvement on the best error (``STALL_FACTOR``),
+below the precision floor, after which a sample stops unconverged instead of running to
+max_iter (the unbalanced solver's rule, over a longer window: in float32 a slow but real
+descent near the floor sets new bests only every few checks, through the rounding noise)."""
+
+STALL_FACTOR = 0.99
+"""The improvement on the best error that resets the stall count."""
 
 
 @dataclass
@@ -62,10 +71,15 @@ class SinkhornSolution:
     # (B,) estimated rate of the plain iteration (error factor per iteration, 0 = not seen):
     # 1 / (1 - rate) approximates the condition number of the backward's Schur complement
     rate: Tensor
+    stalled: Tensor  # (B,) bool: stopped unconverged at the precision floor (not at max_iter)
+    newton: Tensor  # (B,) int64: Newton steps on the dual taken (drift.py)
 
-    def info(self) -> SolverInfo:
-        """The per-sample record, with ``omega`` and ``rate`` as extras."""
-        extra = {"omega": self.omega, "rate": self.rate}
+    def info(self, stages: Tensor | None = None) -> SolverInfo:
+        """The per-sample record, with ``omega``, ``rate``, ``stages`` (annealing stages run,
+        (B,); one each when None), ``stalled`` and ``newton_steps`` as extras."""
+        st = torch.ones_like(self.omega) if stages is None else stages
+        extra = {"omega": self.omega, "rate": self.rate, "stages": st, "stalled": self.stalled}
+        extra["newton_steps"] = self.newton
         return SolverInfo(self.iterations, self.residual, self.converged, extra)
 
 
@@ -196,6 +210,7 @@ class _Check:
     done: list[bool]  # converged
     overflow: list[bool]  # not finite at omega = 1: the scaling domain over/underflowed
     omega_before: list[float]  # the factors the block ran with
+    stalled: list[bool]  # at the precision floor, no longer improving (STALL_CHECKS)
 
 
 class _Results:
@@ -209,6 +224,8 @@ class _Results:
         self.iterations = [max_iter] * B
         self.residual = [math.inf] * B
         self.converged = [False] * B
+        self.stalled = [False] * B
+        self.newton = [0] * B
         self.omega = [1.0] * B
         self.rate = [0.0] * B
 
@@ -247,13 +264,15 @@ class _Results:
             tensor(self.converged, torch.bool),
             tensor(self.omega),
             tensor(self.rate),
+            tensor(self.stalled, torch.bool),
+            tensor(self.newton, torch.long),
         )
 
 
 class _Run:
     """Everything the solve loop updates: the active samples' problem, iterate and schedule."""
 
-    def __init__(self, M, r, c, gamma, tol, max_iter, check_every, overrelax) -> None:
+    def __init__(self, M, r, c, gamma, tol, max_iter, check_every, overrelax, start, eager):
         B, m, n = M.shape
         dtype, device = M.dtype, M.device
         lo, tau = LIMITS.get(dtype, LIMITS[torch.float32])
@@ -272,13 +291,27 @@ class _Run:
         self.padded = self.problem.padded
         self.rows = list(range(B))  # the active samples' positions in the batch
         self.results = _Results(B, m, n, max_iter, M)
-        f = torch.zeros(B, m, dtype=dtype, device=device)
-        g = torch.zeros(B, n, dtype=dtype, device=device)
+        f, g = _start_potentials(self.problem, gamma, start)
         self.iterate = _fresh_iterate(self, f, g)
         self.schedule = OmegaSchedule(B, torch.finfo(dtype).eps)
         self.keep_w = self.schedule.keep_weight(self.iterate.u)  # 1 - omega, per sample
         self.buffers = blocks.BlockBuffers()
-        self.drift = drift.DriftWatch(B, self.schedule.floor)
+        self.drift = drift.DriftWatch(B, self.schedule.floor, eager)
+        self.best = [math.inf] * B  # the best error seen
+        self.flat = [0] * B  # checks in a row without improvement below the floor
+
+    def floor_watch(self, errors: list[float]) -> list[bool]:
+        """Record a check's errors; which samples have stalled at the precision floor: their
+        best error below it (the potentials' rounding, at large gamma in float32, leaves an
+        error there that no iteration removes) and no improvement for STALL_CHECKS checks of
+        the plain iteration (an over-relaxed one at the floor swings with the rounding noise
+        that omega amplifies, and the schedule then settles it on plain)."""
+        for i, e in enumerate(errors):
+            if e < STALL_FACTOR * self.best[i]:
+                self.best[i], self.flat[i] = e, 0
+            elif self.best[i] < self.schedule.floor and self.schedule.omega[i] == 1.0:
+                self.flat[i] += 1
+        return [k >= STALL_CHECKS for k in self.flat]
 
     def unscaled(self, x: Tensor, s: float) -> Tensor:
         return x if s == 1.0 else blocks.times(x, s, self.settings.zero, self.settings.one)
@@ -289,6 +322,20 @@ class _Run:
         cur.u, cur.v = self.unscaled(cur.u, cur.u_scale), self.unscaled(cur.v, cur.v_scale)
         cur.Kv = self.unscaled(cur.Kv, cur.v_scale)
         cur.u_scale = cur.v_scale = 1.0
+
+
+def _start_potentials(problem: _Problem, gamma: float, start) -> tuple[Tensor, Tensor]:
+    """The first potentials (0 on padding): zero, or ``start`` after one exact log-domain
+    iteration, since the kernel of potentials carried over from another gamma can be out of
+    range (a row flushed whole) where the scaling iteration would start."""
+    B, m, n = problem.M.shape
+    if start is None:
+        like = problem.M
+        return like.new_zeros(B, m), like.new_zeros(B, n)
+    f, g = start
+    g = torch.where(problem.col_mask > 0, g, -math.inf)  # no padded column counts
+    f, g = blocks.log_domain_block(problem.M, gamma, f, g, problem.log_r, problem.log_c, 1)
+    return torch.where(problem.row_mask > 0, f, 0.0), torch.where(problem.col_mask > 0, g, 0.0)
 
 
 def _new_kernel(run: _Run, f: Tensor, g: Tensor) -> Tensor:
@@ -395,7 +442,7 @@ def _check(run: _Run, steps: int) -> _Check:
         ),
         *_scaling_ranges(cur.u, cur.v),
     ]
-    check = _Check([], [], [], [], [], list(run.schedule.omega))
+    check = _Check([], [], [], [], [], list(run.schedule.omega), [])
     for e_r, e_c, u_lo, u_hi, v_lo, v_hi in zip(*torch.stack(stats).tolist(), strict=True):
         e = e_r + e_c
         u_lo, u_hi = (
@@ -416,6 +463,7 @@ def _check(run: _Run, steps: int) -> _Check:
         check.finite.append(ok)
         check.big.append(big)
         check.done.append(ok and not big and e <= settings.tol)
+    check.stalled = run.floor_watch(check.errors)
     if settings.overrelax:
         run.schedule.update(check.errors, check.finite, steps)
     # A non-finite or non-positive scaling: where it was over-relaxed the schedule has just
@@ -495,8 +543,9 @@ def _keep_failed(run: _Run, check: _Check, done, passed, P: Tensor, whole: bool)
     return good
 
 
-def _record_retired(run: _Run, done, sel: Tensor, P: Tensor, errors, iterations: int) -> None:
-    """Store the retired samples' plans P, potentials and record (positions ``done``)."""
+def _record_retired(run: _Run, done, sel: Tensor, P: Tensor, errors, iterations, stalled=False):
+    """Store the retired samples' plans P, potentials and record (positions ``done``): all
+    converged, or all ``stalled`` (converged where the plan still meets tol)."""
     cur, res, sched = run.iterate, run.results, run.schedule
     batch_rows = torch.tensor([run.rows[i] for i in done], device=cur.K.device)
     whole = len(done) == len(run.rows)
@@ -504,8 +553,23 @@ def _record_retired(run: _Run, done, sel: Tensor, P: Tensor, errors, iterations:
     res.plans.append((batch_rows, P))
     for i, e in zip(done, errors, strict=True):
         b = run.rows[i]
-        res.iterations[b], res.residual[b], res.converged[b] = iterations, e, True
+        res.iterations[b], res.residual[b] = iterations, e
+        res.converged[b], res.stalled[b] = e <= run.settings.tol or not stalled, stalled
         res.omega[b], res.rate[b] = sched.omega[i], sched.mu2[i]
+
+
+def _retire_stalled(run: _Run, check: _Check, iterations: int) -> None:
+    """Record the samples stalled at their precision floor, unconverged (unless the plan
+    returned meets tol after all), and drop them from the active batch."""
+    cur = run.iterate
+    at = [i for i, s in enumerate(check.stalled) if s]
+    whole = len(at) == len(run.rows)
+    sel = torch.tensor(at, device=cur.K.device)
+    P = _plan(cur.K, cur.u, cur.v, None if whole else sel)
+    errors = run.problem.plan_errors(P, None if whole else sel)
+    errors = torch.nan_to_num(errors, nan=math.inf).tolist()
+    _record_retired(run, at, sel, P, errors, iterations, stalled=True)
+    _compact(run, check, [i for i, s in enumerate(check.stalled) if not s])
 
 
 def _compact(run: _Run, check: _Check, keep: list[int]) -> None:
@@ -518,6 +582,8 @@ def _compact(run: _Run, check: _Check, keep: list[int]) -> None:
     check.errors = [check.errors[i] for i in keep]
     check.big = [check.big[i] for i in keep]
     check.overflow = [check.overflow[i] for i in keep]
+    check.stalled = [check.stalled[i] for i in keep]
+    run.best, run.flat = [run.best[i] for i in keep], [run.flat[i] for i in keep]
     sel = torch.tensor(keep, device=run.iterate.K.device)
     run.problem = run.problem.select(sel)
     cur = run.iterate
@@ -615,6 +681,7 @@ def _jump(run: _Run, rows: list[int], f: Tensor, g: Tensor) -> None:
     cur.v.index_fill_(0, sel, 1.0)
     for i in rows:
         run.schedule.reset(i)
+        run.results.newton[run.rows[i]] += 1
 
 
 def _refresh_keep_weight(run: _Run, check: _Check) -> None:
@@ -632,12 +699,16 @@ def _refresh_keep_weight(run: _Run, check: _Check) -> None:
 def _after_block(run: _Run, start, steps: int, iterations: int) -> None:
     """The check after a block, and what follows from it: restore, retire, absorb."""
     check = _check(run, steps)
-    if not all(check.finite) or any(check.done) or any(check.big):
+    if not all(check.finite) or any(check.done) or any(check.big) or any(check.stalled):
         run.unscale()  # what follows reads the true scalings
     if not all(check.finite):
         _restore_failed(run, check, start)
     if any(check.done):
         _retire_converged(run, check, iterations)
+        if not run.rows:
+            return
+    if any(check.stalled):
+        _retire_stalled(run, check, iterations)
         if not run.rows:
             return
     if any(check.big):
@@ -672,6 +743,8 @@ def solve_sinkhorn(
     max_iter: int,
     check_every: int = 10,
     overrelax: bool = True,
+    start: tuple[Tensor, Tensor] | None = None,
+    eager_newton: bool = False,
 ) -> SinkhornSolution:
     """Solve min <P, M> + KL(P || r c^T) / gamma  s.t.  P 1 = r, P^T 1 = c, per sample.
 
@@ -687,8 +760,13 @@ def solve_sinkhorn(
         check_every: iterations between convergence checks (each costs one host sync).
         overrelax: accelerate with an adaptively estimated over-relaxation factor (False: the
             plain scaling iteration, kept stable the same way).
+        start: initial log potentials (f (B, m), g (B, n)) as a solution holds them (relative
+            to the reduced cost, any value on padding), e.g. from an annealing stage at
+            another gamma (:func:`solve_annealed`); None starts from zero.
+        eager_newton: take a Newton step on the dual wherever the error has not halved in
+            three checks (drift.EAGER), not only where it crawls: for warm starts.
     """
-    run = _Run(M, r, c, gamma, tol, max_iter, check_every, overrelax)
+    run = _Run(M, r, c, gamma, tol, max_iter, check_every, overrelax, start, eager_newton)
     iterations = 0
     while iterations < max_iter and run.rows:
         steps = min(check_every, max_iter - iterations)
@@ -702,18 +780,7 @@ def solve_sinkhorn(
     return results.solution()
 
 
-def log_plan_of(sol: SinkhornSolution, M: Tensor, r: Tensor, c: Tensor, gamma: float) -> Tensor:
-    """log P of a solution (logplan.py): log of the plan where it is positive, else the
-    exponent f (+) g - gamma M' of its potentials (M' the reduced cost they refer to), -inf on
-    padding."""
-    problem = _Problem.of(M, r, c)
-    exponent = torch.add(sol.f.unsqueeze(-1), sol.g.unsqueeze(-2)).sub_(problem.M, alpha=gamma)
-    return logplan.log_plan(sol.P, exponent)
-
-
-def solve(opts, M: Tensor, r: Tensor, c: Tensor) -> Solved:
-    """The layer's solver (``LayerSpec.solve``): P (or log P), saved for the backward, and
-    its record."""
-    sol = solve_sinkhorn(M, r, c, opts.gamma, opts.tol, opts.max_iter, opts.check_every)
-    y = log_plan_of(sol, M, r, c, opts.gamma) if opts.log_plan else sol.P
-    return Solved(y, (y,), sol.info())
+def potentials_cost(M: Tensor, r: Tensor, c: Tensor) -> Tensor:
+    """The cost M' that a solution's potentials refer to, P = exp(f (+) g - gamma M'): M less
+    its row and column minima over the real entries (:func:`_reduced_cost`); (B, m, n)."""
+    return _Problem.of(M, r, c).M

@@ -55,6 +55,7 @@ class _State:
     stall: list[int] | None = None  # checks in a row without improvement at the precision floor
     stuck: list[int] | None = None  # checks in a row without improvement, over-relaxed
     watch: drift.DriftWatch | None = None  # when a sample's error has stopped improving
+    newton: list[int] | None = None  # Newton steps taken per sample
 
 
 def _step(problem: _Problem, state: _State, first: bool) -> None:
@@ -149,6 +150,7 @@ def _newton_jumps(problem: _Problem, state: _State, like: Tensor) -> None:
     for i in jumped:
         state.schedule.reset(i)
         state.stall[i] = state.stuck[i] = 0
+        state.newton[i] += 1
     state.omega = state.schedule.tensor(like)
 
 
@@ -220,6 +222,7 @@ def _start(M: Tensor, r: Tensor, c: Tensor, gamma: float, tol: float, max_iter: 
         stall=[0] * B,
         stuck=[0] * B,
         watch=drift.DriftWatch(B, schedule.floor),
+        newton=[0] * B,
     )
     return problem, state
 
@@ -249,8 +252,11 @@ def unrolled_sinkhorn(
     rate = torch.tensor(state.schedule.mu2, dtype=M.dtype, device=M.device)
     converged = ~state.active & (state.error <= tol)  # a stalled sample stopped unconverged
     omega = state.omega.view(M.shape[0])
+    stalled = ~converged & (state.iterations < max_iter)
+    f, g = state.f.detach(), state.g.detach()
+    newton = torch.tensor(state.newton, device=M.device)
     return SinkhornSolution(
-        P, state.f.detach(), state.g.detach(), state.iterations, state.error, converged, omega, rate
+        P, f, g, state.iterations, state.error, converged, omega, rate, stalled, newton
     )
 
 

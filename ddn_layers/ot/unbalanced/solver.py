@@ -41,9 +41,8 @@ import torch
 from torch import Tensor
 
 from ddn_layers.base import Solved, SolverInfo
-from ddn_layers.ot import logplan
+from ddn_layers.ot import annealing, logplan
 from ddn_layers.ot.schedule import OmegaSchedule
-from ddn_layers.ot.unbalanced import annealing
 
 LIMITS = {torch.float32: (-60.0, 15.0), torch.float64: (-600.0, 100.0)}
 """(flush threshold for log K, absorption threshold for |log u|, |log v|) per dtype."""

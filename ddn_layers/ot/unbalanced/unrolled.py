@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from ddn_layers.base import Solved
+from ddn_layers.ot import annealing
 from ddn_layers.ot.schedule import OmegaSchedule
-from ddn_layers.ot.unbalanced import annealing
 from ddn_layers.ot.unbalanced.solver import Problem, Sides, UnbalancedSolution
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddn_layers.ot.unbalanced import annealing
+from ddn_layers.ot import annealing
 from ddn_layers.ot.unbalanced.solver import Problem, Sides, solve_annealed, solve_unbalanced
 from tests.ddn_layers.ot.helpers import pad, problem
 from tests.ddn_layers.testing import F64

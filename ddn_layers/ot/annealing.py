@@ -8,9 +8,10 @@ iterations, and its potentials, rescaled, start the next stage close to its solu
 stages before the last are solved loosely (``STAGE_TOL``); only the last meets the caller's
 tolerance. Measured gains and the choice of constants: docs/benchmarks/ot/unbalanced/README.md.
 
-Nothing here is specific to the unbalanced problem: a stage is any solver that takes a start
-(log potentials f, g with P = exp(f (+) g - gamma M) up to fixed factors), so the balanced
-solver can use the same schedule once it accepts a start.
+Nothing here is specific to either problem: a stage is any solver that takes a start (log
+potentials f, g with P = exp(f (+) g - gamma M) up to fixed factors). The unbalanced solver
+runs one schedule for the batch (:func:`run_stages`); the balanced one (ot/annealed.py) one
+per sample, so that a sample gives in a batch what it gives alone.
 """
 
 from __future__ import annotations
@@ -37,21 +38,27 @@ STAGE_TOL = 1e-3
 """Residual to which the stages before the last are solved."""
 
 
-def cost_spread(M: Tensor, row_mask: Tensor, col_mask: Tensor) -> float:
-    """The largest max - min of M over the real entries of a sample (a host float)."""
+def cost_spreads(M: Tensor, row_mask: Tensor, col_mask: Tensor) -> list[float]:
+    """max - min of M over the real entries of each sample (host floats)."""
     if bool((row_mask > 0).all()) and bool((col_mask > 0).all()):
-        return float((M.amax((-2, -1)) - M.amin((-2, -1))).max())
+        return (M.amax((-2, -1)) - M.amin((-2, -1))).tolist()
     real = (row_mask.unsqueeze(-1) > 0) & (col_mask.unsqueeze(-2) > 0)
     hi = torch.where(real, M, -math.inf).amax((-2, -1))
     lo = torch.where(real, M, math.inf).amin((-2, -1))
-    return float((hi - lo).max())
+    return (hi - lo).tolist()
 
 
-def schedule(gamma: float, spread: float) -> list[float]:
+def cost_spread(M: Tensor, row_mask: Tensor, col_mask: Tensor) -> float:
+    """The largest max - min of M over the real entries of a sample (a host float)."""
+    return max(cost_spreads(M, row_mask, col_mask))
+
+
+def schedule(gamma: float, spread: float, above: float = ANNEAL_ABOVE) -> list[float]:
     """The stages' gammas, ascending and ending at ``gamma``: gamma / FACTOR^k down to the
-    first at or below START / spread; just [gamma] where annealing would not pay."""
+    first at or below START / spread; just [gamma] where annealing would not pay (gamma
+    times the spread at most ``above``)."""
     gammas = [gamma]
-    if gamma * spread <= ANNEAL_ABOVE:
+    if gamma * spread <= above:
         return gammas
     while gammas[-1] * spread > START * FACTOR:
         gammas.append(gammas[-1] / FACTOR)
