@@ -5,5 +5,7 @@
 (the LightningModule and data module every task derives from), ``loggers`` (W&B and CSV,
 provenance), ``rundir`` (run directories, resuming), ``callbacks`` (``DDNProfiler``,
 ``StepTimer``), ``layers`` (finding declarative layers, setting their backward mode),
-``optim``, ``summary``.
+``optim``, ``summary`` (what a run prints at its start and end), ``stats`` (median, quartiles,
+count), ``quiet`` (the libraries' noise filtered where it is printed; the layers' warnings
+explained once).
 """

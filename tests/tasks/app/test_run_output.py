@@ -69,10 +69,10 @@ def test_a_short_run_is_quiet_and_says_what_its_figures_rest_on(
     program, _, path = sync.split(" ")
     assert program.endswith("wandb") and os.access(program, os.X_OK) and os.path.isdir(path)
     assert os.path.isfile(lines[lines.index("Best checkpoint:") + 1].strip())
-    check_resume_messages(runs_dir, capfd)
+    check_resume_messages(runs_dir, capfd, recwarn)
 
 
-def check_resume_messages(runs_dir, capfd):
+def check_resume_messages(runs_dir, capfd, recwarn):
     """ckpt=last on the finished run ``short``, then with a larger budget."""
     logs = sorted((runs_dir / "short" / "csv").iterdir())
     again = run(load_config((), [f"runs_dir={runs_dir}", "ckpt=last", "name=short"]))
@@ -84,8 +84,13 @@ def check_resume_messages(runs_dir, capfd):
     assert again["test/acc"] == saved["test/acc"]
 
     longer = ["ckpt=last", "name=short", "trainer.max_epochs=2", "logger.wandb=false"]
+    recwarn.clear()
     run(load_config((), [f"runs_dir={runs_dir}", *longer]))
-    assert "resuming short from epoch 1, step 8 (checkpoint " in capfd.readouterr().out
+    out, err = capfd.readouterr()
+    assert "resuming short from epoch 1, step 8 (checkpoint " in out
+    for noise in NOISE:
+        assert noise not in out + err, noise
+    assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]
     # the steps timed before the resume count too (and testing the best checkpoint, which
     # restores the callbacks' states, does not take them back)
     summary = json.loads((runs_dir / "short" / "summary.json").read_text())
