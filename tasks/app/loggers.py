@@ -137,17 +137,19 @@ def build_loggers(
     return loggers
 
 
+def shell_path(path: Path) -> str:
+    """``path`` as typed in a shell: relative to the working directory when it is under it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def wandb_command() -> str:
     """``wandb`` as a fresh shell can run it: the one beside this Python (a virtual
-    environment's bin/ is not on PATH unless activated), relative to the working directory
-    when it is under it."""
+    environment's bin/ is not on PATH unless activated)."""
     exe = Path(sys.executable).parent / "wandb"
-    if not exe.is_file():
-        return "wandb"
-    try:
-        return str(exe.relative_to(Path.cwd()))
-    except ValueError:
-        return str(exe)
+    return shell_path(exe) if exe.is_file() else "wandb"
 
 
 def finish_wandb(

@@ -27,6 +27,7 @@ from tasks.app.config import ConfigError
 CONFIG_FILE = "config.yaml"
 METADATA_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
+RESULTS_FILE = "results.json"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 PREVIOUS_LAST_CHECKPOINT = "last.prev.ckpt"
@@ -162,6 +163,8 @@ def finished_run(cfg: DictConfig) -> dict[str, Any] | None:
     ckpt, summary_path = Path(cfg.ckpt), run_dir / SUMMARY_FILE
     # only a resume from the run's newest state: an older checkpoint is a deliberate rewind
     if ckpt != last_checkpoint(run_dir) or not summary_path.is_file():
+        return None
+    if not (run_dir / RESULTS_FILE).is_file():
         return None
     try:
         summary = json.loads(summary_path.read_text())

@@ -38,6 +38,7 @@ from tasks.app.loggers import (
     finish_wandb,
     hyperparameters,
     run_metadata,
+    shell_path,
     write_run_files,
 )
 from tasks.app.quiet import LayerWarnings, silence_library_noise
@@ -45,7 +46,7 @@ from tasks.app.registry import get_task
 from tasks.app.stats import medians
 from tasks.app.summary import ModelTable, print_summary
 
-RESULTS_FILE = "results.json"
+RESULTS_FILE = rundir.RESULTS_FILE
 
 
 @contextmanager
@@ -152,7 +153,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
     done = rundir.finished_run(cfg)
     if done is not None:
         _say_finished(cfg, run_dir, done)
-        return medians(done)
+        return json.loads((run_dir / RESULTS_FILE).read_text())
     # Lightning ignores loggers and checkpoints under fast_dev_run; skip making them.
     smoke = bool(cfg.trainer.fast_dev_run)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -233,19 +234,10 @@ def _say_finished(cfg: DictConfig, run_dir: Path, done: dict[str, Any]) -> None:
         f"of its budget; nothing was trained or tested again. Its results:\n"
         f"  {run_dir / rundir.SUMMARY_FILE}\n"
         "To train it longer, raise the budget, for example:\n"
-        f"  {python_command()} train.py ckpt=last name={cfg.name}{runs_dir} "
+        f"  {shell_path(Path(sys.executable))} train.py ckpt=last name={cfg.name}{runs_dir} "
         f"trainer.max_epochs={cfg.trainer.max_epochs + 10}",
         flush=True,
     )
-
-
-def python_command() -> str:
-    """This Python as a fresh shell can run it (relative to the working directory if under)."""
-    exe = Path(sys.executable)
-    try:
-        return str(exe.relative_to(Path.cwd()))
-    except ValueError:
-        return str(exe)
 
 
 def _fit_and_test(
