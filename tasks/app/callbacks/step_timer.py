@@ -2,9 +2,9 @@
 
 Measured from ``on_train_batch_start`` to ``on_train_batch_end`` (data loading excluded; on
 GPU the device is synchronised at both ends, so the time is the batch's and not its launch's).
-Each epoch logs the median over its batches as ``time/train_step_ms``; ``summary()`` gives the
-median, quartiles and count over the whole run (the first batch, which pays for lazy
-initialisation, left out).
+Each epoch logs the median over its batches as ``time/train_step_ms`` (under DDP, averaged over
+the ranks); ``summary()`` gives the median, quartiles and count over the whole run (the first
+batch, which pays for lazy initialisation, left out).
 Batches the DDN profiler measures are slower; the median keeps them from moving the number.
 """
 
@@ -53,7 +53,8 @@ class StepTimer(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._epoch:
-            pl_module.log(METRIC, statistics.median(self._epoch), sync_dist=False)
+            # under DDP: the mean over the ranks of each rank's median (one reduction an epoch)
+            pl_module.log(METRIC, statistics.median(self._epoch), sync_dist=True)
         self._epoch = []
 
     def summary(self) -> dict[str, dict[str, float | int]]:
