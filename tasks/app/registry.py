@@ -65,7 +65,12 @@ def get_task(name: str) -> TaskSpec:
     """The spec of task ``name``; ConfigError naming ``task`` and the choices otherwise."""
     if name not in _TASKS:
         raise ConfigError(f"task={name!r} is not one of {task_names()}")
-    spec = importlib.import_module(_TASKS[name]).TASK
+    package = importlib.import_module(_TASKS[name])
+    # a config.py loaded alone by get_task_config is reused, but not bound to the package
+    config = sys.modules.get(f"{_TASKS[name]}.config")
+    if config is not None and not hasattr(package, "config"):
+        package.config = config
+    spec = package.TASK
     if not isinstance(spec, TaskSpec) or spec.name != name:
         raise TypeError(f"{_TASKS[name]}.TASK must be the TaskSpec named {name!r}")
     return spec
