@@ -98,15 +98,21 @@ def test_run_files_and_wandb_offline(quiet, runs_dir):
     assert (run_dir / "wandb_id").read_text().strip() in offline.name
 
 
-def test_docstring_commands_are_valid(runs_dir, make_checkpoint):
-    # Every `train.py ...` command in train.py's docstring parses and validates.
+def test_docstring_and_readme_commands_are_valid(runs_dir, make_checkpoint):
+    # Every `train.py ...` command in train.py's docstring and in the README's code blocks
+    # parses and validates, and each calls the project's Python (runnable without activation).
     resumable = runs_dir / "classification-implicit-20250101-120000"
     make_checkpoint(resumable / "checkpoints" / "last.ckpt")
     (resumable / "config.yaml").write_text("model:\n  pool: avg\n")
     text = train.__doc__.replace("\\\n", " ")
-    commands = [line.split("train.py", 1)[1] for line in text.splitlines() if "train.py " in line]
-    commands = [c for c in commands if "[" not in c]  # the synopsis line
-    assert len(commands) >= 10
+    lines = [line for line in text.splitlines() if "train.py " in line and "[" not in line]
+    readme = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    lines += [line.split("#")[0] for line in readme.splitlines() if line.startswith(".venv/bin/")]
+    lines = [line for line in lines if "train.py " in line]
+    assert len(lines) >= 18
+    for line in lines:
+        assert ".venv/bin/" in line, line
+    commands = [line.split("train.py", 1)[1] for line in lines]
     for command in commands:
         args = build_parser().parse_args(shlex.split(command) + [f"runs_dir={runs_dir}"])
         overrides = (
