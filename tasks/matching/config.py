@@ -309,6 +309,9 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
     check_range(cfg, "model.gamma", problems, low=0.0, low_open=True)
     check_range(cfg, "model.ot_tol", problems, low=0.0, low_open=True)
     check_range(cfg, "model.ot_max_iter", problems, low=1)
+    for key in ("log_plan", "marginal_penalty"):
+        if key in (model.ot_kwargs or {}):
+            problems.append(f"model.ot_kwargs.{key}: set by the model (see model.transport)")
     if gamma_ok:
         check_layer_options(
             cfg,

@@ -1,7 +1,8 @@
 """Keypoint matcher: shared attention encoder, cosine scores, Sinkhorn with a dustbin.
 
 Both sets go through the same encoder: coordinates standardised per set, a point's own
-position and the shape of its k nearest neighbours embedded (an edge convolution), then
+position, the shape of its k nearest neighbours (an edge convolution) and its pixel patch (a
+linear map or a small CNN) embedded, then
 alternating self-attention (within a set) and cross-attention (to the other set), so every
 embedding can depend on both sets. Scores are cosine similarities of the final embeddings.
 
@@ -12,7 +13,11 @@ entries are 0. ``ddn.OptimalTransport`` needs no special case for either: it sol
 ordinary balanced problem with non-uniform marginals, and zeros are its padding. It normalises
 the marginals to unit mass, so ``assignment = P * (m + n)`` restores rows and columns that sum
 to one for real points: ``assignment[i, j]`` is the probability that point i of set 0 matches
-point j of set 1, ``assignment[i, n]`` that it has no match.
+point j of set 1, ``assignment[i, n]`` that it has no match. The layer returns log P (exact
+where P underflows), so the model's output and the loss are log-assignments.
+
+``transport="unbalanced"`` replaces the dustbin with soft marginals (``ddn.sinkhorn``'s
+``marginal_penalty``): what a point's row leaves of its unit mass is its no-match probability.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from torch import nn
 
 import ddn_layers as ddn
 
-# Smallest assignment probability the loss takes the log of: it guards float32 underflow (-inf,
-# a NaN gradient) only, since costs in [-1, 1] keep a plan's entries above exp(-2 gamma) / (m + n).
+# Smallest no-match probability of the unbalanced transport the loss takes the log of (what a
+# row leaves of its unit is a difference, not a plan entry with an exact log).
 LOG_FLOOR = 1e-12
 
 Batch = Mapping[str, torch.Tensor]
@@ -187,11 +192,13 @@ class Attention(nn.Module):
 
 
 class MatchingNet(nn.Module):
-    """``net(batch) -> assignment`` (B, M+1, N+1), where ``batch`` holds ``kpts0``, ``kpts1``,
-    ``mask0``, ``mask1`` and optionally ``desc0``, ``desc1`` (see ``collate_pairs``).
+    """``net(batch) -> log_assignment`` (B, M+1, N+1), where ``batch`` holds ``kpts0``,
+    ``kpts1``, ``mask0``, ``mask1`` and optionally ``desc0``, ``desc1`` (see ``collate_pairs``).
 
-    ``assignment[b, :m, :n]`` holds match probabilities, column N the dustbin of set 0 and
-    row M the dustbin of set 1 (rows and columns of real points sum to 1; padding is 0).
+    ``log_assignment[b, :m, :n]`` holds log match probabilities, column N the dustbin of set 0
+    and row M the dustbin of set 1 (rows and columns of real points sum to 1 in probability;
+    padding is -inf). ``descriptor``: ``linear`` or ``cnn`` (:class:`PatchEncoder`, ``channels``
+    wide) on the patches; ``transport``: ``dustbin`` or ``unbalanced`` (KL price ``rho``).
     The OT layer is ``self.ot``, a ``ddn.OptimalTransport`` in its default backward mode until
     the run's ``ddn.backward_mode`` is set on the whole model.
     """
@@ -247,6 +254,7 @@ class MatchingNet(nn.Module):
             tol=ot_tol,
             max_iter=ot_max_iter,
             marginal_penalty=rho if transport == "unbalanced" else None,
+            log_plan=True,
             **(ot_kwargs or {}),
         )
 
@@ -318,8 +326,8 @@ class MatchingNet(nn.Module):
         n = mask1.sum(1, keepdim=True).to(S.dtype)
         r = torch.cat([mask0.to(S.dtype), n], dim=1)
         c = torch.cat([mask1.to(S.dtype), m], dim=1)
-        P = self.ot(-S, r, c)
-        return _log(P, r > 0, c > 0) + (m + n).log().unsqueeze(-1)
+        # log P is exact where P underflows, -inf on padding: the loss needs no floor.
+        return self.ot(-S, r, c) + (m + n).log().unsqueeze(-1)
 
     def _unbalanced(
         self, S: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor
@@ -328,21 +336,20 @@ class MatchingNet(nn.Module):
         plan may leave untransported at a KL price (``rho``); what a point's row (column)
         leaves of its unit is its probability of no match. The learnable ``dustbin`` score is
         the similarity that breaks even: costs are ``dustbin - S``."""
-        P = self.ot(self.dustbin - S, mask0.to(S.dtype), mask1.to(S.dtype))
-        # Mass is soft, so a row may carry slightly more than its unit: no-match is then 0.
+        log_p = self.ot(self.dustbin - S, mask0.to(S.dtype), mask1.to(S.dtype))
+        P = log_p.exp()
+        # Mass is soft, so a row may carry more than its unit: no-match is then 0, floored.
         alone0 = _log((1 - P.sum(2)).clamp_min(0), mask0)
         alone1 = _log((1 - P.sum(1)).clamp_min(0), mask1)
-        log_p = _log(P, mask0, mask1)
         corner = S.new_full((S.shape[0], 1, 1), -math.inf)
         log_p = torch.cat([log_p, alone0.unsqueeze(2)], dim=2)
         return torch.cat([log_p, torch.cat([alone1.unsqueeze(1), corner], dim=2)], dim=1)
 
 
-def _log(P: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
-    """log P (B, K) or (B, K, L), -inf where ``rows`` (B, K) or ``cols`` (B, L) is false
-    (padding); elsewhere floored, which guards float32 underflow (a NaN gradient) only."""
-    real = rows if cols is None else rows.unsqueeze(-1) & cols.unsqueeze(-2)
-    return P.clamp_min(LOG_FLOOR).log().masked_fill(~real, -math.inf)
+def _log(p: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """log p (B, K), -inf where ``real`` (B, K) is false (padding); elsewhere floored, since a
+    leftover 1 - sum can be exactly 0."""
+    return p.clamp_min(LOG_FLOOR).log().masked_fill(~real, -math.inf)
 
 
 def matching_nll(

@@ -133,6 +133,7 @@ def test_options_that_do_not_fit_together():
     msg = fails("data.source=images", "data.warp.kinds=[nonrigid]")
     assert "data.warp.kinds" in msg and "cannot resample an image" in msg
     assert "model.ot_kwargs" in fails("model.ot_kwargs={no_such_option: 1}")
+    assert "model.ot_kwargs.log_plan: set by the model" in fails("model.ot_kwargs={log_plan: 0}")
     assert "data.images.patch=4 must be odd" in fails("data.images.patch=4")
 
 
