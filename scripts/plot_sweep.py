@@ -44,6 +44,8 @@ NUMERIC = (
     "steps",
     "fwd_ms",
     "bwd_ms",
+    "fwd_cpu_ms",
+    "bwd_cpu_ms",
     "bwd_peak_mib",
     "saved_mib",
     "iters_mean",
@@ -87,20 +89,26 @@ def _fmt(value: float, digits: int = 3) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """One line per run: metric, time per step, layer time and memory (CSV values, rounded)."""
+    """One line per run: metric, time per step, layer time and memory (CSV values, rounded);
+    the layer's CPU times too when the sweep measured them."""
     metric = rows[0]["metric"] if rows else "metric"
-    lines = [
-        f"| run | {metric} | step ms | layer fwd ms | layer bwd ms | bwd peak MiB | saved MiB "
-        "| solver iters |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    cpu = any(not math.isnan(r.get("fwd_cpu_ms", math.nan)) for r in rows)
+    head = f"| run | {metric} | step ms | layer fwd ms | layer bwd ms |"
+    head += " layer fwd / bwd CPU ms |" if cpu else ""
+    head += " bwd peak MiB | saved MiB | solver iters |"
+    lines = [head, "|" + "---|" * (8 + cpu)]
     for r in rows:
         test = r["test_metric"]
-        lines.append(
+        line = (
             f"| {label(r)} | {'-' if math.isnan(test) else f'{test:.4f}'} "
-            f"| {_fmt(r['train_step_ms'])} | {_fmt(r['fwd_ms'])} | {_fmt(r['bwd_ms'])} "
-            f"| {_fmt(r['bwd_peak_mib'])} | {_fmt(r['saved_mib'])} | {_fmt(r['iters_mean'])} |"
+            f"| {_fmt(r['train_step_ms'])} | {_fmt(r['fwd_ms'])} | {_fmt(r['bwd_ms'])} |"
         )
+        if cpu:
+            line += (
+                f" {_fmt(r.get('fwd_cpu_ms', math.nan))} / {_fmt(r.get('bwd_cpu_ms', math.nan))} |"
+            )
+        line += f" {_fmt(r['bwd_peak_mib'])} | {_fmt(r['saved_mib'])} | {_fmt(r['iters_mean'])} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
