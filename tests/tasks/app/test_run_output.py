@@ -13,6 +13,7 @@ import pytest
 import ddn_layers as ddn
 from tasks.app.cli import load_config
 from tasks.app.quiet import CppNoteFilter, LayerWarnings
+from tasks.app.registry import get_task
 from tasks.app.runner import _warn_if_unsuitable, run
 from tasks.app.stats import spread
 
@@ -107,6 +108,8 @@ def test_a_mode_that_cannot_train_the_task_is_a_one_line_warning(capsys):
     ]
     _warn_if_unsuitable(load_config((), ["task=matching"]), {"approx": "no"})
     assert capsys.readouterr().err == ""
+    # the matching task declares it: approx's OT gradient cannot train its NLL on log P
+    assert "approx" in get_task("matching").unsuitable_modes
 
 
 def test_cpp_notes_are_dropped_and_other_lines_kept(capfd):
