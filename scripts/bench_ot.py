@@ -44,7 +44,7 @@ from benchutil import (
 )
 
 import ddn_layers as ddn
-from ddn_layers.ot import solve_sinkhorn
+from ddn_layers.ot import solve_annealed, solve_sinkhorn
 
 GAMMA, TOL, MAX_ITER = 10.0, 1e-6, 20_000
 VARIANTS = [
@@ -407,6 +407,137 @@ def targets(m, device, budget_s, log, plain_cap=1_000_000):
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Iterations to tol against gamma (issue 21): ours with and without annealing, POT's fastest
+
+
+GAMMAS = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
+SWEEP_TOL, SWEEP_CAP, POT_CAP = 1e-6, 50_000, 20_000
+
+
+def gamma_problem(scale: float):
+    """Issue 21's problems: scale * randn (2, 50, 60), float64, uniform marginals."""
+    f64 = torch.float64
+    M = scale * torch.randn(2, 50, 60, generator=torch.Generator().manual_seed(0), dtype=f64)
+    return M, torch.full((2, 50), 1 / 50, dtype=f64), torch.full((2, 60), 1 / 60, dtype=f64)
+
+
+def marginal_errors(P, r, c) -> list[float]:
+    """Our residual of plans P (B, m, n): the L1 marginal error per sample (NaN -> inf)."""
+    err = (P.sum(-1) - r).abs().sum(-1) + (P.sum(-2) - c).abs().sum(-1)
+    return torch.nan_to_num(err, nan=math.inf).tolist()
+
+
+def ours_to_tol(M, r, c, gamma, anneal: bool, tol: float = SWEEP_TOL) -> dict:
+    """Our forward: iterations and Newton steps of the worse sample ('' = not converged within
+    SWEEP_CAP) and its CPU time (one run)."""
+    t0 = now()
+    sol, _ = solve_annealed(M, r, c, gamma, tol, SWEEP_CAP, anneal=anneal)
+    ms = (now() - t0) * 1e3
+    ok = bool(sol.converged.all())
+    return dict(
+        iterations=int(sol.iterations.max()) if ok else "",
+        newton=int(sol.newton.max()) if ok else "",
+        ms=f"{ms:.1f}" if ok else "",
+        residual=f"{float(sol.residual.max()):.2e}",
+    )
+
+
+def pot_counted(M, r, c, run) -> tuple[list[float], int, float]:
+    """``run(a, b, M_i, i)`` -> (plan, iterations) for each sample i with POT: our residuals of
+    its plans, the most iterations of a sample and the CPU ms of the whole batch."""
+    plans, its = [], []
+    t0 = now()
+    for i in range(M.shape[0]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            P, k = run(r[i].numpy(), c[i].numpy(), M[i].numpy(), i)
+        plans.append(torch.as_tensor(P))
+        its.append(k)
+    ms = (now() - t0) * 1e3
+    return marginal_errors(torch.stack(plans), r, c), max(its), ms
+
+
+def pot_to_tol(M, r, c, gamma, method: str) -> dict:
+    """POT's ``sinkhorn_log`` (resumed from its own potentials, checked at counts 1.5x apart:
+    the first whose plans meet tol by our residual, up to POT_CAP) or
+    ``sinkhorn_epsilon_scaling`` (its default schedule and inner budget of 100; the first
+    outer count of a grid whose plans meet tol; iterations = the inner ones it ran)."""
+    import ot
+    import ot.bregman._sinkhorn as pot_sinkhorn_module
+
+    inner = pot_sinkhorn_module.sinkhorn_stabilized
+    ran, warm = [0], {}
+
+    def counted(*args, **kw):  # the inner solves of epsilon scaling, counted
+        G, lg = inner(*args, **kw)
+        ran[0] += lg["n_iter"] + 1
+        return G, lg
+
+    def run_log(a, b, Mi, k, i):
+        start, done = warm.get(i, (None, 0))
+        P, lg = ot.bregman.sinkhorn_log(
+            a, b, Mi, 1 / gamma, numItermax=k - done, stopThr=1e-300, warmstart=start, log=True
+        )
+        warm[i] = ((lg["log_u"], lg["log_v"]), k)
+        return P, k
+
+    def run_eps(a, b, Mi, k, i):
+        ran[0] = 0
+        pot_sinkhorn_module.sinkhorn_stabilized = counted
+        try:
+            P = ot.bregman.sinkhorn_epsilon_scaling(a, b, Mi, 1 / gamma, numItermax=k)
+        finally:
+            pot_sinkhorn_module.sinkhorn_stabilized = inner
+        return P, ran[0]
+
+    run = run_log if method == "sinkhorn_log" else run_eps
+    k, best = (10 if method == "sinkhorn_log" else 40), (math.inf, "", "")
+    while k <= POT_CAP:
+        errs, its, ms = pot_counted(M, r, c, lambda a, b, Mi, i: run(a, b, Mi, k, i))  # noqa: B023
+        # resumed sinkhorn_log runs are not timed whole
+        ms = "" if method == "sinkhorn_log" else f"{ms:.1f}"
+        if max(errs) < best[0]:
+            best = (max(errs), its, ms)
+        if max(errs) <= SWEEP_TOL or its >= POT_CAP:
+            break
+        k = int(k * 1.5)
+    met = best[0] <= SWEEP_TOL
+    return dict(
+        iterations=best[1] if met else "",
+        ms=best[2] if met else "",
+        residual=f"{best[0]:.2e}",
+        best_iterations=best[1],
+        best_ms=best[2],
+    )
+
+
+def gamma_sweep(log) -> list[dict]:
+    """Iterations (and CPU ms) to tol 1e-6 against gamma for both cost scales."""
+    rows = []
+    for scale in (1.0, 10.0):
+        M, r, c = gamma_problem(scale)
+        for gamma in GAMMAS:
+            row = dict(scale=scale, gamma=gamma)
+            for name, kw in (("ours", dict(anneal=True)), ("ours_no_anneal", dict(anneal=False))):
+                for key, value in ours_to_tol(M, r, c, gamma, **kw).items():
+                    row[f"{name}_{key}"] = value
+            for method in ("sinkhorn_log", "sinkhorn_epsilon_scaling"):
+                for key, value in pot_to_tol(M, r, c, gamma, method).items():
+                    row[f"pot_{method}_{key}"] = value
+            # where POT never meets tol: what ours takes to POT's best accuracy
+            pot_best = min(
+                float(row[f"pot_{m}_residual"])
+                for m in ("sinkhorn_log", "sinkhorn_epsilon_scaling")
+            )
+            at = ours_to_tol(M, r, c, gamma, True, pot_best) if pot_best > SWEEP_TOL else {}
+            row["ours_at_pot_best_iterations"] = at.get("iterations", "")
+            row["ours_at_pot_best_ms"] = at.get("ms", "")
+            rows.append(row)
+            log(f"ITERATIONS {row}")
+    return rows
+
+
 def write_targets(out: Path, tg, meta, size: int, device: str) -> None:
     rows = [dict(target=n, value=v, goal=g, detail=d) for n, v, g, d in tg]
     write_csv(out / "targets.csv", rows, meta)
@@ -446,6 +577,9 @@ def main(argv=None):
     ap.add_argument("--no-pot", action="store_true", help="leave out the POT peer (slow)")
     ap.add_argument("--skip-targets", action="store_true", help="only the sweeps")
     ap.add_argument("--only-targets", action="store_true", help="only targets.md/csv")
+    ap.add_argument(
+        "--only-iterations", action="store_true", help="only iterations.csv (against gamma)"
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run")
     args = ap.parse_args(argv)
     clock = args.clock or ("cpu" if torch.device(args.device).type == "cpu" else "wall")
@@ -472,6 +606,10 @@ def main(argv=None):
     rows: list[dict] = []
     meta = machine_info(args.device)
     quick_cap = 2000 if args.quick else 1_000_000
+    if args.only_iterations or not (args.only_targets or args.quick):
+        write_csv(out / "iterations.csv", gamma_sweep(log), meta)
+        if args.only_iterations:
+            return
     if not args.skip_targets:
         tg = targets(args.target_size, args.device, args.budget, log, plain_cap=quick_cap)
         write_targets(out, tg, meta, args.target_size, args.device)

@@ -1,6 +1,7 @@
 """Draw the optimal transport benchmark figures from its CSV alone (no solver is run).
 
 .venv/bin/python scripts/plot_ot.py                 # docs/benchmarks/ot/ot.csv -> *.png
+                                                    # (and iterations.csv beside it)
 .venv/bin/python scripts/plot_ot.py --csv /tmp/ot/ot.csv --out /tmp/ot
 
 The forward panel draws one line for the modes that run the same forward solver (their
@@ -133,6 +134,41 @@ def plot_iterations(rows, out: Path) -> Path | None:
     return save(fig, out / "ot_iterations.png", dpi=120)
 
 
+GAMMA_STYLE = {
+    "ours": dict(color="C0", marker="o", label="ours (annealed where gamma x spread > 500)"),
+    "ours_no_anneal": dict(color="C0", marker="s", ls="--", label="ours, one stage"),
+    "pot_sinkhorn_log": dict(color="C7", marker="+", label="POT sinkhorn_log"),
+    "pot_sinkhorn_epsilon_scaling": dict(
+        color="C3", marker="x", label="POT sinkhorn_epsilon_scaling"
+    ),
+}
+
+
+def plot_gamma(rows, out: Path) -> Path | None:
+    """Iterations to tol against gamma (iterations.csv), one panel per cost scale; a method
+    that never met tol within its cap has no point there."""
+    if not rows:
+        return None
+    scales = sorted({float(r["scale"]) for r in rows})
+    fig, axes = plt.subplots(1, len(scales), figsize=(6.2 * len(scales), 5.0), squeeze=False)
+    for ax, scale in zip(axes[0], scales, strict=True):
+        mine = [r for r in rows if float(r["scale"]) == scale]
+        for name, style in GAMMA_STYLE.items():
+            pts = [(float(r["gamma"]), float(r[f"{name}_iterations"])) for r in mine]
+            pts = [(x, y) for x, y in pts if y == y]  # noqa: PLR0124 - NaN: never met tol
+            if pts:
+                ax.plot(*zip(*pts, strict=True), **{**style, **emphasis(name == "ours")})
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("gamma")
+        ax.set_ylabel("iterations to tol 1e-6 (worse of 2 samples)")
+        ax.set_title(f"costs randn x {scale:g}, 50 x 60, float64")
+        ax.grid(True, which="both", alpha=0.3)
+    bottom = legend_below(fig, list(axes[0]), ncol=2)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    return save(fig, out / "ot_gamma_iterations.png", dpi=120)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--csv", default="docs/benchmarks/ot/ot.csv")
@@ -143,6 +179,10 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     batches = sorted({int(r["batch"]) for r in rows if r["section"] == "size"})
     paths = [plot_sizes(rows, out, b) for b in batches] + [plot_iterations(rows, out)]
+    gamma_csv = Path(args.csv).parent / "iterations.csv"
+    if gamma_csv.exists():
+        rows = [{k: (v if v != "" else "nan") for k, v in r.items()} for r in read_csv(gamma_csv)]
+        paths.append(plot_gamma(rows, out))
     for p in paths:
         if p is not None:
             print(f"wrote {p}")
