@@ -17,7 +17,12 @@ sample), the solver measures the marginal error of each sample and
   an outlying cost, or a large gamma, can otherwise make the potentials crawl;
 * freezes converged samples (the active batch is compacted, so they cost nothing more), once
   the plan each returns meets tol by its own marginals: what is reported is the returned
-  plan's error.
+  plan's error;
+* stops a sample whose error has settled above tol at its precision floor (``STALL_CHECKS``),
+  unconverged and flagged ``stalled``, instead of running it to max_iter.
+
+It starts from zero potentials or from given ones (``start``: an annealing stage's, see
+annealed.py, which runs this solver over a schedule of gamma where gamma is large).
 
 Entries of ``K`` below ``exp(lo)`` are flushed to zero (no denormal numbers in the products).
 A sample is only accepted as converged when its scalings are within ``exp(+-tau)``, so the
