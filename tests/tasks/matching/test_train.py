@@ -93,6 +93,11 @@ def test_shipped_config_and_task_spec():
     assert images.data.source == "images" and images.model.descriptor == "cnn"
     splits = [set(images.data.images[f"{s}_images"]) for s in ("train", "val", "test")]
     assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+    # the sweep's budget repeats the setting (a sweep reads one file), only shorter
+    sweep = load_config(["configs/sweep_matching_images.yaml"], [])
+    for key in ("data", "model", "optim"):
+        assert sweep[key] == images[key], key
+    assert sweep.trainer.max_epochs < images.trainer.max_epochs
 
 
 @pytest.mark.parametrize("radial_frame", [True, False])
