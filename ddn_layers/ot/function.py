@@ -215,23 +215,30 @@ def sinkhorn_with_options(
 
 
 def _warn_unconverged(info: SolverInfo, opts: OTOptions) -> None:
-    n_bad = int((~info.converged).sum())
+    """A ConvergenceWarning with the count of samples that missed tol and why: run out of
+    iterations, or stopped early at the precision floor of their potentials."""
+    missed = ~info.converged
+    n_bad = int(missed.sum())
     if not n_bad:
         return
-    missed = ~info.converged
     stalled = info.extra["stalled"][missed]
+    reasons = []
     if bool(stalled.any()):
         floor = float(info.residual[missed][stalled].min())
-        hint = (
-            f"the marginal error stalled at the precision floor of the potentials (smallest "
-            f"{floor:.3g}; large gamma in float32): raise tol or use float64"
+        reasons.append(
+            f"{int(stalled.sum())} stalled at the precision floor of their potentials "
+            f"(smallest error {floor:.3g}, set by gamma times the cost range in this dtype: "
+            "raise tol or use float64)"
         )
-    else:
-        hint = "raise max_iter or lower gamma"
+    if not bool(stalled.all()):
+        reasons.append(
+            f"{int((~stalled).sum())} ran to max_iter={opts.max_iter} (raise max_iter or "
+            "lower gamma)"
+        )
     warnings.warn(
         f"sinkhorn: {n_bad} of {info.converged.numel()} sample(s) did not reach "
-        f"tol={opts.tol:g} within max_iter={opts.max_iter} (largest marginal error "
-        f"{float(info.residual.max()):.3g}); {hint}",
+        f"tol={opts.tol:g} (largest marginal error {float(info.residual.max()):.3g}): "
+        + "; ".join(reasons),
         ConvergenceWarning,
         stacklevel=4,
     )

@@ -80,19 +80,23 @@ def warn_unconverged(info: SolverInfo, opts: UnbalancedOptions) -> None:
     if not n_bad:
         return
     missed = ~info.converged
-    stalled = bool((info.iterations[missed] < opts.max_iter).any())
-    floor = float(info.residual[missed].min())
-    hint = (
-        f"the residual stalled at the precision floor (smallest {floor:.3g}): raise tol or use "
-        "float64"
-        if stalled
-        else "raise max_iter or lower gamma"
-    )
-    worst = float(info.residual.max())
+    stalled = info.iterations[missed] < opts.max_iter
+    reasons = []
+    if bool(stalled.any()):
+        floor = float(info.residual[missed][stalled].min())
+        reasons.append(
+            f"{int(stalled.sum())} stalled at the precision floor (smallest residual "
+            f"{floor:.3g}: raise tol or use float64)"
+        )
+    if not bool(stalled.all()):
+        reasons.append(
+            f"{int((~stalled).sum())} ran to max_iter={opts.max_iter} (raise max_iter or "
+            "lower gamma)"
+        )
     warnings.warn(
         f"sinkhorn (unbalanced, marginal_penalty={_pair(opts.marginal_penalty)}): {n_bad} of "
-        f"{info.converged.numel()} sample(s) did not reach tol={opts.tol:g} within "
-        f"max_iter={opts.max_iter} (largest residual {worst:.3g}); {hint}",
+        f"{info.converged.numel()} sample(s) did not reach tol={opts.tol:g} (largest residual "
+        f"{float(info.residual.max()):.3g}): " + "; ".join(reasons),
         ConvergenceWarning,
         stacklevel=5,
     )
