@@ -17,7 +17,7 @@ point j of set 1, ``assignment[i, n]`` that it has no match. The layer returns l
 where P underflows), so the model's output and the loss are log-assignments.
 
 ``transport="unbalanced"`` replaces the dustbin with soft marginals (``ddn.sinkhorn``'s
-``marginal_penalty``): what a point's row leaves of its unit mass is its no-match probability.
+``marginal_penalty``): the mass a point's row transports is its odds of having a match.
 """
 
 from __future__ import annotations
@@ -31,10 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import ddn_layers as ddn
-
-# Smallest no-match probability of the unbalanced transport the loss takes the log of (what a
-# row leaves of its unit is a difference, not a plan entry with an exact log).
-LOG_FLOOR = 1e-12
 
 Batch = Mapping[str, torch.Tensor]
 DESCRIPTORS = ("linear", "cnn")
@@ -332,24 +328,22 @@ class MatchingNet(nn.Module):
     def _unbalanced(
         self, S: torch.Tensor, mask0: torch.Tensor, mask1: torch.Tensor
     ) -> torch.Tensor:
-        """Soft marginals instead of a dustbin: a unit of mass per real point, which the
-        plan may leave untransported at a KL price (``rho``); what a point's row (column)
-        leaves of its unit is its probability of no match. The learnable ``dustbin`` score is
-        the similarity that breaks even: costs are ``dustbin - S``."""
+        """Soft marginals instead of a dustbin: a unit of mass per real point, which the plan
+        may exceed or leave untransported at a KL price (``rho``). The mass q a point's row
+        (column) transports is its odds of having a match: no match has probability
+        1 / (1 + q), and the pair (i, j) the plan's entry over the geometric mean of its row's
+        and column's 1 + q. All of it is log P and log1p(q): exact, no floor. The learnable
+        ``dustbin`` score is the similarity that breaks even: costs are ``dustbin - S``."""
         log_p = self.ot(self.dustbin - S, mask0.to(S.dtype), mask1.to(S.dtype))
-        P = log_p.exp()
-        # Mass is soft, so a row may carry more than its unit: no-match is then 0, floored.
-        alone0 = _log((1 - P.sum(2)).clamp_min(0), mask0)
-        alone1 = _log((1 - P.sum(1)).clamp_min(0), mask1)
+        # Padding rows (columns) are all -inf, whose logsumexp has a NaN gradient: zeros there.
+        alone0 = -F.softplus(log_p.masked_fill(~mask0.unsqueeze(2), 0.0).logsumexp(2))
+        alone1 = -F.softplus(log_p.masked_fill(~mask1.unsqueeze(1), 0.0).logsumexp(1))
+        core = log_p + (alone0.unsqueeze(2) + alone1.unsqueeze(1)) / 2
+        alone0 = alone0.masked_fill(~mask0, -math.inf)
+        alone1 = alone1.masked_fill(~mask1, -math.inf)
         corner = S.new_full((S.shape[0], 1, 1), -math.inf)
-        log_p = torch.cat([log_p, alone0.unsqueeze(2)], dim=2)
-        return torch.cat([log_p, torch.cat([alone1.unsqueeze(1), corner], dim=2)], dim=1)
-
-
-def _log(p: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """log p (B, K), -inf where ``real`` (B, K) is false (padding); elsewhere floored, since a
-    leftover 1 - sum can be exactly 0."""
-    return p.clamp_min(LOG_FLOOR).log().masked_fill(~real, -math.inf)
+        core = torch.cat([core, alone0.unsqueeze(2)], dim=2)
+        return torch.cat([core, torch.cat([alone1.unsqueeze(1), corner], dim=2)], dim=1)
 
 
 def matching_nll(

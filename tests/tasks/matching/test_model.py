@@ -140,7 +140,7 @@ def test_mutual_matches_need_both_directions_and_the_threshold():
     assert mutual_matches(A, pad, mask, 0.1)[0, 2] == -1
 
 
-def test_unbalanced_transport_leaves_the_rest_of_each_unit_to_no_match():
+def test_unbalanced_transport_reads_the_mass_a_point_sends_as_its_odds():
     net = tiny_net(transport="unbalanced", rho=0.5)
     assert net.ot.marginal_penalty == (0.5, 0.5)
     batch = collate_pairs(samples())
@@ -149,9 +149,15 @@ def test_unbalanced_transport_leaves_the_rest_of_each_unit_to_no_match():
     m0, m1 = batch["mask0"], batch["mask1"]
     M, N = m0.shape[1], m1.shape[1]
     assert (A[:, :M][~m0] == 0).all() and (A[:, :, :N].transpose(1, 2)[~m1] == 0).all()
-    rows = A[:, :M].sum(2)[m0]
-    assert (rows >= 1 - 1e-9).all() and (A[:, :M, N][m0] <= 1).all()
     assert (A[:, M, N] == 0).all()
+    # odds q = (1 - no match) / no match; entries over sqrt((1 + q_i)(1 + q_j)) are the plan,
+    # whose row sums are the rows' q
+    q0, q1 = 1 / A[:, :M, N] - 1, 1 / A[:, M, :N] - 1
+    real = m0.unsqueeze(2) & m1.unsqueeze(1)
+    plan = A[:, :M, :N] * ((1 + q0).unsqueeze(2) * (1 + q1).unsqueeze(1)).sqrt()
+    plan = torch.where(real, plan, 0.0)
+    torch.testing.assert_close(plan.sum(2)[m0], q0[m0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(plan.sum(1)[m1], q1[m1], rtol=1e-9, atol=1e-12)
 
 
 def test_the_ot_layer_is_the_one_declarative_layer():
