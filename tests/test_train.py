@@ -174,15 +174,17 @@ def test_two_node_ranks_on_one_host_with_torchrun(quiet, runs_dir, tmp_path):
     assert (saved.num_nodes, saved.devices, saved.strategy) == (2, 1, "ddp")
 
 
-def test_help_and_config_checks_import_neither_lightning_nor_torchvision():
-    # --help loads nothing heavy; a config is checked and printed before Lightning and the
-    # task's models are imported (torch comes with the layers whose options are checked).
+def test_help_and_config_checks_import_neither_torch_nor_lightning():
+    # --help loads nothing heavy; a config of either task is checked and printed before
+    # torch, Lightning and the task's models are imported.
     script = (
         "import sys, train\n"
         "assert 'torch' not in sys.modules\n"
         "assert train.main(['model.penalty=welch']) == 2\n"
         "assert train.main(['--print-config']) == 0\n"
-        "heavy = {'pytorch_lightning', 'lightning_fabric', 'torchvision', 'wandb'}\n"
+        "assert train.main(['task=matching', 'model.transport=dustbn']) == 2\n"
+        "assert train.main(['task=matching', '--print-config']) == 0\n"
+        "heavy = {'torch', 'pytorch_lightning', 'lightning_fabric', 'torchvision', 'wandb'}\n"
         "assert not heavy & set(sys.modules), heavy & set(sys.modules)\n"
     )
     proc = subprocess.run(

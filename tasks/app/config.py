@@ -10,7 +10,6 @@ sources are merged, and :func:`validate_run` checks the values whose type alone 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -234,13 +233,19 @@ def check_range(
 
 
 def check_layer_options(
-    cfg: DictConfig, key: str, layer: Callable[..., Any], problems: list[str], **fixed: Any
+    cfg: DictConfig, key: str, layer: str, problems: list[str], **fixed: Any
 ) -> None:
-    """Append a message naming ``key`` unless ``layer(**fixed, **options)`` builds, where
-    ``options`` is the mapping at ``key``: a typo in them fails now rather than mid-run."""
+    """Append a message naming ``key`` unless ``ddn_layers.<layer>(**fixed, **options)``
+    builds, where ``options`` is the mapping at ``key``: a typo in them fails now rather than
+    mid-run. Without options nothing is built, so that a config is checked before torch loads
+    (the fixed values have their own checks)."""
     options = OmegaConf.to_container(_select(cfg, key))
+    if not options:
+        return
+    import ddn_layers
+
     try:
-        layer(**fixed, **options)
+        getattr(ddn_layers, layer)(**fixed, **options)
     except (TypeError, ValueError) as err:
         problems.append(f"{key}={options}: {err}")
 

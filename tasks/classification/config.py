@@ -8,12 +8,14 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-import ddn_layers as ddn
 from tasks.app.config import RunConfig, check_choice, check_layer_options, check_range
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 ARCHS = ("small_cnn", "resnet18", "resnet34", "resnet50")
 POOLS = ("avg", "max", "robust")
+# ddn.PENALTIES' names, spelled out so that a config is checked before torch loads (a test
+# keeps them equal)
+PENALTIES = ("huber", "pseudo-huber", "quadratic", "truncated-quadratic", "welsch")
 CORRUPTIONS = ("noise", "occluder", "pixels")
 SPLITS = ("train", "val", "test")
 # torchvision's folder name for each CIFAR archive, checked before anything trains.
@@ -128,13 +130,13 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
     check_choice(cfg, "model.pool", POOLS, problems)
     if model.pool != "robust":
         return
-    check_choice(cfg, "model.penalty", sorted(ddn.PENALTIES), problems)
+    check_choice(cfg, "model.penalty", PENALTIES, problems)
     check_range(cfg, "model.alpha", problems, low=0.0, low_open=True)
     if not problems:
         check_layer_options(
             cfg,
             "model.pool_kwargs",
-            ddn.RobustPool2d,
+            "RobustPool2d",
             problems,
             penalty=model.penalty,
             alpha=model.alpha,

@@ -12,7 +12,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-import ddn_layers as ddn
 from tasks.app.config import (
     OptimConfig,
     RunConfig,
@@ -21,13 +20,14 @@ from tasks.app.config import (
     check_layer_options,
     check_range,
 )
-from tasks.matching.model import DESCRIPTORS, TRANSPORTS
 
 SOURCES = ("synthetic", "images")
 WARPS = ("similarity", "affine", "homography", "nonrigid")
 # Warps an image can be resampled under (a smooth displacement field has no closed inverse).
 IMAGE_WARPS = ("similarity", "affine", "homography")
 NORMALIZATIONS = ("none", "center", "whiten")
+DESCRIPTORS = ("linear", "cnn")
+TRANSPORTS = ("dustbin", "unbalanced")
 # Photographs scikit-image ships inside its wheel (skimage.data loads them without network).
 BUNDLED_IMAGES = (
     "astronaut",
@@ -316,7 +316,7 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
         check_layer_options(
             cfg,
             "model.ot_kwargs",
-            ddn.OptimalTransport,
+            "OptimalTransport",
             problems,
             gamma=model.gamma,
             tol=model.ot_tol,

@@ -31,10 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import ddn_layers as ddn
+from tasks.matching.config import DESCRIPTORS, TRANSPORTS
 
 Batch = Mapping[str, torch.Tensor]
-DESCRIPTORS = ("linear", "cnn")
-TRANSPORTS = ("dustbin", "unbalanced")
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -212,10 +212,12 @@ def test_registry():
 def test_the_spelled_out_lists_match_the_libraries():
     from pytorch_lightning.strategies import StrategyRegistry
 
-    from ddn_layers import BackwardMode
+    from ddn_layers import PENALTIES, BackwardMode
     from tasks.app.config import BACKWARD_MODES, STRATEGIES
+    from tasks.classification.config import PENALTIES as PENALTY_NAMES
 
     assert list(BACKWARD_MODES) == list(BackwardMode.choices())
+    assert sorted(PENALTY_NAMES) == sorted(PENALTIES)
     assert sorted(STRATEGIES) == sorted(StrategyRegistry.available_strategies())
 
 
