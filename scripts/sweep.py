@@ -44,6 +44,8 @@ from typing import Any
 import plot_sweep
 from benchutil import machine_info, write_csv
 
+from tasks.app.loggers import shell_path, wandb_command
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("classification", "matching")
 MODES = ("implicit", "full", "approx", "unroll")
@@ -253,7 +255,7 @@ def log_summary_to_wandb(args, rows, png: Path, sweep_dir: Path) -> str | None:
     offline = run.settings.mode == "offline"
     sync_dir = run.settings.sync_dir
     run.finish()
-    return f"wandb sync {sync_dir}" if offline else None
+    return f"{wandb_command()} sync {shell_path(Path(sync_dir))}" if offline else None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -367,7 +369,8 @@ def main(argv=None) -> list[dict[str, Any]]:
     if not args.no_wandb:
         sync = log_summary_to_wandb(args, rows, png, sweep_dir)
         if sync:
-            print(f"upload the sweep's runs: wandb sync {sweep_dir}*/wandb/offline-run-*")
+            runs = f"{shell_path(sweep_dir)}*/wandb/offline-run-*"
+            print(f"upload the sweep's runs: {wandb_command()} sync {runs}")
             print(f"the summary alone: {sync}")
     return rows
 
