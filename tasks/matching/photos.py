@@ -132,11 +132,11 @@ class PhotoPairs:
     def _slice(self, photo: np.ndarray, corner: np.ndarray) -> np.ndarray:
         """The unwarped view at integer ``corner`` (x, y), margin included: a copy of the
         photograph's pixels (reflected where the margin leaves it)."""
-        m = self.margin
+        m, crop = self.margin, self.cfg.crop
         x, y = corner
-        if x >= m and y >= m and x + self.cfg.crop + m <= photo.shape[1]:
-            if y + self.cfg.crop + m <= photo.shape[0]:
-                return photo[y - m : y + self.cfg.crop + m, x - m : x + self.cfg.crop + m].copy()
+        height, width = photo.shape
+        if m <= min(x, y) and x + crop + m <= width and y + crop + m <= height:
+            return photo[y - m : y + crop + m, x - m : x + crop + m].copy()
         return self._render(photo, np.array([[1, 0, x], [0, 1, y], [0, 0, 1]], dtype=np.float64))
 
     def _photometric(self, view: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -177,8 +177,7 @@ class PhotoPairs:
         # The first view lies a margin inside the photograph where it can, so that most of
         # what the second view shows is real content.
         room = np.array(photo.shape[::-1]) - crop
-        lo = np.minimum(room // 4, room)
-        corner = rng.integers(lo, np.maximum(room - lo, lo) + 1)
+        corner = rng.integers(room // 4, room - room // 4 + 1)
         w = sample_warp(rng, self.kinds[rng.integers(len(self.kinds))], self.warp_cfg)
         # Pixels from the view's corner <-> view coordinates (unit square, centred).
         to_unit = np.array([[1 / crop, 0, -0.5], [0, 1 / crop, -0.5], [0, 0, 1]])

@@ -75,6 +75,11 @@ def test_padded_batch_equals_samples_one_by_one(mode, options, single_thread):
         torch.testing.assert_close(batched[name], p.grad, rtol=1e-6, atol=1e-9, msg=name)
 
 
+def assert_padding_is_empty(A, mask0, mask1):
+    M, N = mask0.shape[1], mask1.shape[1]
+    assert (A[:, :M][~mask0] == 0).all() and (A[:, :, :N].transpose(1, 2)[~mask1] == 0).all()
+
+
 def test_padding_takes_no_mass_and_dustbins_take_the_rest():
     net = tiny_net()
     batch = collate_pairs(samples())
@@ -82,7 +87,7 @@ def test_padding_takes_no_mass_and_dustbins_take_the_rest():
         A = run(net, batch)[0].exp()
     m0, m1 = batch["mask0"], batch["mask1"]
     M, N = m0.shape[1], m1.shape[1]
-    assert (A[:, :M][~m0] == 0).all() and (A[:, :, :N].transpose(1, 2)[~m1] == 0).all()
+    assert_padding_is_empty(A, m0, m1)
     # every real point spreads probability one over the other set and its dustbin
     row_sums, col_sums = A[:, :M].sum(2)[m0], A[:, :, :N].sum(1)[m1]
     torch.testing.assert_close(row_sums, torch.ones_like(row_sums), atol=1e-7, rtol=0)
@@ -148,7 +153,7 @@ def test_unbalanced_transport_reads_the_mass_a_point_sends_as_its_odds():
         A = run(net, batch)[0].exp()
     m0, m1 = batch["mask0"], batch["mask1"]
     M, N = m0.shape[1], m1.shape[1]
-    assert (A[:, :M][~m0] == 0).all() and (A[:, :, :N].transpose(1, 2)[~m1] == 0).all()
+    assert_padding_is_empty(A, m0, m1)
     assert (A[:, M, N] == 0).all()
     # odds q = (1 - no match) / no match; entries over sqrt((1 + q_i)(1 + q_j)) are the plan,
     # whose row sums are the rows' q
