@@ -178,8 +178,8 @@ class ModelConfig:
     descriptor: str = "linear"
     channels: int = 16
     # dustbin: a learnable no-match row and column, balanced OT; unbalanced: soft marginals
-    # (ddn.sinkhorn's marginal_penalty=rho), what a point's row leaves untransported is its
-    # probability of no match.
+    # (ddn.sinkhorn's marginal_penalty=rho), the mass a point's row transports is its odds of
+    # having a match.
     transport: str = "dustbin"
     rho: float = 1.0
     layers: int = 4
