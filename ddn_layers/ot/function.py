@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
 from ddn_layers.base import LayerSpec, SolverInfo, run_layer
-from ddn_layers.checks import ConvergenceWarning, check_tensor, compute_dtype
+from ddn_layers.checks import check_tensor, compute_dtype
 from ddn_layers.modes import BackwardMode
 from ddn_layers.ot.annealed import solve
 from ddn_layers.ot.backward import BACKWARDS
+from ddn_layers.ot.convergence import warn_unconverged
 from ddn_layers.ot.options import OTOptions
 from ddn_layers.ot.unbalanced import UnbalancedOptions, unbalanced_with_options
 
@@ -215,30 +214,7 @@ def sinkhorn_with_options(
 
 
 def _warn_unconverged(info: SolverInfo, opts: OTOptions) -> None:
-    """A ConvergenceWarning with the count of samples that missed tol and why: run out of
-    iterations, or stopped early at the precision floor of their potentials."""
-    missed = ~info.converged
-    n_bad = int(missed.sum())
-    if not n_bad:
-        return
-    stalled = info.extra["stalled"][missed]
-    reasons = []
-    if bool(stalled.any()):
-        floor = float(info.residual[missed][stalled].min())
-        reasons.append(
-            f"{int(stalled.sum())} stalled at the precision floor of their potentials "
-            f"(smallest error {floor:.3g}, set by gamma times the cost range in this dtype: "
-            "raise tol or use float64)"
-        )
-    if not bool(stalled.all()):
-        reasons.append(
-            f"{int((~stalled).sum())} ran to max_iter={opts.max_iter} (raise max_iter or "
-            "lower gamma)"
-        )
-    warnings.warn(
-        f"sinkhorn: {n_bad} of {info.converged.numel()} sample(s) did not reach "
-        f"tol={opts.tol:g} (largest marginal error {float(info.residual.max()):.3g}): "
-        + "; ".join(reasons),
-        ConvergenceWarning,
-        stacklevel=4,
-    )
+    warn_unconverged(
+        info, info.extra["stalled"], layer="sinkhorn", error="marginal error", tol=opts.tol,
+        max_iter=opts.max_iter, stacklevel=4,
+    )  # fmt: skip

@@ -4,14 +4,14 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor
 
 from ddn_layers.base import LayerSpec, SolverInfo, run_layer
-from ddn_layers.checks import ConvergenceWarning, check_tensor, compute_dtype
+from ddn_layers.checks import check_tensor, compute_dtype
 from ddn_layers.modes import BackwardMode
+from ddn_layers.ot.convergence import warn_unconverged
 from ddn_layers.ot.unbalanced.backward import BACKWARDS
 from ddn_layers.ot.unbalanced.options import UnbalancedOptions
 from ddn_layers.ot.unbalanced.solver import solve
@@ -68,38 +68,18 @@ def unbalanced_with_options(
     Mb = (M if batched else M.unsqueeze(0)).to(dtype)
     P, info = run_layer(SPEC, mode, opts, Mb, rr, cc)
     if opts.warn:
-        warn_unconverged(info, opts)
+        _warn_unconverged(info, opts)
     P = P.to(M.dtype)
     return (P if batched else P.squeeze(0)), info
 
 
-def warn_unconverged(info: SolverInfo, opts: UnbalancedOptions) -> None:
-    """A ConvergenceWarning with the count of samples that missed tol and the residual they
-    reached; samples that stopped before max_iter stalled at their precision floor."""
-    n_bad = int((~info.converged).sum())
-    if not n_bad:
-        return
-    missed = ~info.converged
-    stalled = info.iterations[missed] < opts.max_iter
-    reasons = []
-    if bool(stalled.any()):
-        floor = float(info.residual[missed][stalled].min())
-        reasons.append(
-            f"{int(stalled.sum())} stalled at the precision floor (smallest residual "
-            f"{floor:.3g}: raise tol or use float64)"
-        )
-    if not bool(stalled.all()):
-        reasons.append(
-            f"{int((~stalled).sum())} ran to max_iter={opts.max_iter} (raise max_iter or "
-            "lower gamma)"
-        )
-    warnings.warn(
-        f"sinkhorn (unbalanced, marginal_penalty={_pair(opts.marginal_penalty)}): {n_bad} of "
-        f"{info.converged.numel()} sample(s) did not reach tol={opts.tol:g} (largest residual "
-        f"{float(info.residual.max()):.3g}): " + "; ".join(reasons),
-        ConvergenceWarning,
-        stacklevel=5,
-    )
+def _warn_unconverged(info: SolverInfo, opts: UnbalancedOptions) -> None:
+    # a sample that stopped before max_iter stalled at its precision floor
+    layer = f"sinkhorn (unbalanced, marginal_penalty={_pair(opts.marginal_penalty)})"
+    warn_unconverged(
+        info, info.iterations < opts.max_iter, layer=layer, error="residual", tol=opts.tol,
+        max_iter=opts.max_iter, stacklevel=5,
+    )  # fmt: skip
 
 
 def _pair(rho: tuple[float, float]) -> str:
