@@ -33,6 +33,18 @@ MODE_COLORS = {
     "none": "tab:gray",
 }
 # Columns that hold numbers (everything else stays a string).
+# The per-layer statistics a sweep reads from each run (``ddn/<layer>/<stat>``); *_cpu_ms: the
+# CPU time of the thread that ran the layer, which other jobs on the machine do not inflate as
+# they do wall time (runs from before it was measured have none)
+LAYER_STATS = (
+    "fwd_ms",
+    "bwd_ms",
+    "fwd_cpu_ms",
+    "bwd_cpu_ms",
+    "bwd_peak_mib",
+    "saved_mib",
+    "iters_mean",
+)
 NUMERIC = (
     "seed",
     "test_metric",
@@ -42,13 +54,7 @@ NUMERIC = (
     "wall_s",
     "epochs",
     "steps",
-    "fwd_ms",
-    "bwd_ms",
-    "fwd_cpu_ms",
-    "bwd_cpu_ms",
-    "bwd_peak_mib",
-    "saved_mib",
-    "iters_mean",
+    *LAYER_STATS,
     "load_max",
 )
 

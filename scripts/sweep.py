@@ -43,6 +43,7 @@ from typing import Any
 
 import plot_sweep
 from benchutil import machine_info, write_csv
+from plot_sweep import LAYER_STATS
 
 from tasks.app.loggers import shell_path, wandb_command
 
@@ -52,17 +53,6 @@ MODES = ("implicit", "full", "approx", "unroll")
 POOLS = ("avg", "max", "robust")
 METRIC = {"classification": "test/acc", "matching": "test/f1"}
 VAL_METRIC = {"classification": "best/val/acc", "matching": "best/val/f1"}
-# *_cpu_ms: the CPU time of the thread that ran the layer, which other jobs on the machine do
-# not inflate as they do wall time (runs from before it was measured have none)
-LAYER_STATS = (
-    "fwd_ms",
-    "bwd_ms",
-    "fwd_cpu_ms",
-    "bwd_cpu_ms",
-    "bwd_peak_mib",
-    "saved_mib",
-    "iters_mean",
-)
 # Other jobs whose presence makes the machine "shared" (the timings then are upper bounds).
 BUSY_PATTERN = "train.py|bench_|pytest"
 
