@@ -210,16 +210,6 @@ def title_of(rows: list[dict[str, Any]]) -> str:
     return f"Backward-mode sweep: {task} (same seed and budget per run)"
 
 
-def _from_root(path: Path) -> str:
-    """``path`` relative to the repository root where it lies under it (as the README's
-    commands are typed)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        return path.resolve().relative_to(root).as_posix()
-    except ValueError:
-        return path.as_posix()
-
-
 def write_readme(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path) -> Path:
     """The sweep's README: what ran, where, and the table (all from the CSV and its meta)."""
     path = Path(path)
@@ -232,7 +222,7 @@ def write_readme(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | P
         + (" (and for classification the final pool)" if task == "classification" else "")
         + " changes. Regenerate with the command below; redraw the figure and this file from the"
         " CSV alone with `.venv/bin/python scripts/plot_sweep.py --csv "
-        f"{_from_root(path.parent / 'sweep.csv')}` (or `make plots`).",
+        f"docs/benchmarks/sweeps/{path.parent.name}/sweep.csv` (or `make plots`).",
         "",
         f"- Command: `{runnable(meta.get('command', '?'))}`",
         f"- Budget (config overlay): `{meta.get('config', '?')}`; every run: "
