@@ -75,19 +75,20 @@ def test_padded_batch_equals_samples_one_by_one(mode, options, single_thread):
         torch.testing.assert_close(batched[name], p.grad, rtol=1e-6, atol=1e-9, msg=name)
 
 
-def assert_padding_is_empty(A, mask0, mask1):
-    M, N = mask0.shape[1], mask1.shape[1]
-    assert (A[:, :M][~mask0] == 0).all() and (A[:, :, :N].transpose(1, 2)[~mask1] == 0).all()
-
-
-def test_padding_takes_no_mass_and_dustbins_take_the_rest():
-    net = tiny_net()
+def assignment_on_padded_samples(net):
+    """The assignment probabilities of ``net`` on a padded batch, its masks and real sizes,
+    once checked that padding holds no probability."""
     batch = collate_pairs(samples())
     with torch.no_grad():
         A = run(net, batch)[0].exp()
     m0, m1 = batch["mask0"], batch["mask1"]
     M, N = m0.shape[1], m1.shape[1]
-    assert_padding_is_empty(A, m0, m1)
+    assert (A[:, :M][~m0] == 0).all() and (A[:, :, :N].transpose(1, 2)[~m1] == 0).all()
+    return A, m0, m1, M, N
+
+
+def test_padding_takes_no_mass_and_dustbins_take_the_rest():
+    A, m0, m1, M, N = assignment_on_padded_samples(tiny_net())
     # every real point spreads probability one over the other set and its dustbin
     row_sums, col_sums = A[:, :M].sum(2)[m0], A[:, :, :N].sum(1)[m1]
     torch.testing.assert_close(row_sums, torch.ones_like(row_sums), atol=1e-7, rtol=0)
@@ -148,12 +149,7 @@ def test_mutual_matches_need_both_directions_and_the_threshold():
 def test_unbalanced_transport_reads_the_mass_a_point_sends_as_its_odds():
     net = tiny_net(transport="unbalanced", rho=0.5)
     assert net.ot.marginal_penalty == (0.5, 0.5)
-    batch = collate_pairs(samples())
-    with torch.no_grad():
-        A = run(net, batch)[0].exp()
-    m0, m1 = batch["mask0"], batch["mask1"]
-    M, N = m0.shape[1], m1.shape[1]
-    assert_padding_is_empty(A, m0, m1)
+    A, m0, m1, M, N = assignment_on_padded_samples(net)
     assert (A[:, M, N] == 0).all()
     # odds q = (1 - no match) / no match; entries over sqrt((1 + q_i)(1 + q_j)) are the plan,
     # whose row sums are the rows' q
